@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from robustprune.registry import Registry
+from robustprune.train import to_float
+
+ATTACKS: Registry = Registry("attack")
+
+
+@contextlib.contextmanager
+def frozen_eval(model: nn.Module):
+    """Eval mode (BatchNorm statistics never change) and no weight gradients during an attack."""
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+def adversarial_accuracy(model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    """Accuracy on attack(model, x, y), batch by batch; x uint8 or float in [0, 1]."""
+    if len(x) == 0:
+        return float("nan")
+    device = next(model.parameters()).device
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        xb, yb = to_float(x[i:i + batch_size].to(device)), y[i:i + batch_size].to(device)
+        x_adv = attack(model, xb, yb)
+        with torch.inference_mode(), frozen_eval(model):
+            correct += int((model(x_adv).argmax(1) == yb).sum())
+    return correct / len(x)

@@ -1,0 +1,125 @@
+"""`robustprune run | report | list | bench`."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from robustprune.errors import UserError
+
+
+def _console():
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    if not console.is_terminal:  # logs and pipes: wide enough that tables do not wrap
+        console = Console(highlight=False, width=160)
+    return console
+
+
+def cmd_run(args) -> int:
+    from robustprune.progress import RichProgress
+    from robustprune.report.render import print_tables
+    from robustprune.study.cells import expand
+    from robustprune.study.runner import run_study
+    from robustprune.study.schema import load_study
+    from robustprune.study.store import Store
+
+    study = load_study(args.study, args.budget, args.seeds, args.set)
+    out_dir = Path(args.out or Path("runs") / study.name)
+    cells = expand(study)
+    store = Store(out_dir / "results.sqlite")
+    console = _console()
+    n_done = len(store.done_hashes() & {c.hash for c in cells})
+    console.print(f"[bold]{study.name}[/] (budget {args.budget}): {len(cells)} cells, {n_done} already stored, "
+                  f"{len(study.seeds)} seed(s) -> {out_dir}/results.sqlite")
+    store.record_run(study.name, args.budget, shlex.join(["robustprune", *sys.argv[1:]]),
+                     study.model_dump(mode="json"), [c.hash for c in cells])
+    try:
+        with RichProgress(console, len(cells)) as progress:
+            counts = run_study(study, cells, store, out_dir, args.data_dir, args.device, progress)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: finished cells are stored in {out_dir}/results.sqlite; "
+                      "run the same command again to resume")
+        return 130
+    console.print(f"computed {counts['computed']} cells, {counts['skipped']} from the store, {counts['failed']} failed")
+    print_tables(console, study, store.cells([c.hash for c in cells]))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from robustprune.report.render import report
+
+    report(args.dirs, args.format, _console())
+    return 0
+
+
+def cmd_list(args) -> int:
+    from rich.table import Table
+
+    from robustprune.attacks import ATTACKS
+    from robustprune.data import DATASETS, REGIMES
+    from robustprune.models import MODELS
+    from robustprune.prune import PRUNING_METHODS
+
+    console = _console()
+    for title, reg in [("Datasets", DATASETS), ("Models", MODELS), ("Training regimes", REGIMES),
+                       ("Pruning methods", PRUNING_METHODS), ("Attacks", ATTACKS)]:
+        t = Table(title=title, title_justify="left", show_header=False, box=None)
+        for name, doc in reg.describe():
+            t.add_row(f"[bold]{name}[/]", doc)
+        console.print(t)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from robustprune.bench import run_bench
+
+    run_bench(_console(), args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="robustprune", description="Prune networks and measure their robustness.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a study file (resumes where it stopped)")
+    r.add_argument("study", help="study file (YAML), e.g. studies/mnist_pruning_robustness.yaml")
+    r.add_argument("--out", help="output folder (default runs/<study name>)")
+    r.add_argument("--data-dir", help="data folder (default $ROBUSTPRUNE_DATA or the user cache folder)")
+    r.add_argument("--seeds", type=int, help="run seeds 0..N-1 instead of the study's seeds")
+    r.add_argument("--budget", default="full", help="named budget from the study file (default full)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set train.epochs=3 (repeatable)")
+    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    r.set_defaults(func=cmd_run)
+    rep = sub.add_parser("report", help="print the tables of stored results")
+    rep.add_argument("dirs", nargs="+", help="study output folder(s) holding results.sqlite")
+    rep.add_argument("--format", choices=["markdown", "csv", "table"], default="table",
+                     help="table (terminal), markdown, or csv (long format: one row per cell and metric)")
+    rep.set_defaults(func=cmd_report)
+    ls = sub.add_parser("list", help="registered datasets, models, regimes, pruning methods, attacks")
+    ls.set_defaults(func=cmd_list)
+    b = sub.add_parser("bench", help="training throughput vs the machine's matrix-multiply peak")
+    b.add_argument("--seconds", type=float, default=5.0, help="time spent on each measurement")
+    b.add_argument("--batch-size", type=int, default=128)
+    b.add_argument("--device", default="auto")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed one line of usage and the problem
+        return 2 if e.code else 0
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"robustprune: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

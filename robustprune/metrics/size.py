@@ -1,0 +1,47 @@
+"""Model size: parameters, zeros, multiply-accumulates (dense and counting only non-zero weights)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from robustprune.prune.unstructured import prunable_weights
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(all parameters, non-zero parameters)."""
+    total = sum(p.numel() for p in model.parameters())
+    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+    return total, nonzero
+
+
+def count_macs(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]:
+    """Multiply-accumulates of conv and linear layers for one image: (dense, non-zero weights only)."""
+    dense, nonzero = [0], [0]
+
+    def hook(mod, inp, out):
+        per_weight_uses = out[0, 0].numel() if isinstance(mod, nn.Conv2d) else 1
+        # Each weight of a conv filter is used once per output position (grouped convs included).
+        dense[0] += mod.weight.numel() * per_weight_uses
+        nonzero[0] += int((mod.weight != 0).sum()) * per_weight_uses
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        was = model.training
+        model.eval()
+        with torch.inference_mode():
+            model(example_input[:1])
+        model.train(was)
+    finally:
+        for h in handles:
+            h.remove()
+    return dense[0], nonzero[0]
+
+
+def size_metrics(model: nn.Module, example_input: torch.Tensor, dense_weight_count: int) -> dict[str, float]:
+    """params, params_nonzero, macs, macs_nonzero and sparsity: the share of the dense model's
+    prunable weights that are gone (zeroed or physically removed)."""
+    total, nonzero = count_params(model)
+    macs, macs_nz = count_macs(model, example_input)
+    alive = sum(int((w != 0).sum()) for w in prunable_weights(model).values())
+    return {"params": total, "params_nonzero": nonzero, "macs": macs, "macs_nonzero": macs_nz,
+            "sparsity": 1.0 - alive / dense_weight_count}

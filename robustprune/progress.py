@@ -1,0 +1,52 @@
+"""Progress for long runs, drawn with rich: the study (cells done, time left) and the current stage
+(e.g. the epochs of a training). Without a terminal (CI, logs) it prints one line per cell."""
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from robustprune.study.runner import Progress as ProgressBase
+
+
+class RichProgress(ProgressBase):
+    def __init__(self, console: Console, total_cells: int):
+        self.console = console
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("left"),
+                            TimeRemainingColumn(), console=console, transient=False)
+        self.study_task = self.bar.add_task("study", total=total_cells, info="")
+        self.stage_task = self.bar.add_task("", total=1, info="")
+        self.t0 = time.perf_counter()
+        self.computed_time = 0.0
+        self.computed = 0
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def cell_started(self, cell, index, total):
+        self.bar.update(self.study_task, info=cell.label)
+
+    def cell_finished(self, cell, index, total, seconds, status):
+        self.bar.update(self.study_task, completed=index + 1)
+        if status == "stored":
+            return
+        self.computed += 1
+        self.computed_time += seconds
+        left = (total - index - 1) * self.computed_time / self.computed
+        self.console.log(f"[{index + 1}/{total}] {cell.label}: {status} in {seconds:.1f}s "
+                         f"(about {left / 60:.1f} min left)", highlight=False)
+
+    def stage(self, text, total):
+        self.bar.reset(self.stage_task, total=total, description=text, info="")
+
+    def advance(self, completed, info=""):
+        kwargs = {"info": info}
+        if completed:
+            kwargs["completed"] = completed
+        self.bar.update(self.stage_task, **kwargs)

@@ -1,0 +1,94 @@
+"""A study expands into cells: one (regime, pruning setting, seed) each. A cell's config holds
+everything needed to reproduce it; a hash of its non-default settings names its rows and
+checkpoints (as open_lth does), so adding a new setting later does not invalidate old results."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from robustprune.data import REGIMES
+from robustprune.prune import PRUNING_METHODS
+from robustprune.study.schema import StudyConfig
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def dump(model: BaseModel, full: bool) -> dict:
+    return model.model_dump(mode="json", exclude_defaults=not full)
+
+
+@dataclass(frozen=True)
+class Cell:
+    study: str
+    axes: dict[str, Any]            # what tables group by: regime, pruning, sparsity, finetune_epochs, round, seed
+    config: dict[str, Any]          # every setting, defaults included (stored with each row)
+    hash: str                       # hash of the non-default settings
+    dense_key: dict[str, Any] = field(repr=False)  # what the dense model depends on
+
+    @property
+    def label(self) -> str:
+        a = self.axes
+        if a["pruning"] == "dense":
+            what = "dense"
+        elif a["round"] is not None:
+            what = f"{a['pruning']} round {a['round']}"
+        else:
+            what = f"{a['pruning']} s={a['sparsity']:g} ft={a['finetune_epochs']}"
+        return f"{a['regime']} / {what} / seed {a['seed']}"
+
+
+def _regime(name: str, params: dict, full: bool) -> dict:
+    p = REGIMES.get(name).Params(**(params or {}))
+    return {"name": name, "params": dump(p, full)}
+
+
+def dense_key(study: StudyConfig, regime: str, seed: int, full: bool = False) -> dict:
+    return {
+        "dataset": study.dataset,
+        "data": dump(study.data, full),
+        "model": dump(study.model, True),
+        "train": dump(study.train, full),
+        "regime": _regime(regime, study.regimes[regime], full),
+        "seed": seed,
+    }
+
+
+def expand(study: StudyConfig) -> list[Cell]:
+    """All cells, grouped by seed and regime so a dense model and its data are reused back to back."""
+    cells = []
+    for seed in study.seeds:
+        for regime in study.regimes:
+            base_full = dense_key(study, regime, seed, True) | {"evaluation": dump(study.evaluation, True)}
+            base_key = dense_key(study, regime, seed, False) | {"evaluation": dump(study.evaluation, False)}
+            axes0 = {"regime": regime, "pruning": "dense", "method": None, "sparsity": 0.0,
+                     "finetune_epochs": 0, "round": None, "seed": seed}
+            settings = [(axes0, None, None)]
+            for label, p in study.pruning.items():
+                method = PRUNING_METHODS.get(p.method)
+                params = method.Params(**p.params)
+                if method.iterative:
+                    for r in range(1, params.rounds + 1):
+                        axes = axes0 | {"pruning": label, "method": p.method, "sparsity": 1 - (1 - params.rate) ** r,
+                                        "round": r}
+                        pr = {"method": p.method, "round": r}
+                        settings.append((axes, pr | {"params": dump(params, True)}, pr | {"params": dump(params, False)}))
+                    continue
+                for s in p.sparsities:
+                    for ft in p.finetune_epochs:
+                        axes = axes0 | {"pruning": label, "method": p.method, "sparsity": s, "finetune_epochs": ft}
+                        pr = {"method": p.method, "sparsity": s}
+                        ft_full = dump(study.finetune.model_copy(update={"epochs": ft}), True) if ft else None
+                        ft_key = dump(study.finetune.model_copy(update={"epochs": ft}), False) if ft else None
+                        settings.append((axes, pr | {"params": dump(params, True), "finetune": ft_full},
+                                         pr | {"params": dump(params, False), "finetune": ft_key}))
+            for axes, pr_full, pr_key in settings:
+                config = base_full | {"pruning": pr_full}
+                key = base_key | {"pruning": pr_key}
+                cells.append(Cell(study.name, axes, config, config_hash(key), dense_key(study, regime, seed)))
+    return cells

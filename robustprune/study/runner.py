@@ -1,0 +1,224 @@
+"""Runs a study's cells in order, reusing every dense model, regime data set and lottery-ticket
+round through an on-disk cache, and writes each finished cell to the store at once."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from robustprune import checkpoint
+from robustprune.attacks import ATTACKS, adversarial_accuracy
+from robustprune.data import REGIMES, ImageDataset, load_dataset
+from robustprune.device import pick_device
+from robustprune.metrics.size import size_metrics
+from robustprune.models import build_model
+from robustprune.prune import PRUNING_METHODS
+from robustprune.prune.unstructured import global_magnitude_masks, prunable_weights, rewind_
+from robustprune.study.cells import Cell, config_hash
+from robustprune.study.schema import StudyConfig
+from robustprune.study.store import Store
+from robustprune.train import TrainConfig, TrainingDiverged, accuracy, train
+
+# Derived seeds keep the random streams of one cell apart (init/shuffle, fine-tuning, regime noise).
+FINETUNE_SEED_OFFSET = 1
+REGIME_SEED_OFFSET = 7
+
+
+class Progress:
+    """What the runner reports; the CLI draws it with rich, tests leave it silent."""
+
+    def cell_started(self, cell: Cell, index: int, total: int) -> None: ...
+    def cell_finished(self, cell: Cell, index: int, total: int, seconds: float, status: str) -> None: ...
+    def stage(self, text: str, total: int) -> None: ...
+    def advance(self, completed: int, info: str = "") -> None: ...
+
+
+@dataclass
+class DenseModel:
+    model: torch.nn.Module
+    init_state: dict
+    history: list
+
+
+class Workspace:
+    """Caches shared by cells: datasets and regime data in memory, trained models on disk."""
+
+    def __init__(self, study: StudyConfig, out_dir: Path, data_dir, device: torch.device, progress: Progress):
+        self.study, self.out_dir, self.data_dir = study, Path(out_dir), data_dir
+        self.device, self.progress = device, progress
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self._base: ImageDataset | None = None
+        self._regime_data: dict[str, ImageDataset] = {}
+        self._dense: dict[str, DenseModel] = {}
+
+    # ---- data -------------------------------------------------------------------------------
+    def base_data(self) -> ImageDataset:
+        if self._base is None:
+            d = load_dataset(self.study.dataset, self.data_dir)
+            self._base = d.subset(self.study.data.train_subset, self.study.data.test_subset)
+        return self._base
+
+    def regime_data(self, key: dict) -> ImageDataset:
+        h = config_hash({k: key[k] for k in ("dataset", "data", "model", "train", "regime", "seed")})
+        if h not in self._regime_data:
+            if len(self._regime_data) >= 2:  # keep memory bounded: cells come grouped by regime
+                self._regime_data.pop(next(iter(self._regime_data)))
+            regime = REGIMES.get(key["regime"]["name"])
+            params = regime.Params(**key["regime"]["params"])
+            path = self.ckpt_dir / f"data-{h}.pt"
+            cached = checkpoint.load(path) if path.exists() else None
+            base = self.base_data()
+            if cached is not None:
+                data = ImageDataset(base.name, cached["x_train"], cached["y_train"], base.x_test, base.y_test,
+                                    base.num_classes, base.mean, base.std, cached["extra_tests"])
+            else:
+                data = regime().apply(base, params, key["seed"] + REGIME_SEED_OFFSET, self.source_model(key))
+                if data is not base:  # only derived data sets are worth a file
+                    checkpoint.save({"x_train": data.x_train, "y_train": data.y_train,
+                                     "extra_tests": data.extra_tests}, path)
+            self._regime_data[h] = data
+        return self._regime_data[h]
+
+    def source_model(self, key: dict) -> Callable[[int], torch.nn.Module]:
+        """A separately trained clean model on the same data (what the FGSM data set is crafted on)."""
+        def make(seed: int) -> torch.nn.Module:
+            clean = {**key, "regime": {"name": "clean", "params": {}}, "seed": seed}
+            return self.dense(clean).model
+        return make
+
+    # ---- models -------------------------------------------------------------------------------
+    def new_model(self) -> torch.nn.Module:
+        base = self.base_data()
+        return build_model(self.study.model.name, num_classes=base.num_classes, image_shape=base.image_shape,
+                           mean=base.mean, std=base.std, **self.study.model.args)
+
+    def example_input(self) -> torch.Tensor:
+        return torch.zeros((1, *self.base_data().image_shape), device=self.device)
+
+    def _train(self, model, data: ImageDataset, cfg: TrainConfig, seed: int, what: str, masks=None) -> list:
+        steps = cfg.epochs
+        self.progress.stage(what, max(steps, 1))
+
+        def on_step(epoch, step, steps_per_epoch, loss):
+            self.progress.advance(epoch + step / steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs} loss {loss:.3f}")
+
+        x, y = data.x_train.to(self.device), data.y_train.to(self.device)
+        return train(model, x, y, cfg, seed, masks=masks, on_step=on_step)
+
+    def dense(self, key: dict) -> DenseModel:
+        """The dense model of (data, model, training, regime, seed), trained once and cached."""
+        h = config_hash(key)
+        if h in self._dense:
+            return self._dense[h]
+        path = self.ckpt_dir / f"dense-{h}.pt"
+        torch.manual_seed(key["seed"])
+        model = self.new_model().to(self.device)
+        if path.exists():
+            state = checkpoint.load(path)
+            checkpoint.load_state_into(model, state["state"], str(path))
+            out = DenseModel(model, state["init_state"], state["history"])
+        else:
+            init_state = copy.deepcopy(model.state_dict())
+            data = self.regime_data(key)
+            history = self._train(model, data, self.study.train, key["seed"], f"train dense ({key['regime']['name']})")
+            checkpoint.save({"state": model.state_dict(), "init_state": init_state, "history": history,
+                             "key": key}, path)
+            out = DenseModel(model, init_state, history)
+        out.model.eval()
+        if len(self._dense) >= 4:
+            self._dense.pop(next(iter(self._dense)))
+        self._dense[h] = out
+        return out
+
+    def lottery_round(self, key: dict, params, r: int) -> tuple[torch.nn.Module, dict, list]:
+        """Round r of the lottery ticket: prune `rate` of the remaining weights of round r-1's
+        trained model, rewind to the initial weights, retrain under the mask."""
+        dense = self.dense(key)
+        if r == 0:
+            masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in prunable_weights(dense.model).items()}
+            return dense.model, masks, dense.history
+        h = config_hash({"dense": key, "lottery": params.model_dump(), "round": r})
+        path = self.ckpt_dir / f"lottery-{h}.pt"
+        model = self.new_model().to(self.device)
+        if path.exists():
+            state = checkpoint.load(path)
+            checkpoint.load_state_into(model, state["state"], str(path))
+            return model.eval(), state["masks"], state["history"]
+        prev_model, prev_masks, _ = self.lottery_round(key, params, r - 1)
+        masks = global_magnitude_masks(prev_model, params.rate, prev_masks)
+        rewind_(model, dense.init_state, masks)
+        data = self.regime_data(key)
+        history = self._train(model, data, self.study.train, key["seed"] + r, f"lottery ticket round {r}", masks)
+        checkpoint.save({"state": model.state_dict(), "masks": masks, "history": history}, path)
+        return model.eval(), masks, history
+
+
+def evaluate(model: torch.nn.Module, data: ImageDataset, study: StudyConfig, ws: Workspace,
+             dense_weights: int) -> dict[str, float]:
+    """Clean accuracy, accuracy on each of the regime's test sets, white-box FGSM, size."""
+    bs = study.evaluation.batch_size
+    out = {"acc_clean": accuracy(model, data.x_test.to(ws.device), data.y_test, bs)}
+    for name, (x, y) in data.extra_tests.items():
+        out[f"acc_{name}"] = accuracy(model, x.to(ws.device), y, bs)
+    fgsm = ATTACKS.get("fgsm")
+    for eps in study.evaluation.fgsm_eps:
+        ws.progress.advance(0, f"FGSM eps={eps:g}")
+        out[f"acc_fgsm_wb@{eps:g}"] = adversarial_accuracy(model, fgsm(eps), data.x_test.to(ws.device),
+                                                          data.y_test.to(ws.device), bs)
+    out.update(size_metrics(model, ws.example_input(), dense_weights))
+    return out
+
+
+def run_cell(cell: Cell, ws: Workspace) -> tuple[dict[str, float], list]:
+    study = ws.study
+    key = cell.dense_key
+    dense = ws.dense(key)
+    data = ws.regime_data(key)
+    dense_weights = sum(w.numel() for w in prunable_weights(dense.model).values())
+    pr = cell.config["pruning"]
+    if pr is None:
+        return evaluate(dense.model, data, study, ws, dense_weights), dense.history
+    method = PRUNING_METHODS.get(pr["method"])()
+    params = method.Params(**pr["params"])
+    if method.iterative:
+        model, _, history = ws.lottery_round(key, params, pr["round"])
+        return evaluate(model, data, study, ws, dense_weights), history
+    model = copy.deepcopy(dense.model)
+    ws.progress.stage(f"prune {pr['method']} s={pr['sparsity']:g}", 1)
+    masks = method.prune(model, pr["sparsity"], ws.example_input(), params)
+    history = []
+    if pr["finetune"]:
+        ft = TrainConfig(**pr["finetune"])
+        history = ws._train(model, data, ft, key["seed"] + FINETUNE_SEED_OFFSET, f"fine-tune {ft.epochs} epochs", masks)
+    return evaluate(model.eval(), data, study, ws, dense_weights), history
+
+
+def run_study(study: StudyConfig, cells: list[Cell], store: Store, out_dir: Path, data_dir=None,
+              device: str = "auto", progress: Progress | None = None) -> dict[str, int]:
+    """Compute every cell the store does not have yet. Returns counts of computed/skipped/failed."""
+    progress = progress or Progress()
+    ws = Workspace(study, out_dir, data_dir, pick_device(device), progress)
+    done = store.done_hashes()
+    counts = {"computed": 0, "skipped": 0, "failed": 0}
+    for i, cell in enumerate(cells):
+        if cell.hash in done:
+            counts["skipped"] += 1
+            progress.cell_finished(cell, i, len(cells), 0.0, "stored")
+            continue
+        progress.cell_started(cell, i, len(cells))
+        t0 = time.perf_counter()
+        try:
+            metrics, history = run_cell(cell, ws)
+            status, error = "done", None
+        except TrainingDiverged as e:
+            metrics, history, status, error = {}, None, "failed", str(e)
+        wall = time.perf_counter() - t0
+        store.put(cell, metrics, wall, history, status, error)
+        done.add(cell.hash)
+        counts["failed" if status == "failed" else "computed"] += 1
+        progress.cell_finished(cell, i, len(cells), wall, status)
+    return counts

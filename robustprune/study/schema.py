@@ -1,0 +1,219 @@
+"""The study file: a YAML document validated by pydantic (unknown keys are errors), with named
+budgets (dotted overrides) and command-line --set overrides applied before validation."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from robustprune.errors import UserError
+from robustprune.train import TrainConfig
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Strict):
+    train_subset: int | None = Field(None, ge=1, description="use only the first N training images")
+    test_subset: int | None = Field(None, ge=1, description="use only the first N test images")
+
+
+class ModelConfig(Strict):
+    name: str = "mnist_cnn"
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class PruningConfig(Strict):
+    """One pruning experiment: a method at several sparsities, each with and without fine-tuning;
+    or an iterative method (lottery ticket) whose every round is a cell."""
+
+    method: str
+    sparsities: list[float] = Field(default_factory=list)
+    finetune_epochs: list[int] = Field(default_factory=lambda: [0])
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("sparsities")
+    @classmethod
+    def _sparsity_range(cls, v):
+        for s in v:
+            if not 0.0 <= s < 1.0:
+                raise ValueError(f"sparsity {s} is outside [0, 1)")
+        return v
+
+    @field_validator("finetune_epochs")
+    @classmethod
+    def _epochs(cls, v):
+        if not v:
+            raise ValueError("needs at least one value (0 means no fine-tuning)")
+        for e in v:
+            if e < 0:
+                raise ValueError(f"fine-tuning epochs {e} is negative")
+        return v
+
+
+class EvaluationConfig(Strict):
+    fgsm_eps: list[float] = Field(default_factory=lambda: [0.1])
+    batch_size: int = Field(1000, ge=1)
+
+    @field_validator("fgsm_eps")
+    @classmethod
+    def _eps(cls, v):
+        for e in v:
+            if not 0.0 <= e <= 1.0:
+                raise ValueError(f"eps {e} is outside [0, 1] (images are in [0, 1])")
+        return v
+
+
+class TableRow(Strict):
+    label: str
+    pruning: str
+    sparsity: float | None = None
+
+
+class Table1Config(Strict):
+    """Rows and columns of the paper's Table 1: each column is (regime, metric)."""
+
+    columns: dict[str, tuple[str, str]] = Field(default_factory=dict)
+    rows: list[TableRow] = Field(default_factory=list)
+
+
+class StudyConfig(Strict):
+    name: str
+    description: str = ""
+    dataset: str = "mnist"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    finetune: TrainConfig = TrainConfig(lr=0.01)
+    regimes: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"clean": {}})
+    pruning: dict[str, PruningConfig] = Field(default_factory=dict)
+    evaluation: EvaluationConfig = EvaluationConfig()
+    table1: Table1Config = Table1Config()
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    budgets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if not v:
+            raise ValueError("needs at least one seed")
+        if any(s < 0 for s in v):
+            raise ValueError("seeds must be >= 0")
+        return v
+
+    @field_validator("regimes")
+    @classmethod
+    def _regimes(cls, v):
+        if not v:
+            raise ValueError("needs at least one training regime")
+        return v
+
+    @model_validator(mode="after")
+    def _names_exist(self):
+        # Unknown names are caught here, with the list of known ones, before anything runs.
+        from robustprune.data import DATASETS, REGIMES
+        from robustprune.models import MODELS
+        from robustprune.prune import PRUNING_METHODS
+
+        DATASETS.get(self.dataset)
+        MODELS.get(self.model.name)
+        for name, params in self.regimes.items():
+            REGIMES.get(name).Params(**(params or {}))
+        for label, p in self.pruning.items():
+            method = PRUNING_METHODS.get(p.method)
+            method.Params(**p.params)
+            if not method.iterative and not p.sparsities:
+                raise ValueError(f"pruning '{label}' lists no sparsities")
+        for col, (regime, _metric) in self.table1.columns.items():
+            if regime not in self.regimes:
+                raise ValueError(f"table1 column '{col}' names regime '{regime}', which the study does not train")
+        for row in self.table1.rows:
+            if row.pruning not in self.pruning:
+                raise ValueError(f"table1 row '{row.label}' names pruning '{row.pruning}', which the study does not run")
+        return self
+
+
+def _set_dotted(tree: dict, key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        if not isinstance(node.get(p, {}), dict):
+            raise UserError(f"{source}: cannot set '{key}' because '{p}' is not a section; check the key")
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """--set KEY=VALUE, VALUE read as YAML (so 3, 0.5, [1, 2] and true have their types)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--set '{item}' is not KEY=VALUE; write e.g. --set train.epochs=3")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise UserError(f"--set {key}: the value '{raw}' is not valid YAML; quote it or fix its syntax") from None
+    return out
+
+
+def describe_validation_error(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    where = ".".join(str(p) for p in e["loc"]) or "the study"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{where}'; remove it or check its spelling against the documented keys"
+    if e["type"] == "missing":
+        return f"{source}: '{where}' is required; add it"
+    return f"{source}: '{where}': {msg}; fix this value"
+
+
+def load_study(path: str | Path, budget: str | None = "full", seeds: int | None = None,
+               overrides: list[str] | None = None) -> StudyConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"study file {path} does not exist; check the path") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read study file {path} ({e}); check the file") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"study file {path} is not valid YAML{where}; fix its syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"study file {path} must be a YAML mapping of settings (name:, train:, ...)")
+    return resolve_study(raw, str(path), budget, seeds, overrides)
+
+
+def resolve_study(raw: dict, source: str, budget: str | None = "full", seeds: int | None = None,
+                  overrides: list[str] | None = None) -> StudyConfig:
+    tree = copy.deepcopy(raw)
+    budgets = tree.get("budgets") or {}
+    if not isinstance(budgets, dict):
+        raise UserError(f"{source}: 'budgets' must be a mapping of budget names to overrides")
+    # 'full' is the study as written; any other budget must be listed in the file.
+    if budget and not (budget == "full" and "full" not in budgets):
+        if budget not in budgets:
+            known = ", ".join(sorted(set(budgets) | {"full"}))
+            raise UserError(f"{source} has no budget '{budget}'; known budgets: {known}")
+        for key, value in (budgets[budget] or {}).items():
+            _set_dotted(tree, key, value, f"{source}, budget '{budget}'")
+    for key, value in parse_set(overrides or []).items():
+        _set_dotted(tree, key, value, "--set")
+    if seeds is not None:
+        if seeds < 1:
+            raise UserError(f"--seeds must be at least 1, got {seeds}")
+        tree["seeds"] = list(range(seeds))
+    try:
+        return StudyConfig(**tree)
+    except ValidationError as e:
+        raise UserError(describe_validation_error(e, source)) from None
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None

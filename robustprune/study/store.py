@@ -1,0 +1,126 @@
+"""The result store: one SQLite file per study folder. A cell's rows are written in one
+transaction, so a killed run leaves either all of a cell or none of it."""
+from __future__ import annotations
+
+import json
+import platform
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from robustprune.errors import UserError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cells (
+    hash TEXT PRIMARY KEY, study TEXT, axes TEXT, config TEXT, seed INTEGER,
+    status TEXT NOT NULL, error TEXT, wall_time_s REAL, versions TEXT, finished_at TEXT, history TEXT);
+CREATE TABLE IF NOT EXISTS results (
+    hash TEXT NOT NULL, study TEXT, seed INTEGER, metric TEXT NOT NULL, value REAL,
+    axes TEXT, config TEXT, versions TEXT, wall_time_s REAL,
+    PRIMARY KEY (hash, metric));
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, study TEXT, budget TEXT, command TEXT, started_at TEXT,
+    study_config TEXT, cell_hashes TEXT);
+"""
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+    import torch
+    import torch_pruning
+
+    import robustprune
+
+    return {"robustprune": robustprune.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "torch_pruning": getattr(torch_pruning, "__version__", "?"), "python": platform.python_version()}
+
+
+class Store:
+    def __init__(self, path: str | Path, readonly: bool = False):
+        self.path = Path(path)
+        if readonly and not self.path.exists():
+            raise UserError(f"no result store at {self.path}; run the study first or check the folder")
+        try:
+            if not readonly:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
+            self.db = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None)
+            if not readonly:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.executescript(SCHEMA)
+            self.db.execute("SELECT count(*) FROM cells").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"{self.path} is not a usable result store ({e}); point to another folder "
+                            "or move the file away") from None
+        except OSError as e:
+            raise UserError(f"cannot write the result store {self.path} ({e.strerror}); choose a writable --out folder") from None
+        self._versions = None
+
+    def close(self):
+        self.db.close()
+
+    def done_hashes(self) -> set[str]:
+        return {h for (h,) in self.db.execute("SELECT hash FROM cells WHERE status IN ('done', 'failed')")}
+
+    def is_done(self, h: str) -> bool:
+        return self.db.execute("SELECT 1 FROM cells WHERE hash=? AND status IN ('done','failed')", (h,)).fetchone() is not None
+
+    def versions(self) -> dict:
+        if self._versions is None:
+            self._versions = library_versions()
+        return self._versions
+
+    def put(self, cell, metrics: dict[str, float], wall_time_s: float, history: Any = None,
+            status: str = "done", error: str | None = None) -> bool:
+        """Write a finished (or failed) cell and all its metrics at once. Returns False when another
+        process stored the same cell first (its rows are kept, nothing is duplicated)."""
+        versions = json.dumps(self.versions())
+        axes, config = json.dumps(cell.axes), json.dumps(cell.config, sort_keys=True)
+        seed = cell.axes["seed"]
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            if self.is_done(cell.hash):
+                self.db.execute("ROLLBACK")
+                return False
+            self.db.execute("INSERT OR REPLACE INTO cells VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                            (cell.hash, cell.study, axes, config, seed, status, error, wall_time_s, versions,
+                             time.strftime("%Y-%m-%dT%H:%M:%S"), json.dumps(history)))
+            self.db.executemany("INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?)",
+                                [(cell.hash, cell.study, seed, m, float(v), axes, config, versions, wall_time_s)
+                                 for m, v in metrics.items()])
+            self.db.execute("COMMIT")
+            return True
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+
+    def record_run(self, study: str, budget: str | None, command: str, study_config: dict, hashes: Iterable[str]) -> None:
+        self.db.execute("INSERT INTO runs (study, budget, command, started_at, study_config, cell_hashes) VALUES (?,?,?,?,?,?)",
+                        (study, budget, command, time.strftime("%Y-%m-%dT%H:%M:%S"), json.dumps(study_config),
+                         json.dumps(list(hashes))))
+
+    def last_run(self) -> dict | None:
+        row = self.db.execute("SELECT study, budget, command, started_at, study_config, cell_hashes FROM runs "
+                              "ORDER BY id DESC LIMIT 1").fetchone()
+        if row is None:
+            return None
+        return {"study": row[0], "budget": row[1], "command": row[2], "started_at": row[3],
+                "study_config": json.loads(row[4]), "cell_hashes": json.loads(row[5])}
+
+    def cells(self, hashes: Iterable[str] | None = None) -> list[dict]:
+        """Stored cells (optionally only those hashes) with their metrics."""
+        rows = self.db.execute("SELECT hash, axes, config, status, error, wall_time_s, history FROM cells").fetchall()
+        wanted = set(hashes) if hashes is not None else None
+        metrics: dict[str, dict[str, float]] = {}
+        for h, m, v in self.db.execute("SELECT hash, metric, value FROM results"):
+            metrics.setdefault(h, {})[m] = v
+        out = []
+        for h, axes, config, status, error, wall, history in rows:
+            if wanted is not None and h not in wanted:
+                continue
+            out.append({"hash": h, "axes": json.loads(axes), "config": json.loads(config), "status": status,
+                        "error": error, "wall_time_s": wall, "metrics": metrics.get(h, {}),
+                        "history": json.loads(history) if history else None})
+        return out

@@ -1,0 +1,129 @@
+"""One fast training loop: the whole dataset is a tensor on the device, batches are index slices,
+one-cycle learning rate, optional masks that keep pruned weights at zero."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from robustprune.device import use_bf16
+
+
+class TrainConfig(BaseModel):
+    """How a model is trained (dense training, fine-tuning and lottery-ticket retraining)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    epochs: int = Field(2, ge=0)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup: float = Field(0.2, ge=0, le=1, description="share of steps spent warming up (onecycle)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def to_float(x_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [0, 1] (channels-last: ~1.5x faster convolutions on CPU)."""
+    x = x_u8.float().div_(255.0) if x_u8.dtype == torch.uint8 else x_u8.float()
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                           weight_decay=cfg.weight_decay)
+
+
+def make_schedule(opt, cfg: TrainConfig, total_steps: int):
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps,
+                                                   pct_start=max(cfg.warmup, 1e-3), anneal_strategy="linear")
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> None:
+    if not masks:
+        return
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in masks:
+                p.mul_(masks[name])
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int,
+          masks: dict[str, torch.Tensor] | None = None,
+          on_step: Callable[[int, int, int, float], None] | None = None) -> list[dict]:
+    """Train in place. x: uint8 or float images on the model's device; y: labels.
+    on_step(epoch, step, steps_per_epoch, loss) reports progress. Returns one dict per epoch."""
+    history: list[dict] = []
+    if cfg.epochs == 0 or len(x) == 0:
+        return history
+    device = next(model.parameters()).device
+    model.to(memory_format=torch.channels_last)
+    masks = {k: m.to(device) for k, m in (masks or {}).items()}
+    apply_masks(model, masks)
+    opt = make_optimizer(model, cfg)
+    steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
+    sched = make_schedule(opt, cfg, cfg.epochs * steps_per_epoch)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    bf16 = use_bf16(cfg.precision, device)
+    model.train()
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(x), generator=g).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for step in range(steps_per_epoch):
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            xb, yb = to_float(x[idx]), y[idx]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(xb)
+                loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            apply_masks(model, masks)
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.detach().argmax(1) == yb).sum()
+            if on_step is not None and (step % 20 == 0 or step == steps_per_epoch - 1):
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingDiverged(f"loss became {value} in epoch {epoch + 1}, step {step + 1}")
+                on_step(epoch, step + 1, steps_per_epoch, value)
+        mean_loss = float(loss_sum) / len(x)
+        if not math.isfinite(mean_loss):
+            raise TrainingDiverged(f"loss became {mean_loss} in epoch {epoch + 1}")
+        history.append({"epoch": epoch + 1, "loss": mean_loss, "train_acc": float(correct) / len(x)})
+    model.eval()
+    return history
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
+    """Predicted labels for uint8 or float images, in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = [model(to_float(x[i:i + batch_size].to(device))).argmax(1) for i in range(0, len(x), batch_size)]
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> float:
+    if len(x) == 0:
+        return float("nan")
+    return float((predict(model, x, batch_size).cpu() == y.cpu()).float().mean())
