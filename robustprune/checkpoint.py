@@ -34,10 +34,14 @@ def load(path: str | Path):
         raise UserError(f"checkpoint {path} does not exist; check the path") from None
     except pickle.UnpicklingError as e:
         raise UserError(f"checkpoint {path} holds objects other than tensors and plain values, so it was not "
-                        f"loaded ({str(e).splitlines()[0]}); only load checkpoints you trust, re-saved as state dicts") from None
+                        f"loaded ({_first_line(e)}); only load checkpoints you trust, re-saved as state dicts") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise UserError(f"checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0]}); delete it so it "
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({_first_line(e)}); delete it so it "
                         "is recomputed, or replace it") from None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def load_state_into(model: torch.nn.Module, state: dict, source: str) -> None:

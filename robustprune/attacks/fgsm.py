@@ -20,7 +20,7 @@ class FGSM:
         self.eps = eps
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with frozen_eval(model):
+        with frozen_eval(model), torch.enable_grad():
             x = x.detach().clone().requires_grad_(True)
             loss = F.cross_entropy(model(x), y)
             (grad,) = torch.autograd.grad(loss, x)

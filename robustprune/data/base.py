@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tempfile
@@ -94,7 +95,7 @@ def fetch(urls: list[str], dest: Path, md5: str) -> None:
                 continue
             os.replace(tmp, dest)
             return
-        except OSError as e:
+        except (OSError, ValueError, http.client.HTTPException) as e:
             errors.append(f"{url}: {e}")
         finally:
             if os.path.exists(tmp):

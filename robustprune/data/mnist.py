@@ -38,6 +38,8 @@ def read_idx(path: Path) -> np.ndarray:
     if magic not in IDX_MAGIC:
         raise UserError(f"{path} has IDX magic number {magic}, expected 2049 or 2051; replace it with the official file")
     ndim = IDX_MAGIC[magic]
+    if len(raw) < 4 + 4 * ndim:
+        raise UserError(f"{path} ends inside its IDX header; the file is truncated, replace it with the official file")
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     body = raw[4 + 4 * ndim:]
     if len(body) != int(np.prod(dims)):

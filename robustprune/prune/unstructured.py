@@ -41,7 +41,7 @@ def apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, m in masks.items():
-            params[name].mul_(m.to(params[name].dtype))
+            params[name].mul_(m.to(device=params[name].device, dtype=params[name].dtype))
 
 
 def rewind_(model: nn.Module, init_state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:

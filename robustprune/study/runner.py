@@ -15,7 +15,7 @@ from robustprune.attacks import ATTACKS, adversarial_accuracy
 from robustprune.data import REGIMES, ImageDataset, load_dataset
 from robustprune.device import pick_device
 from robustprune.metrics.size import size_metrics
-from robustprune.models import build_model
+from robustprune.models import build_model, to_device
 from robustprune.prune import PRUNING_METHODS
 from robustprune.prune.unstructured import global_magnitude_masks, prunable_weights, rewind_
 from robustprune.study.cells import Cell, config_hash
@@ -116,13 +116,15 @@ class Workspace:
             return self._dense[h]
         path = self.ckpt_dir / f"dense-{h}.pt"
         torch.manual_seed(key["seed"])
-        model = self.new_model().to(self.device)
+        model = self.new_model()
         if path.exists():
             state = checkpoint.load(path)
             checkpoint.load_state_into(model, state["state"], str(path))
+            model = to_device(model, self.device)
             out = DenseModel(model, state["init_state"], state["history"])
         else:
             init_state = copy.deepcopy(model.state_dict())
+            model = to_device(model, self.device)
             data = self.regime_data(key)
             history = self._train(model, data, self.study.train, key["seed"], f"train dense ({key['regime']['name']})")
             checkpoint.save({"state": model.state_dict(), "init_state": init_state, "history": history,
@@ -143,16 +145,18 @@ class Workspace:
             return dense.model, masks, dense.history
         h = config_hash({"dense": key, "lottery": params.model_dump(), "round": r})
         path = self.ckpt_dir / f"lottery-{h}.pt"
-        model = self.new_model().to(self.device)
+        model = self.new_model()
         if path.exists():
             state = checkpoint.load(path)
             checkpoint.load_state_into(model, state["state"], str(path))
-            return model.eval(), state["masks"], state["history"]
+            return to_device(model, self.device).eval(), state["masks"], state["history"]
         prev_model, prev_masks, _ = self.lottery_round(key, params, r - 1)
         masks = global_magnitude_masks(prev_model, params.rate, prev_masks)
         rewind_(model, dense.init_state, masks)
+        model = to_device(model, self.device)
         data = self.regime_data(key)
-        history = self._train(model, data, self.study.train, key["seed"] + r, f"lottery ticket round {r}", masks)
+        cfg = self.study.train if params.epochs is None else self.study.train.model_copy(update={"epochs": params.epochs})
+        history = self._train(model, data, cfg, key["seed"] + r, f"lottery ticket round {r}", masks)
         checkpoint.save({"state": model.state_dict(), "masks": masks, "history": history}, path)
         return model.eval(), masks, history
 
@@ -190,6 +194,7 @@ def run_cell(cell: Cell, ws: Workspace) -> tuple[dict[str, float], list]:
     model = copy.deepcopy(dense.model)
     ws.progress.stage(f"prune {pr['method']} s={pr['sparsity']:g}", 1)
     masks = method.prune(model, pr["sparsity"], ws.example_input(), params)
+    model = to_device(model, ws.device)  # pruning makes new, plain-layout tensors
     history = []
     if pr["finetune"]:
         ft = TrainConfig(**pr["finetune"])

@@ -13,6 +13,23 @@ from robustprune.errors import UserError
 from robustprune.train import TrainConfig
 
 
+def _no_repeats(values: list) -> None:
+    if len(set(values)) != len(values):
+        raise ValueError(f"lists a value twice ({values})")
+
+
+def _check_params(params_cls, params: dict, where: str) -> None:
+    """Validate a registry entry's parameters, naming the section in the error."""
+    try:
+        params_cls(**(params or {}))
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise ValueError(f"unknown parameter '{where}.{key}'") from None
+        raise ValueError(f"'{where}.{key}': {err['msg']}") from None
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -39,6 +56,7 @@ class PruningConfig(Strict):
     @field_validator("sparsities")
     @classmethod
     def _sparsity_range(cls, v):
+        _no_repeats(v)
         for s in v:
             if not 0.0 <= s < 1.0:
                 raise ValueError(f"sparsity {s} is outside [0, 1)")
@@ -49,6 +67,7 @@ class PruningConfig(Strict):
     def _epochs(cls, v):
         if not v:
             raise ValueError("needs at least one value (0 means no fine-tuning)")
+        _no_repeats(v)
         for e in v:
             if e < 0:
                 raise ValueError(f"fine-tuning epochs {e} is negative")
@@ -57,7 +76,7 @@ class PruningConfig(Strict):
 
 class EvaluationConfig(Strict):
     fgsm_eps: list[float] = Field(default_factory=lambda: [0.1])
-    batch_size: int = Field(1000, ge=1)
+    batch_size: int = Field(500, ge=1)
 
     @field_validator("fgsm_eps")
     @classmethod
@@ -103,6 +122,7 @@ class StudyConfig(Strict):
             raise ValueError("needs at least one seed")
         if any(s < 0 for s in v):
             raise ValueError("seeds must be >= 0")
+        _no_repeats(v)
         return v
 
     @field_validator("regimes")
@@ -120,12 +140,16 @@ class StudyConfig(Strict):
         from robustprune.prune import PRUNING_METHODS
 
         DATASETS.get(self.dataset)
-        MODELS.get(self.model.name)
+        builder = MODELS.get(self.model.name)
+        try:  # catches unknown or ill-typed model arguments before anything runs
+            builder(**self.model.args)
+        except TypeError as e:
+            raise ValueError(f"model '{self.model.name}' does not accept args {self.model.args} ({e})") from None
         for name, params in self.regimes.items():
-            REGIMES.get(name).Params(**(params or {}))
+            _check_params(REGIMES.get(name).Params, params, f"regimes.{name}")
         for label, p in self.pruning.items():
             method = PRUNING_METHODS.get(p.method)
-            method.Params(**p.params)
+            _check_params(method.Params, p.params, f"pruning.{label}.params")
             if not method.iterative and not p.sparsities:
                 raise ValueError(f"pruning '{label}' lists no sparsities")
         for col, (regime, _metric) in self.table1.columns.items():
@@ -134,6 +158,10 @@ class StudyConfig(Strict):
         for row in self.table1.rows:
             if row.pruning not in self.pruning:
                 raise ValueError(f"table1 row '{row.label}' names pruning '{row.pruning}', which the study does not run")
+            entry = self.pruning[row.pruning]
+            if not PRUNING_METHODS.get(entry.method).iterative and row.sparsity not in entry.sparsities:
+                raise ValueError(f"table1 row '{row.label}' asks for sparsity {row.sparsity}, but pruning "
+                                 f"'{row.pruning}' runs {entry.sparsities}")
         return self
 
 
@@ -163,8 +191,10 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 
 def describe_validation_error(err: ValidationError, source: str) -> str:
     e = err.errors()[0]
-    where = ".".join(str(p) for p in e["loc"]) or "the study"
+    where = ".".join(str(p) for p in e["loc"])
     msg = e["msg"].removeprefix("Value error, ")
+    if not where:
+        return f"{source}: {msg}; fix the study file"
     if e["type"] == "extra_forbidden":
         return f"{source}: unknown key '{where}'; remove it or check its spelling against the documented keys"
     if e["type"] == "missing":

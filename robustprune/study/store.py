@@ -44,7 +44,7 @@ class Store:
         try:
             if not readonly:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
+            uri = self.path.resolve().as_uri() + ("?mode=ro" if readonly else "")
             self.db = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None)
             if not readonly:
                 self.db.execute("PRAGMA journal_mode=WAL")

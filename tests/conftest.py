@@ -1,0 +1,56 @@
+"""Shared fixtures for the fast unit tests (tiny tensors; only test_data reads the real MNIST files)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STUDY_FILE = REPO_ROOT / "studies" / "mnist_pruning_robustness.yaml"
+
+
+def shared_data_dir() -> Path:
+    """$ROBUSTPRUNE_DATA when set, else the shared data folder next to the repository."""
+    env = os.environ.get("ROBUSTPRUNE_DATA")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The folder that holds mnist/ (or the MNIST files themselves); tests skip when it is absent."""
+    d = shared_data_dir()
+    mnist = d if (d / "train-images-idx3-ubyte.gz").exists() else d / "mnist"
+    if not (mnist / "train-labels-idx1-ubyte.gz").exists():
+        pytest.skip(f"real MNIST files not found under {d}; set ROBUSTPRUNE_DATA")
+    return d
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(data_dir) -> Path:
+    """The folder holding the four MNIST gzip files."""
+    return data_dir if (data_dir / "train-images-idx3-ubyte.gz").exists() else data_dir / "mnist"
+
+
+@pytest.fixture(scope="session")
+def study_file() -> Path:
+    return STUDY_FILE
+
+
+@pytest.fixture
+def tiny_cnn():
+    """MnistCNN with small widths (conv1=4, conv2=6, fc=8), deterministic init."""
+    from robustprune.models.mnist_cnn import MnistCNN
+
+    torch.manual_seed(0)
+    return MnistCNN(conv1=4, conv2=6, fc=8, kernel_size=3, padding=1).eval()
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    """Tiny tensors: more threads only cost time on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
