@@ -38,7 +38,7 @@ def cmd_run(args) -> int:
                      study.model_dump(mode="json"), [c.hash for c in cells])
     try:
         with RichProgress(console, len(cells)) as progress:
-            counts = run_study(study, cells, store, out_dir, args.data_dir, args.device, progress)
+            counts = run_study(study, cells, store, out_dir, args.data_dir, args.device, progress, args.workers)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: finished cells are stored in {out_dir}/results.sqlite; "
                       "run the same command again to resume")
@@ -80,6 +80,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _workers(text: str):
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of workers >= 1 or 'auto'")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="robustprune", description="Prune networks and measure their robustness.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -92,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set train.epochs=3 (repeatable)")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    r.add_argument("--workers", default="auto", type=_workers,
+                   help="parallel worker processes (default auto: one per CPU core up to 8, 1 on a GPU)")
     r.set_defaults(func=cmd_run)
     rep = sub.add_parser("report", help="print the tables of stored results")
     rep.add_argument("dirs", nargs="+", help="study output folder(s) holding results.sqlite")

@@ -17,9 +17,9 @@ class RichProgress(ProgressBase):
                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("left"),
                             TimeRemainingColumn(), console=console, transient=False)
         self.study_task = self.bar.add_task("study", total=total_cells, info="")
-        self.stage_task = self.bar.add_task("", total=1, info="")
+        self.stage_task = None
+        self.worker_tasks: dict[int, int] = {}
         self.t0 = time.perf_counter()
-        self.computed_time = 0.0
         self.computed = 0
 
     def __enter__(self):
@@ -37,12 +37,14 @@ class RichProgress(ProgressBase):
         if status == "stored":
             return
         self.computed += 1
-        self.computed_time += seconds
-        left = (total - index - 1) * self.computed_time / self.computed
+        # Wall time per computed cell so far, so parallel workers are accounted for.
+        left = (total - index - 1) * (time.perf_counter() - self.t0) / self.computed
         self.console.log(f"[{index + 1}/{total}] {cell.label}: {status} in {seconds:.1f}s "
                          f"(about {left / 60:.1f} min left)", highlight=False)
 
     def stage(self, text, total):
+        if self.stage_task is None:
+            self.stage_task = self.bar.add_task("", total=1, info="")
         self.bar.reset(self.stage_task, total=total, description=text, info="")
 
     def advance(self, completed, info=""):
@@ -50,3 +52,16 @@ class RichProgress(ProgressBase):
         if completed:
             kwargs["completed"] = completed
         self.bar.update(self.stage_task, **kwargs)
+
+    def worker_event(self, worker, kind, *args):
+        """One bar per parallel worker: its cell, then its current stage (epochs, attack)."""
+        if worker not in self.worker_tasks:
+            self.worker_tasks[worker] = self.bar.add_task("", total=1, info="")
+        task = self.worker_tasks[worker]
+        n = list(self.worker_tasks).index(worker) + 1
+        if kind == "start":
+            self.bar.reset(task, total=1, description=f"worker {n}", info=args[0])
+        elif kind == "stage":
+            self.bar.reset(task, total=args[1], description=f"worker {n}: {args[0]}", info="")
+        elif kind == "advance":
+            self.bar.update(task, info=args[1], **({"completed": args[0]} if args[0] else {}))

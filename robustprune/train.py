@@ -49,9 +49,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def make_schedule(opt, cfg: TrainConfig, total_steps: int):
-    if cfg.schedule == "onecycle":
+    if cfg.schedule == "onecycle" and total_steps >= 4:  # shorter runs have no room for a warm-up
+        pct = min(max(cfg.warmup, 2.0 / total_steps), 0.5)
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps,
-                                                   pct_start=max(cfg.warmup, 1e-3), anneal_strategy="linear")
+                                                   pct_start=pct, anneal_strategy="linear")
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)

@@ -32,7 +32,7 @@ def test_load_study_full(study_file):
     s = load_study(study_file, "full")
     assert s.name == "mnist_pruning_robustness" and s.dataset == "mnist"
     assert s.train.epochs == 3 and s.train.lr == 0.05 and s.finetune.lr == 0.01
-    assert s.model.name == "mnist_cnn" and s.model.args == {"conv1": 16, "conv2": 32, "fc": 128, "kernel_size": 5, "padding": 0}
+    assert s.model.name == "mnist_cnn" and s.model.args == {"conv1": 8, "conv2": 16, "fc": 128, "kernel_size": 5, "padding": 0}
     assert list(s.regimes) == ["clean", "spurious", "noisy_labels", "fgsm_data"]
     assert s.pruning["magnitude"].sparsities == [0.1, 0.3, 0.5, 0.7]
     assert s.pruning["structured"].finetune_epochs == [0, 5]

@@ -35,6 +35,8 @@ class Progress:
     def cell_finished(self, cell: Cell, index: int, total: int, seconds: float, status: str) -> None: ...
     def stage(self, text: str, total: int) -> None: ...
     def advance(self, completed: int, info: str = "") -> None: ...
+    def worker_event(self, worker: int, kind: str, *args) -> None:
+        """A parallel worker's start / stage / advance, relayed by the executor."""
 
 
 @dataclass
@@ -202,10 +204,30 @@ def run_cell(cell: Cell, ws: Workspace) -> tuple[dict[str, float], list]:
     return evaluate(model.eval(), data, study, ws, dense_weights), history
 
 
+def compute_and_store(cell: Cell, ws: Workspace, store: Store) -> tuple[str, float]:
+    """Run one cell and write it (all metrics in one transaction). A diverging run is stored as
+    failed with its reason and the study goes on."""
+    t0 = time.perf_counter()
+    try:
+        metrics, history = run_cell(cell, ws)
+        status, error = "done", None
+    except TrainingDiverged as e:
+        metrics, history, status, error = {}, None, "failed", str(e)
+    wall = time.perf_counter() - t0
+    store.put(cell, metrics, wall, history, status, error)
+    return status, wall
+
+
 def run_study(study: StudyConfig, cells: list[Cell], store: Store, out_dir: Path, data_dir=None,
-              device: str = "auto", progress: Progress | None = None) -> dict[str, int]:
-    """Compute every cell the store does not have yet. Returns counts of computed/skipped/failed."""
+              device: str = "auto", progress: Progress | None = None, workers: int | str = 1) -> dict[str, int]:
+    """Compute every cell the store does not have yet. Returns counts of computed/skipped/failed.
+    workers > 1 (or 'auto') runs cells in parallel processes (see executor.py)."""
+    from robustprune.study.executor import run_parallel, worker_layout
+
     progress = progress or Progress()
+    n_workers, threads = worker_layout(workers, device)
+    if n_workers > 1:
+        return run_parallel(study, cells, store, Path(out_dir), data_dir, device, progress, n_workers, threads)
     ws = Workspace(study, out_dir, data_dir, pick_device(device), progress)
     done = store.done_hashes()
     counts = {"computed": 0, "skipped": 0, "failed": 0}
@@ -215,14 +237,7 @@ def run_study(study: StudyConfig, cells: list[Cell], store: Store, out_dir: Path
             progress.cell_finished(cell, i, len(cells), 0.0, "stored")
             continue
         progress.cell_started(cell, i, len(cells))
-        t0 = time.perf_counter()
-        try:
-            metrics, history = run_cell(cell, ws)
-            status, error = "done", None
-        except TrainingDiverged as e:
-            metrics, history, status, error = {}, None, "failed", str(e)
-        wall = time.perf_counter() - t0
-        store.put(cell, metrics, wall, history, status, error)
+        status, wall = compute_and_store(cell, ws, store)
         done.add(cell.hash)
         counts["failed" if status == "failed" else "computed"] += 1
         progress.cell_finished(cell, i, len(cells), wall, status)

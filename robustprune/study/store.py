@@ -33,7 +33,9 @@ def library_versions() -> dict[str, str]:
     import robustprune
 
     return {"robustprune": robustprune.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "torch_pruning": getattr(torch_pruning, "__version__", "?"), "python": platform.python_version()}
+            "torch_pruning": getattr(torch_pruning, "__version__", "?"), "python": platform.python_version(),
+            # Float results can differ in the last bits with the thread count; it is part of the record.
+            "torch_threads": str(torch.get_num_threads())}
 
 
 class Store:

@@ -1,0 +1,202 @@
+"""Local parallel executor: cells go to worker processes as jobs, in dependency order.
+
+A job is a list of cells one worker runs in order: the dense cell of a (seed, regime), a whole
+lottery-ticket chain (round r needs round r-1), or one one-shot pruning cell. Every job of a
+(seed, regime) waits for its dense job, which trains the shared dense model into the on-disk
+cache. Workers write each finished cell to the store themselves (one transaction per cell), so a
+killed study loses at most the cells being computed. Small CPU models use cores better as several
+single-threaded processes than as one multi-threaded one (1.5-1.9x for the MNIST CNNs here)."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import signal
+import time
+from collections import defaultdict
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from robustprune.study.cells import Cell
+from robustprune.study.runner import Progress, compute_and_store, Workspace
+from robustprune.study.schema import StudyConfig
+from robustprune.study.store import Store
+
+
+def worker_layout(workers: int | str, device: str) -> tuple[int, int]:
+    """(processes, threads per process). 'auto': one process on a GPU; on a CPU one per core up
+    to 8, sharing the cores."""
+    cores = os.cpu_count() or 1
+    if workers == "auto":
+        workers = 1 if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else min(cores, 8)
+    workers = max(1, int(workers))
+    return workers, max(1, cores // workers)
+
+
+@dataclass
+class Job:
+    id: int
+    cells: list[Cell]
+    after: int | None = None
+    cost: float = 0.0
+    done: bool = False
+    group: tuple = field(default_factory=tuple)
+
+
+def plan_jobs(cells: list[Cell]) -> list[Job]:
+    jobs: list[Job] = []
+    dense_job: dict[tuple, int] = {}
+    chains: dict[tuple, Job] = {}
+    for cell in cells:
+        a = cell.axes
+        group = (a["seed"], a["regime"])
+        pr = cell.config["pruning"]
+        if pr is None:
+            dense_job[group] = len(jobs)
+            jobs.append(Job(len(jobs), [cell], None, 1e9, group=group))
+        elif a["round"] is not None:
+            key = (*group, a["pruning"])
+            if key not in chains:
+                chains[key] = Job(len(jobs), [], None, 0.0, group=group)
+                jobs.append(chains[key])
+            chains[key].cells.append(cell)
+            chains[key].cost += (pr["params"].get("epochs") or 3) + 0.3
+        else:
+            ft = (pr.get("finetune") or {}).get("epochs", 0)
+            jobs.append(Job(len(jobs), [cell], None, ft * (1.0 - 0.5 * pr["sparsity"]) + 0.3, group=group))
+    for job in jobs:
+        if job.cells[0].config["pruning"] is not None:
+            job.after = dense_job.get(job.group)
+        job.cells.sort(key=lambda c: c.axes["round"] or 0)
+    return jobs
+
+
+# ---- worker side -----------------------------------------------------------------------------------
+
+_STATE: dict = {}
+
+
+class QueueProgress(Progress):
+    """Sends a worker's progress to the main process."""
+
+    def __init__(self, q):
+        self.q, self.pid = q, os.getpid()
+        self._last = 0.0
+
+    def cell_started(self, cell, index, total):
+        self.q.put(("start", self.pid, cell.label))
+
+    def stage(self, text, total):
+        self.q.put(("stage", self.pid, text, total))
+
+    def advance(self, completed, info=""):
+        now = time.monotonic()
+        if now - self._last > 0.25:  # the queue is not free: at most 4 updates a second
+            self._last = now
+            self.q.put(("advance", self.pid, completed, info))
+
+
+def _die_with_parent() -> None:
+    """Linux: a worker is killed when the study process dies (no orphan keeps computing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _init_worker(threads: int, q) -> None:
+    _die_with_parent()
+    torch.set_num_threads(threads)
+    _STATE["queue"] = q
+
+
+def _run_job(study_dump: dict, cells: list[Cell], out_dir: str, data_dir, device: str) -> list[tuple[str, str, float]]:
+    from robustprune.device import pick_device
+
+    key = (str(study_dump), out_dir, str(data_dir), device)
+    if _STATE.get("key") != key:  # one workspace per worker: the data set is loaded once
+        progress = QueueProgress(_STATE["queue"])
+        study = StudyConfig(**study_dump)
+        _STATE.update(key=key, progress=progress,
+                      ws=Workspace(study, Path(out_dir), data_dir, pick_device(device), progress),
+                      store=Store(Path(out_dir) / "results.sqlite"))
+    ws, store, progress = _STATE["ws"], _STATE["store"], _STATE["progress"]
+    out = []
+    for cell in cells:
+        if store.is_done(cell.hash):
+            continue
+        progress.cell_started(cell, 0, 0)
+        status, wall = compute_and_store(cell, ws, store)
+        out.append((cell.hash, status, wall))
+        _STATE["queue"].put(("finished", os.getpid(), cell.hash, status, wall))
+    return out
+
+
+# ---- main side -------------------------------------------------------------------------------------
+
+def run_parallel(study: StudyConfig, cells: list[Cell], store: Store, out_dir: Path, data_dir, device: str,
+                 progress: Progress, workers: int, threads: int) -> dict[str, int]:
+    done = store.done_hashes()
+    by_hash = {c.hash: (i, c) for i, c in enumerate(cells)}
+    counts = {"computed": 0, "skipped": 0, "failed": 0}
+    for i, c in enumerate(cells):
+        if c.hash in done:
+            counts["skipped"] += 1
+            progress.cell_finished(c, i, len(cells), 0.0, "stored")
+    jobs = plan_jobs([c for c in cells if c.hash not in done])
+    finished_count = counts["skipped"]
+    ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
+    with ctx.Manager() as manager:
+        q = manager.Queue()
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, q))
+        running: dict = {}
+        study_dump = study.model_dump(mode="json")
+
+        def drain():
+            nonlocal finished_count
+            while True:
+                try:
+                    event = q.get_nowait()
+                except queue_mod.Empty:
+                    return
+                kind, pid = event[0], event[1]
+                if kind == "start":
+                    progress.worker_event(pid, "start", event[2])
+                elif kind == "stage":
+                    progress.worker_event(pid, "stage", event[2], event[3])
+                elif kind == "advance":
+                    progress.worker_event(pid, "advance", event[2], event[3])
+                elif kind == "finished":
+                    index, cell = by_hash[event[2]]
+                    counts["failed" if event[3] == "failed" else "computed"] += 1
+                    progress.cell_finished(cell, finished_count, len(cells), event[4], event[3])
+                    finished_count += 1
+
+        try:
+            while True:
+                ready = [j for j in jobs if not j.done and j.id not in running.values()
+                         and (j.after is None or jobs[j.after].done)]
+                ready.sort(key=lambda j: -j.cost)
+                for job in ready[: max(0, workers - len(running))]:
+                    fut = pool.submit(_run_job, study_dump, job.cells, str(out_dir), data_dir, device)
+                    running[fut] = job.id
+                if not running:
+                    break
+                finished, _ = wait(list(running), timeout=0.2, return_when=FIRST_COMPLETED)
+                drain()
+                for fut in finished:
+                    jobs[running.pop(fut)].done = True
+                    fut.result()  # a worker's error (e.g. a corrupt checkpoint) stops the study here
+            drain()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            for p in list(getattr(pool, "_processes", {}).values()):
+                p.kill()
+            raise
+        pool.shutdown(wait=True)
+    return counts

@@ -1,0 +1,175 @@
+"""Integration tests through the public CLI on real MNIST (the study's `smoke` budget)."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from robustprune.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "robustprune", *args], capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def run_args(study_file, data_dir, out) -> list[str]:
+    return ["run", str(study_file), "--budget", "smoke", "--data-dir", str(data_dir), "--out", str(out)]
+
+
+def stored(out: Path) -> list[tuple]:
+    with sqlite3.connect(out / "results.sqlite") as db:
+        return db.execute("SELECT hash, metric, value FROM results ORDER BY hash, metric").fetchall()
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, study_file, data_dir):
+    out = tmp_path_factory.mktemp("smoke")
+    t0 = time.perf_counter()
+    proc = cli(*run_args(study_file, data_dir, out))
+    return out, proc, time.perf_counter() - t0
+
+
+def test_smoke_study_runs_and_prints_table1(smoke_run):
+    out, proc, _ = smoke_run
+    text = proc.stdout
+    for label in ("Table 1", "Baseline (no pruning)", "Magnitude (50%)", "No FT", "With FT (1 ep)",
+                  "Structured channel (30%)", "Lottery ticket (best round)", "Spurious corr.", "Noisy label",
+                  "Sweep: regime 'fgsm_data'", "lottery round 2"):
+        assert label in text, label
+    with sqlite3.connect(out / "results.sqlite") as db:
+        statuses = db.execute("SELECT status, count(*) FROM cells GROUP BY status").fetchall()
+        # 4 regimes x (dense + magnitude 1x2 + structured 1x2 + 2 lottery rounds)
+        assert statuses == [("done", 28)]
+        row = db.execute("SELECT config, versions, wall_time_s, seed FROM results LIMIT 1").fetchone()
+        assert '"regime"' in row[0] and '"torch"' in row[1] and row[2] > 0 and row[3] == 0
+
+
+def test_smoke_values_are_sane(smoke_run):
+    out, _, _ = smoke_run
+    rows = list(csv.DictReader(io.StringIO(cli("report", str(out), "--format", "csv").stdout)))
+    by = {(r["regime"], r["pruning"], r["sparsity"], r["finetune_epochs"], r["round"], r["metric"]): float(r["value"])
+          for r in rows}
+    dense_clean = by[("clean", "dense", "0.0", "0", "", "acc_clean")]
+    assert 0.6 < dense_clean <= 1.0  # 1 epoch on 2000 images
+    # Structured pruning really shrinks the model; magnitude pruning hits its sparsity exactly.
+    assert by[("clean", "structured", "0.3", "0", "", "params")] < by[("clean", "dense", "0.0", "0", "", "params")]
+    assert by[("clean", "magnitude", "0.5", "0", "", "sparsity")] == pytest.approx(0.5, abs=1e-4)
+    assert by[("clean", "lottery", "0.36", "0", "2", "sparsity")] == pytest.approx(0.36, abs=1e-3)
+    # White-box FGSM can only lower accuracy.
+    assert by[("clean", "dense", "0.0", "0", "", "acc_fgsm_wb@0.1")] <= dense_clean
+    assert ("spurious", "dense", "0.0", "0", "", "acc_patched") in by
+    assert ("fgsm_data", "dense", "0.0", "0", "", "acc_fgsm_data") in by
+
+
+def test_rerun_computes_nothing_and_prints_same_tables(smoke_run, study_file, data_dir):
+    out, first, _ = smoke_run
+    before = stored(out)
+    again = cli(*run_args(study_file, data_dir, out))
+    assert "computed 0 cells, 28 from the store" in again.stdout
+    assert stored(out) == before
+    tables = lambda s: s[s.index("Table 1"):]  # noqa: E731
+    assert tables(again.stdout) == tables(first.stdout)
+
+
+def test_report_formats(smoke_run):
+    out, _, _ = smoke_run
+    md = cli("report", str(out), "--format", "markdown").stdout
+    assert "| Pruning method | Fine-tune | Clean | Spurious corr. | Noisy label | FGSM |" in md
+    text = cli("report", str(out), "--format", "csv").stdout
+    header = text.splitlines()[0]
+    assert header == "regime,pruning,method,sparsity,finetune_epochs,round,seed,metric,value,config_hash,status"
+    assert len(text.splitlines()) - 1 == len(stored(out))
+
+
+def test_killed_run_resumes_to_identical_results(smoke_run, study_file, data_dir, tmp_path):
+    """SIGKILL mid-study, run again: same rows as the uninterrupted run (same seeds, same numbers)."""
+    reference, _, _ = smoke_run
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "robustprune", *run_args(study_file, data_dir, out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        db = out / "results.sqlite"
+        if db.exists():
+            try:
+                with sqlite3.connect(db) as con:
+                    if con.execute("SELECT count(*) FROM cells").fetchone()[0] >= 6:
+                        break
+            except sqlite3.OperationalError:
+                pass
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = len({h for h, _, _ in stored(out)})
+    assert 0 < partial < 28
+    resumed = cli(*run_args(study_file, data_dir, out))
+    assert f"{partial} from the store" in resumed.stdout
+    assert stored(out) == stored(reference)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["run", "no/such/study.yaml"], "does not exist"),
+    (["run", "{study}", "--budget", "huge"], "no budget 'huge'; known budgets: full, smoke"),
+    (["run", "{study}", "--set", "train.epochs=-1"], "'train.epochs'"),
+    (["run", "{study}", "--set", "regimes.nosy={}"], "unknown training regime 'nosy'"),
+    (["run", "{study}", "--set", "pruning.magnitude.sparsities=[1.5]"], "outside [0, 1)"),
+    (["run", "{study}", "--set", "pruning.magnitude.method=magic"], "unknown pruning method 'magic'"),
+    (["run", "{study}", "--set", "dataset=mnits"], "unknown dataset 'mnits'; did you mean 'mnist'"),
+    (["run", "{study}", "--set", "trian.epochs=2"], "unknown key 'trian'"),
+    (["run", "{study}", "--set", "nonsense"], "is not KEY=VALUE"),
+    (["run", "{study}", "--seeds", "0"], "--seeds must be at least 1"),
+    (["run", "{study}", "--seeds", "x"], "invalid int value"),
+    (["report", "{tmp}"], "no result store"),
+])
+def test_bad_input_one_sentence_exit_2(args, expected, study_file, tmp_path, capsys):
+    args = [a.format(study=study_file, tmp=tmp_path) for a in args] + ["--out", str(tmp_path / "o")] * (args[0] == "run")
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expected in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 3  # argparse adds a usage line
+    assert not (tmp_path / "o" / "results.sqlite").exists()  # nothing written before the input is valid
+
+
+def test_bad_data_folder_leaves_store_unchanged(smoke_run, study_file, tmp_path, capsys):
+    out, _, _ = smoke_run
+    before = stored(out)
+    bad = tmp_path / "data" / "mnist"
+    bad.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        (bad / name).write_bytes(b"not a gzip file")
+    # A different setting so that cells are not all stored already and data must be read.
+    code = main(run_args(study_file, tmp_path / "data", out) + ["--set", "train.lr=0.07"])
+    err = capsys.readouterr().err
+    assert code == 2 and "corrupt or not the official file" in err and "Traceback" not in err
+    assert stored(out) == before
+
+
+def test_invalid_yaml_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrain: [unclosed\n")
+    assert main(["run", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "is not valid YAML at line" in capsys.readouterr().err
+
+
+def test_list_shows_registries(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("mnist", "mnist_cnn", "clean", "spurious", "noisy_labels", "fgsm_data", "global_magnitude",
+                 "channel_l1", "lottery_ticket", "fgsm"):
+        assert name in out
