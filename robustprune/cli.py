@@ -92,8 +92,15 @@ def _workers(text: str):
     return n
 
 
+class Parser(argparse.ArgumentParser):
+    """Option mistakes get one sentence and exit code 2, like every other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} -h'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="robustprune", description="Prune networks and measure their robustness.")
+    p = Parser(prog="robustprune", description="Prune networks and measure their robustness.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a study file (resumes where it stopped)")
     r.add_argument("study", help="study file (YAML), e.g. studies/mnist_pruning_robustness.yaml")

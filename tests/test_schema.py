@@ -45,7 +45,7 @@ def test_load_study_full(study_file):
 
 def test_load_study_smoke(study_file):
     s = load_study(study_file, "smoke")
-    assert s.data.train_subset == 2000 and s.data.test_subset == 500 and s.train.epochs == 1
+    assert s.data.train_subset == 4000 and s.data.test_subset == 500 and s.train.epochs == 2
     assert s.pruning["magnitude"].sparsities == [0.5] and s.pruning["magnitude"].finetune_epochs == [0, 1]
     assert s.pruning["structured"].sparsities == [0.3]
     assert s.pruning["lottery"].params == {"rounds": 2, "rate": 0.2, "epochs": 1}
@@ -82,7 +82,7 @@ def test_overrides_have_yaml_types(raw):
 
 def test_overrides_beat_the_budget(raw):
     assert resolve_study(raw, "test", "smoke", overrides=["train.epochs=3"]).train.epochs == 3
-    assert resolve_study(raw, "test", "smoke").train.epochs == 1
+    assert resolve_study(raw, "test", "smoke").train.epochs == 2
 
 
 def test_parse_set():

@@ -74,7 +74,7 @@ def expand(study: StudyConfig) -> list[Cell]:
                 params = method.Params(**p.params)
                 if method.iterative:
                     for r in range(1, params.rounds + 1):
-                        axes = axes0 | {"pruning": label, "method": p.method, "sparsity": 1 - (1 - params.rate) ** r,
+                        axes = axes0 | {"pruning": label, "method": p.method, "sparsity": round(1 - (1 - params.rate) ** r, 6),
                                         "round": r}
                         pr = {"method": p.method, "round": r}
                         settings.append((axes, pr | {"params": dump(params, True)}, pr | {"params": dump(params, False)}))

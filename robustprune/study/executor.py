@@ -194,8 +194,9 @@ def run_parallel(study: StudyConfig, cells: list[Cell], store: Store, out_dir: P
                     fut.result()  # a worker's error (e.g. a corrupt checkpoint) stops the study here
             drain()
         except BaseException:
+            procs = list((getattr(pool, "_processes", None) or {}).values())
             pool.shutdown(wait=False, cancel_futures=True)
-            for p in list(getattr(pool, "_processes", {}).values()):
+            for p in procs:  # a finished cell is already stored; the others are recomputed next time
                 p.kill()
             raise
         pool.shutdown(wait=True)

@@ -226,9 +226,10 @@ def run_study(study: StudyConfig, cells: list[Cell], store: Store, out_dir: Path
 
     progress = progress or Progress()
     n_workers, threads = worker_layout(workers, device)
+    ws = Workspace(study, out_dir, data_dir, pick_device(device), progress)
+    ws.base_data()  # a missing or corrupt data file is reported before any work starts
     if n_workers > 1:
         return run_parallel(study, cells, store, Path(out_dir), data_dir, device, progress, n_workers, threads)
-    ws = Workspace(study, out_dir, data_dir, pick_device(device), progress)
     done = store.done_hashes()
     counts = {"computed": 0, "skipped": 0, "failed": 0}
     for i, cell in enumerate(cells):
