@@ -15,7 +15,7 @@ from robustprune.metrics.size import count_macs
 from robustprune.models import build_model
 from robustprune.train import TrainConfig, train
 
-DEFAULT_MODEL = ("mnist_cnn", {"conv1": 16, "conv2": 32, "fc": 128}, (1, 28, 28))
+DEFAULT_MODEL = ("mnist_cnn", {}, (1, 28, 28))  # the MNIST study's CNN with its default widths
 
 
 def _sync(device):
@@ -56,6 +56,20 @@ def training_throughput(device: torch.device, seconds: float, batch_size: int) -
     return images / (time.perf_counter() - t0), macs
 
 
+def _one_thread_throughput(args: tuple) -> float:
+    device, seconds, batch_size = args
+    torch.set_num_threads(1)
+    return training_throughput(torch.device(device), seconds, batch_size)[0]
+
+
+def parallel_training_throughput(device: torch.device, seconds: float, batch_size: int, workers: int) -> float:
+    """Summed images/s of `workers` single-threaded processes, as `robustprune run` uses a CPU."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(workers) as pool:
+        return sum(pool.map(_one_thread_throughput, [(str(device), seconds, batch_size)] * workers))
+
+
 def fgsm_throughput(device: torch.device, seconds: float) -> float:
     name, args, shape = DEFAULT_MODEL
     model = build_model(name, num_classes=10, image_shape=shape, mean=(0.1307,), std=(0.3081,), **args).to(device)
@@ -76,16 +90,25 @@ def run_bench(console, args) -> dict:
     peak = matmul_peak(device, args.seconds)
     img_s, macs = training_throughput(device, args.seconds, args.batch_size)
     achieved = img_s * 3 * 2 * macs / 1e9
+    from robustprune.study.executor import worker_layout
+
+    workers, _ = worker_layout("auto", str(device))
+    par_s = parallel_training_throughput(device, args.seconds, args.batch_size, workers) if workers > 1 else img_s
     fgsm_s = fgsm_throughput(device, args.seconds)
     t = Table(title="robustprune bench", title_justify="left")
     for col in ("measurement", "value"):
         t.add_column(col, justify="right" if col == "value" else "left")
     t.add_row("fp32 matmul peak (2048x2048)", f"{peak:,.1f} GFLOP/s")
-    t.add_row(f"training, {DEFAULT_MODEL[0]} {DEFAULT_MODEL[1]}, batch {args.batch_size}", f"{img_s:,.0f} images/s")
+    t.add_row(f"training, {DEFAULT_MODEL[0]}, batch {args.batch_size}, {torch.get_num_threads()} threads",
+              f"{img_s:,.0f} images/s")
     t.add_row("  forward MACs per image", f"{macs:,}")
     t.add_row("  achieved (6 x MACs x images/s)", f"{achieved:,.1f} GFLOP/s")
     t.add_row("  achieved / peak", f"{achieved / peak:.1%}")
+    if workers > 1:
+        par = par_s * 3 * 2 * macs / 1e9
+        t.add_row(f"training, {workers} worker processes x 1 thread (run --workers auto)", f"{par_s:,.0f} images/s")
+        t.add_row("  achieved / peak", f"{par / peak:.1%}")
     t.add_row("white-box FGSM evaluation", f"{fgsm_s:,.0f} images/s")
     console.print(t)
     return {"peak_gflops": peak, "train_images_per_s": img_s, "achieved_gflops": achieved,
-            "fraction_of_peak": achieved / peak, "fgsm_images_per_s": fgsm_s}
+            "fraction_of_peak": achieved / peak, "parallel_train_images_per_s": par_s, "fgsm_images_per_s": fgsm_s}

@@ -13,12 +13,15 @@ from robustprune.study.runner import Progress as ProgressBase
 class RichProgress(ProgressBase):
     def __init__(self, console: Console, total_cells: int):
         self.console = console
+        console._log_render.show_path = False  # the source line of the log call means nothing to users
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("left"),
                             TimeRemainingColumn(), console=console, transient=False)
         self.study_task = self.bar.add_task("study", total=total_cells, info="")
         self.stage_task = None
         self.worker_tasks: dict[int, int] = {}
+        self.worker_cells: dict[int, str] = {}
+        self.worker_stages: dict[int, str] = {}
         self.t0 = time.perf_counter()
         self.computed = 0
 
@@ -60,8 +63,12 @@ class RichProgress(ProgressBase):
         task = self.worker_tasks[worker]
         n = list(self.worker_tasks).index(worker) + 1
         if kind == "start":
-            self.bar.reset(task, total=1, description=f"worker {n}", info=args[0])
+            self.worker_cells[worker] = args[0]
+            self.bar.reset(task, total=1, description=f"worker {n}: {args[0]}", info="")
         elif kind == "stage":
-            self.bar.reset(task, total=args[1], description=f"worker {n}: {args[0]}", info="")
+            self.worker_stages[worker] = args[0]
+            self.bar.reset(task, total=args[1], description=f"worker {n}: {self.worker_cells.get(worker, '')}",
+                           info=args[0])
         elif kind == "advance":
-            self.bar.update(task, info=args[1], **({"completed": args[0]} if args[0] else {}))
+            info = f"{self.worker_stages.get(worker, '')}: {args[1]}"
+            self.bar.update(task, info=info, **({"completed": args[0]} if args[0] else {}))

@@ -173,3 +173,11 @@ def test_list_shows_registries(capsys):
     for name in ("mnist", "mnist_cnn", "clean", "spurious", "noisy_labels", "fgsm_data", "global_magnitude",
                  "channel_l1", "lottery_ticket", "fgsm"):
         assert name in out
+
+
+def test_bench_reports_throughput_against_peak(capsys):
+    assert main(["bench", "--seconds", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "fp32 matmul peak" in out and "images/s" in out and "achieved / peak" in out
+    peak = float(out.split("fp32 matmul peak (2048x2048)")[1].split("GFLOP/s")[0].strip(" │|").replace(",", ""))
+    assert peak > 0

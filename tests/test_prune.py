@@ -271,8 +271,8 @@ def test_size_after_global_magnitude(tiny_cnn):
     assert m["params"] == 2712 and m["params_nonzero"] == 2712 - 805
     uses = {"conv1.weight": 784, "conv2.weight": 196, "fc1.weight": 1, "fc2.weight": 1}
     expected_nz = sum(int(masks[n].sum()) * u for n, u in uses.items())
-    assert m["macs"] == 72992
-    assert m["macs_nonzero"] == expected_nz < 72992
+    assert m["flops"] == 2 * 72992
+    assert m["flops_nonzero"] == 2 * expected_nz < 2 * 72992
 
 
 def test_size_after_structured(tiny_cnn):
@@ -280,7 +280,7 @@ def test_size_after_structured(tiny_cnn):
     m = size_metrics(tiny_cnn, X1, 2684)
     weights = 2 * 9 + 3 * 2 * 9 + 3 * 49 * 8 + 8 * 10  # 1328
     assert m["params"] == weights + 2 + 3 + 8 + 10 == m["params_nonzero"]
-    assert m["macs"] == 784 * 18 + 196 * 54 + 3 * 49 * 8 + 80 == 25952 == m["macs_nonzero"]
+    assert m["flops"] == 2 * (784 * 18 + 196 * 54 + 3 * 49 * 8 + 80) == 2 * 25952 == m["flops_nonzero"]
     assert m["sparsity"] == pytest.approx(1 - 1328 / 2684, abs=1e-12)
 
 

@@ -2,6 +2,7 @@
 model is trained on, and adds the named test sets its robustness is measured on."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import replace
 from typing import Callable, ClassVar, Literal
 
@@ -18,15 +19,16 @@ class RegimeParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Regime:
+class Regime(ABC):
     """Subclasses set `Params` and implement `apply`. `source_model(seed)` gives a trained clean
     model on the same data when a regime needs one (the FGSM data set)."""
 
     Params: ClassVar[type[RegimeParams]] = RegimeParams
 
+    @abstractmethod
     def apply(self, data: ImageDataset, params, seed: int,
               source_model: Callable[[int], torch.nn.Module]) -> ImageDataset:
-        raise NotImplementedError
+        """The training data (and extra test sets) of this regime."""
 
 
 @REGIMES.register("clean")

@@ -38,10 +38,11 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]
 
 
 def size_metrics(model: nn.Module, example_input: torch.Tensor, dense_weight_count: int) -> dict[str, float]:
-    """params, params_nonzero, macs, macs_nonzero and sparsity: the share of the dense model's
+    """params, params_nonzero, flops, flops_nonzero (2 FLOPs per multiply-accumulate of conv and
+    linear layers, per image) and sparsity: the share of the dense model's
     prunable weights that are gone (zeroed or physically removed)."""
     total, nonzero = count_params(model)
     macs, macs_nz = count_macs(model, example_input)
     alive = sum(int((w != 0).sum()) for w in prunable_weights(model).values())
-    return {"params": total, "params_nonzero": nonzero, "macs": macs, "macs_nonzero": macs_nz,
+    return {"params": total, "params_nonzero": nonzero, "flops": 2 * macs, "flops_nonzero": 2 * macs_nz,
             "sparsity": 1.0 - alive / dense_weight_count}

@@ -10,7 +10,7 @@ from robustprune.models import MODELS, Normalize
 
 class MnistCNN(nn.Module):
     def __init__(self, num_classes=10, image_shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,),
-                 conv1: int = 16, conv2: int = 32, fc: int = 128, kernel_size: int = 5, padding: int = 0):
+                 conv1: int = 8, conv2: int = 16, fc: int = 128, kernel_size: int = 5, padding: int = 0):
         super().__init__()
         c, h, w = image_shape
         self.normalize = Normalize(mean, std)

@@ -1,6 +1,7 @@
 """The registry of pruning methods a study file can name."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
@@ -18,15 +19,16 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class PruningMethod:
+class PruningMethod(ABC):
     """prune(model, sparsity, example_input) prunes in place and returns masks to keep during
     fine-tuning (unstructured) or None (structured: the model itself shrank)."""
 
     Params: ClassVar[type[MethodParams]] = MethodParams
     iterative: ClassVar[bool] = False
 
+    @abstractmethod
     def prune(self, model: nn.Module, sparsity: float, example_input: torch.Tensor, params) -> dict | None:
-        raise NotImplementedError
+        """Prune `model` in place to `sparsity`."""
 
 
 @PRUNING_METHODS.register("global_magnitude")

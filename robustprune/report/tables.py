@@ -18,8 +18,8 @@ METRIC_LABELS = {
     "acc_fgsm_data": "FGSM-data acc.",
     "sparsity": "Sparsity",
     "params_nonzero": "Non-zero params",
-    "macs": "MACs",
-    "macs_nonzero": "Non-zero MACs",
+    "flops": "FLOPs",
+    "flops_nonzero": "Non-zero FLOPs",
 }
 PERCENT_METRICS = ("acc_", "sparsity")
 
@@ -130,7 +130,7 @@ def sweep_tables(study: StudyConfig, cells: list[dict]) -> list[Table]:
                         metrics.append(m)
         order = {name: i for i, name in enumerate(["dense", *study.pruning])}
         keys.sort(key=lambda k: (order.get(k[1], 99), k[4] or 0, k[2], k[3]))
-        shown = [m for m in metrics if m not in ("params", "macs")]
+        shown = [m for m in metrics if m not in ("params", "flops")]
         rows = []
         for k in keys:
             _, pruning, s, ft, r = k
