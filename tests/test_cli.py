@@ -181,3 +181,14 @@ def test_bench_reports_throughput_against_peak(capsys):
     assert "fp32 matmul peak" in out and "images/s" in out and "achieved / peak" in out
     peak = float(out.split("fp32 matmul peak (2048x2048)")[1].split("GFLOP/s")[0].strip(" │|").replace(",", ""))
     assert peak > 0
+
+
+def test_new_evaluation_reuses_every_trained_model(smoke_run, study_file, data_dir):
+    """Changing only what is evaluated re-evaluates cells but trains nothing again."""
+    out, _, _ = smoke_run
+    ckpts = {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").glob("*.pt")}
+    assert any(n.startswith("pruned-") for n in ckpts) and any(n.startswith("lottery-") for n in ckpts)
+    proc = cli(*run_args(study_file, data_dir, out), "--set", "evaluation.fgsm_eps=[0.2]")
+    assert "computed 28 cells" in proc.stdout and "FGSM white-box ε=0.2" in proc.stdout
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").glob("*.pt")}
+    assert after == ckpts

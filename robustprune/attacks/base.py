@@ -5,6 +5,7 @@ import contextlib
 import torch
 from torch import nn
 
+from robustprune.errors import UserError
 from robustprune.registry import Registry
 from robustprune.train import to_float
 
@@ -25,6 +26,16 @@ def frozen_eval(model: nn.Module):
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
         model.train(was_training)
+
+
+def check_image_range(x: torch.Tensor) -> None:
+    """Raise UserError unless every value of x lies in [0, 1] (the attacks' pixel space)."""
+    if x.numel() == 0:
+        return
+    lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+    if not (lo >= 0 and hi <= 1):  # written so that NaN fails too
+        raise UserError(f"images must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; divide uint8 images "
+                        f"by 255 (robustprune.train.to_float), since normalisation belongs inside the model")
 
 
 def adversarial_accuracy(model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:

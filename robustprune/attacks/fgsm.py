@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustprune.attacks.base import ATTACKS, frozen_eval
+from robustprune.attacks.base import ATTACKS, check_image_range, frozen_eval
 from robustprune.errors import UserError
 from robustprune.train import to_float
 
@@ -20,6 +20,7 @@ class FGSM:
         self.eps = eps
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        check_image_range(x)
         with frozen_eval(model), torch.enable_grad():
             x = x.detach().clone().requires_grad_(True)
             loss = F.cross_entropy(model(x), y)

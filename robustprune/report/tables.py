@@ -47,7 +47,7 @@ def fmt(values: list[float], metric: str) -> str:
     scale, digits = (100.0, 2) if pct else (1.0, 0)
     mean = statistics.fmean(values) * scale
     text = f"{mean:.{digits}f}" if pct else f"{mean:,.0f}"
-    if len(values) > 1:
+    if len(values) > 1 and max(values) != min(values):  # no "± 0" on counts that cannot vary
         sd = statistics.stdev(values) * scale
         text += f" ± {sd:.{digits}f}" if pct else f" ± {sd:,.0f}"
     return text
@@ -60,7 +60,9 @@ def group(cells: list[dict]) -> dict[tuple, list[dict]]:
         if c["status"] != "done":
             continue
         a = c["axes"]
-        out.setdefault((a["regime"], a["pruning"], a["sparsity"], a["finetune_epochs"], a["round"]), []).append(c)
+        # An iterative method's round fixes its sparsity; keying by round alone keeps float noise out.
+        sparsity = a["sparsity"] if a["round"] is None else None
+        out.setdefault((a["regime"], a["pruning"], sparsity, a["finetune_epochs"], a["round"]), []).append(c)
     return out
 
 
@@ -129,7 +131,7 @@ def sweep_tables(study: StudyConfig, cells: list[dict]) -> list[Table]:
                     if m not in metrics:
                         metrics.append(m)
         order = {name: i for i, name in enumerate(["dense", *study.pruning])}
-        keys.sort(key=lambda k: (order.get(k[1], 99), k[4] or 0, k[2], k[3]))
+        keys.sort(key=lambda k: (order.get(k[1], 99), k[4] or 0, k[2] or 0.0, k[3]))
         shown = [m for m in metrics if m not in ("params", "flops")]
         rows = []
         for k in keys:

@@ -138,6 +138,29 @@ class Workspace:
         self._dense[h] = out
         return out
 
+    def pruned(self, key: dict, pr: dict, method, params) -> tuple[torch.nn.Module, list]:
+        """The dense model pruned one-shot, then fine-tuned. Fine-tuned weights are cached (keyed
+        without the evaluation settings), so changing what is evaluated never retrains; the pruned
+        architecture is rebuilt by pruning again, which is deterministic and cheap."""
+        dense = self.dense(key)
+        model = copy.deepcopy(dense.model)
+        self.progress.stage(f"prune {pr['method']} s={pr['sparsity']:g}", 1)
+        masks = method.prune(model, pr["sparsity"], self.example_input(), params)
+        model = to_device(model, self.device)  # pruning makes new, plain-layout tensors
+        if not pr["finetune"]:
+            return model.eval(), []
+        h = config_hash({"dense": key, "pruning": pr})
+        path = self.ckpt_dir / f"pruned-{h}.pt"
+        if path.exists():
+            state = checkpoint.load(path)
+            checkpoint.load_state_into(model, state["state"], str(path))
+            return to_device(model, self.device).eval(), state["history"]
+        ft = TrainConfig(**pr["finetune"])
+        history = self._train(model, self.regime_data(key), ft, key["seed"] + FINETUNE_SEED_OFFSET,
+                              f"fine-tune {ft.epochs} epochs", masks)
+        checkpoint.save({"state": model.state_dict(), "history": history}, path)
+        return model.eval(), history
+
     def lottery_round(self, key: dict, params, r: int) -> tuple[torch.nn.Module, dict, list]:
         """Round r of the lottery ticket: prune `rate` of the remaining weights of round r-1's
         trained model, rewind to the initial weights, retrain under the mask."""
@@ -193,15 +216,8 @@ def run_cell(cell: Cell, ws: Workspace) -> tuple[dict[str, float], list]:
     if method.iterative:
         model, _, history = ws.lottery_round(key, params, pr["round"])
         return evaluate(model, data, study, ws, dense_weights), history
-    model = copy.deepcopy(dense.model)
-    ws.progress.stage(f"prune {pr['method']} s={pr['sparsity']:g}", 1)
-    masks = method.prune(model, pr["sparsity"], ws.example_input(), params)
-    model = to_device(model, ws.device)  # pruning makes new, plain-layout tensors
-    history = []
-    if pr["finetune"]:
-        ft = TrainConfig(**pr["finetune"])
-        history = ws._train(model, data, ft, key["seed"] + FINETUNE_SEED_OFFSET, f"fine-tune {ft.epochs} epochs", masks)
-    return evaluate(model.eval(), data, study, ws, dense_weights), history
+    model, history = ws.pruned(key, pr, method, params)
+    return evaluate(model, data, study, ws, dense_weights), history
 
 
 def compute_and_store(cell: Cell, ws: Workspace, store: Store) -> tuple[str, float]:
