@@ -1,21 +1,32 @@
-"""`robustprune bench`: how close training gets to what this machine can do. Measures, in one run,
-the fp32 matrix-multiply peak (GFLOP/s) and the training throughput (images/s) of the default
-MNIST model, turns the latter into GFLOP/s (3x the forward multiply-accumulates x 2 FLOPs), and
-prints achieved/peak. Also times white-box FGSM evaluation."""
+"""`robustprune bench`: how fast this machine trains and evaluates.
+
+Training section: the fp32 matrix-multiply peak (GFLOP/s) and the training throughput (images/s)
+of the MNIST study's CNN, turned into GFLOP/s (3x the forward multiply-accumulates x 2 FLOPs) and
+compared with the peak; also white-box FGSM evaluation.
+
+Evaluation section: PGD-20 (eps 0.1) on the MNIST test images against the study's CNN trained for
+one epoch, robustprune's PGD and torchattacks' on the same inputs in the same run (images/s of
+both and their ratio), then the 15 x 5 corruption suite on CIFAR-sized images."""
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import torch
 from rich.table import Table
 
 from robustprune.attacks import ATTACKS, adversarial_accuracy
 from robustprune.device import pick_device
+from robustprune.errors import UserError
 from robustprune.metrics.size import count_macs
-from robustprune.models import build_model
-from robustprune.train import TrainConfig, train
+from robustprune.models import build_model, to_device
+from robustprune.train import TrainConfig, accuracy, train
 
-DEFAULT_MODEL = ("mnist_cnn", {}, (1, 28, 28))  # the MNIST study's CNN with its default widths
+# model.args of studies/mnist_pruning_robustness.yaml (tests/test_bench.py checks they stay equal)
+STUDY_CNN_ARGS = {"conv1": 8, "conv2": 16, "fc": 128, "kernel_size": 5, "padding": 0}
+DEFAULT_MODEL = ("mnist_cnn", STUDY_CNN_ARGS, (1, 28, 28))  # the MNIST study's CNN
+PGD_EPS, PGD_STEPS, PGD_BATCH = 0.1, 20, 500
 
 
 def _sync(device):
@@ -84,9 +95,7 @@ def fgsm_throughput(device: torch.device, seconds: float) -> float:
     return images / (time.perf_counter() - t0)
 
 
-def run_bench(console, args) -> dict:
-    device = pick_device(args.device)
-    console.print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+def _training_section(console, device, args) -> dict:
     peak = matmul_peak(device, args.seconds)
     img_s, macs = training_throughput(device, args.seconds, args.batch_size)
     achieved = img_s * 3 * 2 * macs / 1e9
@@ -95,9 +104,7 @@ def run_bench(console, args) -> dict:
     workers, _ = worker_layout("auto", str(device))
     par_s = parallel_training_throughput(device, args.seconds, args.batch_size, workers) if workers > 1 else img_s
     fgsm_s = fgsm_throughput(device, args.seconds)
-    t = Table(title="robustprune bench", title_justify="left")
-    for col in ("measurement", "value"):
-        t.add_column(col, justify="right" if col == "value" else "left")
+    t = _table("robustprune bench: training")
     t.add_row("fp32 matmul peak (2048x2048)", f"{peak:,.1f} GFLOP/s")
     t.add_row(f"training, {DEFAULT_MODEL[0]}, batch {args.batch_size}, {torch.get_num_threads()} threads",
               f"{img_s:,.0f} images/s")
@@ -112,3 +119,140 @@ def run_bench(console, args) -> dict:
     console.print(t)
     return {"peak_gflops": peak, "train_images_per_s": img_s, "achieved_gflops": achieved,
             "fraction_of_peak": achieved / peak, "parallel_train_images_per_s": par_s, "fgsm_images_per_s": fgsm_s}
+
+
+def _table(title: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    t.add_column("measurement")
+    t.add_column("value", justify="right")
+    return t
+
+
+# ---- evaluation section --------------------------------------------------------------------------
+
+def load_mnist_or_explain(data_dir):
+    """MNIST from the data folder, never downloaded: a benchmark should not spend its time on the
+    network, and a missing folder deserves one sentence naming the fix."""
+    from robustprune.data import load_dataset
+    from robustprune.data.base import DATA_ENV, resolve_data_dir
+    from robustprune.data.mnist import FILES
+
+    folder = resolve_data_dir(data_dir)
+    if not any((f / FILES["test_images"][0]).exists() for f in (folder, folder / "mnist")):
+        raise UserError(f"the evaluation section needs MNIST, which is not in {folder}; pass --data-dir (or set "
+                        f"${DATA_ENV}) to a folder holding mnist/, or run `robustprune run "
+                        f"studies/mnist_pruning_robustness.yaml --budget smoke` once to download it")
+    return load_dataset("mnist", folder, download=False)
+
+
+def trained_study_cnn(data, device, train_images: int | None, seed: int = 0):
+    """The study's CNN after one epoch: attack accuracies of an untrained model mean nothing."""
+    torch.manual_seed(seed)
+    model = to_device(build_model("mnist_cnn", num_classes=data.num_classes, image_shape=data.image_shape,
+                                  mean=data.mean, std=data.std, **STUDY_CNN_ARGS), device)
+    x, y = data.x_train[:train_images], data.y_train[:train_images]
+    t0 = time.perf_counter()
+    train(model, x.to(device), y.to(device), TrainConfig(epochs=1, lr=0.05), seed=seed)
+    _sync(device)
+    return model.eval(), {"train_images": len(x), "train_seconds": time.perf_counter() - t0}
+
+
+def torchattacks_missing() -> str | None:
+    """One sentence for the PGD row when torchattacks is absent, else None."""
+    try:
+        import torchattacks  # noqa: F401
+    except ImportError:
+        return "torchattacks is not installed, so there is nothing to compare with; `pip install --no-deps torchattacks` adds it"
+    return None
+
+
+def pgd_comparison(model, x, y) -> dict:
+    from robustprune.attacks.benchmark import pgd_benchmark
+
+    missing = torchattacks_missing()
+    if missing:
+        return {"skipped": missing}
+    return pgd_benchmark(model, x, y, eps=PGD_EPS, steps=PGD_STEPS, batch_size=PGD_BATCH)
+
+
+def corruption_suite(n: int) -> dict:
+    from robustprune.attacks.corruptions import corruption_benchmark
+
+    return corruption_benchmark(n, size=32, channels=3, seed=0)
+
+
+def _evaluation_section(console, device, args, data) -> dict:
+    model, fit = trained_study_cnn(data, device, args.train_images)
+    x, y = data.x_test[:args.eval_images], data.y_test[:args.eval_images]
+    clean = accuracy(model, x, y)
+    console.print(f"trained the study CNN 1 epoch on {fit['train_images']:,} MNIST images in "
+                  f"{fit['train_seconds']:.1f} s (clean accuracy {clean:.2%}); running PGD-{PGD_STEPS} on "
+                  f"{len(x):,} test images, ours and torchattacks ...")
+    pgd = pgd_comparison(model, x, y)
+    console.print(f"running the 15 x 5 corruption suite on {args.corruption_images:,} 3x32x32 images ...")
+    corr = corruption_suite(args.corruption_images)
+    _print_evaluation(console, len(x), clean, pgd, corr)
+    return {"model": {"name": "mnist_cnn", "args": STUDY_CNN_ARGS, **fit, "clean_accuracy": clean},
+            "pgd": pgd, "corruptions": corr}
+
+
+def _print_evaluation(console, n: int, clean: float, pgd: dict, corr: dict) -> None:
+    t = _table("robustprune bench: evaluation")
+    t.add_row("model: the study's CNN trained 1 epoch (trained, so attack accuracies mean something)",
+              f"{clean:.2%} clean")
+    label = f"PGD-{PGD_STEPS}, eps {PGD_EPS}, {n:,} MNIST test images, batch {PGD_BATCH}"
+    if "skipped" in pgd:
+        t.add_row(label, pgd["skipped"])
+    else:
+        t.add_row(label + ": robustprune", f"{pgd['robustprune_images_per_s']:,.0f} images/s")
+        t.add_row("  torchattacks (same inputs, interleaved)", f"{pgd['torchattacks_images_per_s']:,.0f} images/s")
+        t.add_row("  ratio robustprune / torchattacks (target >= 1)", f"{pgd['ratio']:.2f}")
+        t.add_row("  adversarial accuracy robustprune / torchattacks",
+                  f"{pgd['robustprune_accuracy']:.2%} / {pgd['torchattacks_accuracy']:.2%}")
+    t.add_row(f"corruptions, 15 x 5 severities, {corr['n']:,} 3x32x32 images, {corr['threads']} threads",
+              f"{corr['total_seconds']:.1f} s")
+    slowest = sorted(corr["per_corruption_seconds"].items(), key=lambda kv: -kv[1])[:3]
+    t.add_row("  slowest", ", ".join(f"{name} {sec:.1f} s" for name, sec in slowest))
+    console.print(t)
+
+
+# ---- the command ---------------------------------------------------------------------------------
+
+def _check_sizes(args) -> None:
+    for flag in ("train_images", "eval_images", "corruption_images"):
+        n = getattr(args, flag)
+        if n is not None and n < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {n}")
+
+
+def _check_json_path(path) -> Path | None:
+    """Fail before minutes of measuring, not after, when the figures could not be written."""
+    if not path:
+        return None
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: folder {path.parent} does not exist; create it or pick another path")
+    return path
+
+
+def run_bench(console, args) -> dict:
+    """Run the chosen sections; return every figure (and write them to args.json when given)."""
+    section = args.section
+    _check_sizes(args)
+    json_path = _check_json_path(args.json)
+    device = pick_device(args.device)
+    # data first: a missing folder is reported before any time is spent measuring
+    data = load_mnist_or_explain(args.data_dir) if section in ("all", "evaluation") else None
+    console.print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    out: dict = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if section in ("all", "training"):
+        out.update(_training_section(console, device, args))
+    if data is not None:
+        out["evaluation"] = _evaluation_section(console, device, args, data)
+    if json_path:
+        try:
+            json_path.write_text(json.dumps(out, indent=2) + "\n")
+        except OSError as e:
+            raise UserError(f"cannot write {json_path} ({e.strerror}); pick another path with --json") from None
+        console.print(f"figures written to {json_path}")
+    return out

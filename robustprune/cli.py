@@ -121,10 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=cmd_report)
     ls = sub.add_parser("list", help="registered datasets, models, regimes, pruning methods, attacks")
     ls.set_defaults(func=cmd_list)
-    b = sub.add_parser("bench", help="training throughput vs the machine's matrix-multiply peak")
-    b.add_argument("--seconds", type=float, default=5.0, help="time spent on each measurement")
+    b = sub.add_parser("bench", help="training throughput vs the matrix-multiply peak; attack and corruption speed")
+    b.add_argument("--section", choices=["all", "training", "evaluation"], default="all",
+                   help="training (matmul peak, training, FGSM), evaluation (PGD-20 vs torchattacks on MNIST, "
+                        "corruption suite) or all (default)")
+    b.add_argument("--seconds", type=float, default=5.0, help="time spent on each training measurement")
     b.add_argument("--batch-size", type=int, default=128)
     b.add_argument("--device", default="auto")
+    b.add_argument("--data-dir", help="data folder holding mnist/ (default $ROBUSTPRUNE_DATA or the user cache folder)")
+    b.add_argument("--json", metavar="PATH", help="also write every measured figure to this JSON file")
+    # smaller sizes for quick checks (tests); their figures are not comparable with the full-size ones
+    b.add_argument("--train-images", type=int, metavar="N", help="train on the first N MNIST images (default all)")
+    b.add_argument("--eval-images", type=int, default=10000, metavar="N",
+                   help="attack the first N MNIST test images (default 10000)")
+    b.add_argument("--corruption-images", type=int, default=10000, metavar="N",
+                   help="corrupt N CIFAR-sized images (default 10000)")
     b.set_defaults(func=cmd_bench)
     return p
 

@@ -30,6 +30,11 @@ class Regime(ABC):
               source_model: Callable[[int], torch.nn.Module]) -> ImageDataset:
         """The training data (and extra test sets) of this regime."""
 
+    def transfer_tests(self, params) -> dict[str, tuple[str, float]]:
+        """Extra test sets that are adversarial examples crafted on another model, as
+        {test name: (attack, eps)}: a white-box attack at that eps must not be weaker (masking check)."""
+        return {}
+
 
 @REGIMES.register("clean")
 class Clean(Regime):
@@ -124,3 +129,6 @@ class FgsmData(Regime):
         out = replace(data, x_train=x_train, extra_tests=dict(data.extra_tests))
         out.extra_tests["fgsm_data"] = (adv_test, data.y_test)
         return out
+
+    def transfer_tests(self, params):
+        return {"fgsm_data": ("fgsm", params.eps)}

@@ -46,17 +46,17 @@ class Job:
     group: tuple = field(default_factory=tuple)
 
 
-def plan_jobs(cells: list[Cell]) -> list[Job]:
+def plan_jobs(cells: list[Cell], transfer_models=None) -> list[Job]:
     jobs: list[Job] = []
-    dense_job: dict[tuple, int] = {}
+    dense_job: dict[tuple, Job] = {}
     chains: dict[tuple, Job] = {}
     for cell in cells:
         a = cell.axes
         group = (a["seed"], a["regime"])
         pr = cell.config["pruning"]
         if pr is None:
-            dense_job[group] = len(jobs)
-            jobs.append(Job(len(jobs), [cell], None, 1e9, group=group))
+            dense_job[group] = Job(len(jobs), [cell], None, 1e9, group=group)
+            jobs.append(dense_job[group])
         elif a["round"] is not None:
             key = (*group, a["pruning"])
             if key not in chains:
@@ -67,11 +67,35 @@ def plan_jobs(cells: list[Cell]) -> list[Job]:
         else:
             ft = (pr.get("finetune") or {}).get("epochs", 0)
             jobs.append(Job(len(jobs), [cell], None, ft * (1.0 - 0.5 * pr["sparsity"]) + 0.3, group=group))
+    if transfer_models:
+        jobs = _merge_transfer_jobs(jobs, transfer_models)
     for job in jobs:
-        if job.cells[0].config["pruning"] is not None:
-            job.after = dense_job.get(job.group)
+        if job.cells[0].config["pruning"] is not None and job.group in dense_job:
+            job.after = dense_job[job.group].id
         job.cells.sort(key=lambda c: c.axes["round"] or 0)
     return jobs
+
+
+def _merge_transfer_jobs(jobs: list[Job], models) -> list[Job]:
+    """Pruned models of a transfer matrix attack each other, so one worker builds them all (in one
+    job per (seed, regime)) instead of two workers fine-tuning the same source at once."""
+    from robustprune.study.runner import selected
+
+    merged: dict[tuple, Job] = {}
+    out: list[Job] = []
+    for job in jobs:
+        if job.cells[0].config["pruning"] is None or not any(selected(c, models) for c in job.cells):
+            out.append(job)
+        elif job.group not in merged:
+            merged[job.group] = job
+            out.append(job)
+        else:
+            merged[job.group].cells += job.cells
+            merged[job.group].cost += job.cost
+    id_map = {job.id: i for i, job in enumerate(out)}
+    for job in out:
+        job.id = id_map[job.id]
+    return out
 
 
 # ---- worker side -----------------------------------------------------------------------------------
@@ -148,7 +172,8 @@ def run_parallel(study: StudyConfig, cells: list[Cell], store: Store, out_dir: P
         if c.hash in done:
             counts["skipped"] += 1
             progress.cell_finished(c, i, len(cells), 0.0, "stored")
-    jobs = plan_jobs([c for c in cells if c.hash not in done])
+    jobs = plan_jobs([c for c in cells if c.hash not in done],
+                     study.evaluation.transfer.models if study.evaluation.transfer else None)
     finished_count = counts["skipped"]
     ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
     with ctx.Manager() as manager:

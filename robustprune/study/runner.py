@@ -11,17 +11,22 @@ from typing import Callable
 import torch
 
 from robustprune import checkpoint
-from robustprune.attacks import ATTACKS, adversarial_accuracy
+from robustprune.attacks import ATTACKS
+from robustprune.attacks.cifar10c import load_cifar10c
+from robustprune.attacks.corruptions import corrupt
 from robustprune.data import REGIMES, ImageDataset, load_dataset
 from robustprune.device import pick_device
 from robustprune.metrics.size import size_metrics
 from robustprune.models import build_model, to_device
 from robustprune.prune import PRUNING_METHODS
 from robustprune.prune.unstructured import global_magnitude_masks, prunable_weights, rewind_
-from robustprune.study.cells import Cell, config_hash
+from robustprune.errors import UserError
+from robustprune.evaluate.names import setting_key
+from robustprune.evaluate.suite import evaluate_robustness, first
+from robustprune.study.cells import Cell, config_hash, dump, expand
 from robustprune.study.schema import StudyConfig
 from robustprune.study.store import Store
-from robustprune.train import TrainConfig, TrainingDiverged, accuracy, train
+from robustprune.train import TrainConfig, TrainingDiverged, accuracy, to_float, train
 
 # Derived seeds keep the random streams of one cell apart (init/shuffle, fine-tuning, regime noise).
 FINETUNE_SEED_OFFSET = 1
@@ -56,6 +61,7 @@ class Workspace:
         self._base: ImageDataset | None = None
         self._regime_data: dict[str, ImageDataset] = {}
         self._dense: dict[str, DenseModel] = {}
+        self._all_cells: list[Cell] | None = None
 
     # ---- data -------------------------------------------------------------------------------
     def base_data(self) -> ImageDataset:
@@ -185,39 +191,140 @@ class Workspace:
         checkpoint.save({"state": model.state_dict(), "masks": masks, "history": history}, path)
         return model.eval(), masks, history
 
+    def model_of(self, cell: Cell) -> tuple[torch.nn.Module, list]:
+        """The (trained, pruned, adjusted) model a cell evaluates, and its training history."""
+        key = cell.dense_key
+        pr = cell.config["pruning"]
+        if pr is None:
+            dense = self.dense(key)
+            return dense.model, dense.history
+        method = PRUNING_METHODS.get(pr["method"])()
+        params = method.Params(**pr["params"])
+        if method.iterative:
+            model, _, history = self.lottery_round(key, params, pr["round"])
+            return model, history
+        return self.pruned(key, pr, method, params)
 
-def evaluate(model: torch.nn.Module, data: ImageDataset, study: StudyConfig, ws: Workspace,
+    # ---- evaluation inputs shared by cells ----------------------------------------------------
+    def check_evaluation_inputs(self) -> None:
+        """Problems with what the evaluation reads are reported before any work starts."""
+        ev = self.study.evaluation
+        shape = self.base_data().image_shape
+        for size in ev.occlusion:
+            if size > min(shape[1:]):
+                raise UserError(f"evaluation.occlusion size {size} is larger than the {shape[1]}x{shape[2]} "
+                                f"images of '{self.study.dataset}'; use sizes up to {min(shape[1:])}")
+        c = ev.corruptions
+        if c is not None and c.source == "cifar10c":
+            x, _ = load_cifar10c(c.cifar10c_dir, ev.corruption_types()[0], c.severities[0])
+            if tuple(x.shape[1:]) != tuple(shape):
+                raise UserError(f"CIFAR-10-C images are {tuple(x.shape[1:])} but the study's dataset "
+                                f"'{self.study.dataset}' has {tuple(shape)}; use corruptions.source: generated")
+
+    def corrupted(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One corruption at every listed severity of the shift subset, as uint8 images (like the
+        official CIFAR-10-C files); generated once per study folder and kept on disk."""
+        ev = self.study.evaluation
+        c = ev.corruptions
+        base = self.base_data()
+        if c.source == "cifar10c":
+            parts = [load_cifar10c(c.cifar10c_dir, kind, s) for s in c.severities]
+            xs = torch.stack([first(x, ev.shift_subset) for x, _ in parts])
+            ys = torch.stack([first(y, ev.shift_subset) for _, y in parts])
+            return xs.to(self.device), ys
+        h = config_hash({"dataset": self.study.dataset, "data": dump(self.study.data, False), "kind": kind,
+                         "severities": c.severities, "seed": c.seed, "n": ev.shift_subset})
+        path = self.ckpt_dir / f"corrupt-{h}.pt"
+        y = first(base.y_test, ev.shift_subset)
+        if path.exists():
+            xs = checkpoint.load(path)["images"]
+        else:
+            x = first(base.x_test, ev.shift_subset)
+            xs = torch.stack([(corrupt(x, kind, s, c.seed) * 255).round_().to(torch.uint8) for s in c.severities])
+            checkpoint.save({"images": xs}, path)
+        return xs.to(self.device), y.expand(len(c.severities), -1)
+
+    def _cells(self) -> list[Cell]:
+        if self._all_cells is None:
+            self._all_cells = expand(self.study)
+        return self._all_cells
+
+    def transfer_sets(self, cell: Cell) -> dict[str, torch.Tensor]:
+        """For a cell whose model is in evaluation.transfer.models: the attacked test images crafted
+        on each other listed model of the same regime and seed (kept on disk)."""
+        ev = self.study.evaluation
+        t = ev.transfer
+        if t is None:
+            return {}
+        group = [c for c in self._cells() if c.axes["regime"] == cell.axes["regime"]
+                 and c.axes["seed"] == cell.axes["seed"] and selected(c, t.models)]
+        if cell.hash not in {c.hash for c in group}:
+            return {}
+        entry = ev.attacks[t.attack]
+        attack = ATTACKS.get(entry.attack or t.attack)(eps=ev.transfer_eps(), **entry.params)
+        base = self.regime_data(cell.dense_key)
+        x = first(base.x_test, ev.attack_subset)
+        y = first(base.y_test, ev.attack_subset)
+        out = {}
+        for source in group:
+            if source.hash == cell.hash:
+                continue
+            h = config_hash({"source": source.hash, "attack": entry.model_dump(), "eps": ev.transfer_eps()})
+            path = self.ckpt_dir / f"transfer-{h}.pt"
+            if path.exists():
+                x_adv = checkpoint.load(path)["images"]
+            else:
+                self.progress.stage(f"craft transfer set on {setting_key(source.axes)}", 1)
+                model, _ = self.model_of(source)
+                x_adv = craft(model, attack, x.to(self.device), y.to(self.device), ev.batch_size).cpu()
+                checkpoint.save({"images": x_adv}, path)
+            out[setting_key(source.axes)] = x_adv.to(self.device)
+        return out
+
+
+def selected(cell: Cell, models) -> bool:
+    """Whether a cell's model is one of the ModelSelectors."""
+    a = cell.axes
+    for m in models:
+        if m.pruning != a["pruning"]:
+            continue
+        if m.pruning == "dense" or (a["round"] is not None and m.round == a["round"]):
+            return True
+        if a["round"] is None and m.sparsity == a["sparsity"] and m.finetune_epochs == a["finetune_epochs"]:
+            return True
+    return False
+
+
+def craft(model: torch.nn.Module, attack, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Adversarial versions of x (uint8 or float) crafted on `model`, float in [0, 1]."""
+    parts = [attack(model, to_float(x[i:i + batch_size]), y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    return torch.cat(parts) if parts else to_float(x)
+
+
+def evaluate(model: torch.nn.Module, cell: Cell, data: ImageDataset, ws: Workspace,
              dense_weights: int) -> dict[str, float]:
-    """Clean accuracy, accuracy on each of the regime's test sets, white-box FGSM, size."""
-    bs = study.evaluation.batch_size
-    out = {"acc_clean": accuracy(model, data.x_test.to(ws.device), data.y_test, bs)}
+    """Clean accuracy, each of the regime's test sets, the robustness suite, size."""
+    study = ws.study
+    ev = study.evaluation
+    x_test, y_test = data.x_test.to(ws.device), data.y_test.to(ws.device)
+    out = {"acc_clean": accuracy(model, x_test, y_test, ev.batch_size)}
     for name, (x, y) in data.extra_tests.items():
-        out[f"acc_{name}"] = accuracy(model, x.to(ws.device), y, bs)
-    fgsm = ATTACKS.get("fgsm")
-    for eps in study.evaluation.fgsm_eps:
-        ws.progress.advance(0, f"FGSM eps={eps:g}")
-        out[f"acc_fgsm_wb@{eps:g}"] = adversarial_accuracy(model, fgsm(eps), data.x_test.to(ws.device),
-                                                          data.y_test.to(ws.device), bs)
+        out[f"acc_{name}"] = accuracy(model, x.to(ws.device), y, ev.batch_size)
+    regime_name = cell.dense_key["regime"]["name"]
+    regime = REGIMES.get(regime_name)()
+    out.update(evaluate_robustness(
+        model, x_test, y_test, ev, ws.progress, corrupted=ws.corrupted, transfer_sets=ws.transfer_sets(cell),
+        regime_tests=data.extra_tests, regime_transfer=regime.transfer_tests(regime.Params(**study.regimes[regime_name]))))
     out.update(size_metrics(model, ws.example_input(), dense_weights))
     return out
 
 
 def run_cell(cell: Cell, ws: Workspace) -> tuple[dict[str, float], list]:
-    study = ws.study
-    key = cell.dense_key
-    dense = ws.dense(key)
-    data = ws.regime_data(key)
+    dense = ws.dense(cell.dense_key)
+    data = ws.regime_data(cell.dense_key)
     dense_weights = sum(w.numel() for w in prunable_weights(dense.model).values())
-    pr = cell.config["pruning"]
-    if pr is None:
-        return evaluate(dense.model, data, study, ws, dense_weights), dense.history
-    method = PRUNING_METHODS.get(pr["method"])()
-    params = method.Params(**pr["params"])
-    if method.iterative:
-        model, _, history = ws.lottery_round(key, params, pr["round"])
-        return evaluate(model, data, study, ws, dense_weights), history
-    model, history = ws.pruned(key, pr, method, params)
-    return evaluate(model, data, study, ws, dense_weights), history
+    model, history = ws.model_of(cell)
+    return evaluate(model, cell, data, ws, dense_weights), history
 
 
 def compute_and_store(cell: Cell, ws: Workspace, store: Store) -> tuple[str, float]:
@@ -244,6 +351,7 @@ def run_study(study: StudyConfig, cells: list[Cell], store: Store, out_dir: Path
     n_workers, threads = worker_layout(workers, device)
     ws = Workspace(study, out_dir, data_dir, pick_device(device), progress)
     ws.base_data()  # a missing or corrupt data file is reported before any work starts
+    ws.check_evaluation_inputs()
     if n_workers > 1:
         return run_parallel(study, cells, store, Path(out_dir), data_dir, device, progress, n_workers, threads)
     done = store.done_hashes()

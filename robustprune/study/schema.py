@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from robustprune.errors import UserError
+from robustprune.errors import UserError, closest
 from robustprune.train import TrainConfig
 
 
@@ -74,17 +74,145 @@ class PruningConfig(Strict):
         return v
 
 
-class EvaluationConfig(Strict):
-    fgsm_eps: list[float] = Field(default_factory=lambda: [0.1])
-    batch_size: int = Field(500, ge=1)
+class AttackEntry(Strict):
+    """One white-box attack of the registry at a list of strengths (a severity sweep)."""
 
-    @field_validator("fgsm_eps")
+    attack: str | None = Field(None, description="registry name; defaults to the entry's label")
+    eps: list[float] = Field(description="L-inf radii, pixel scale [0, 1]")
+    params: dict[str, Any] = Field(default_factory=dict, description="the attack's other arguments")
+
+    @field_validator("eps")
     @classmethod
     def _eps(cls, v):
+        if not v:
+            raise ValueError("needs at least one eps")
+        _no_repeats(v)
         for e in v:
             if not 0.0 <= e <= 1.0:
                 raise ValueError(f"eps {e} is outside [0, 1] (images are in [0, 1])")
         return v
+
+
+class CorruptionsConfig(Strict):
+    """Common corruptions: generated on the test images (seeded), or the official CIFAR-10-C files."""
+
+    types: list[str] | Literal["all"] = "all"
+    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
+    seed: int = Field(0, ge=0)
+    source: Literal["generated", "cifar10c"] = "generated"
+    cifar10c_dir: str | None = Field(None, description="folder of the CIFAR-10-C .npy files (source: cifar10c)")
+
+    @field_validator("severities")
+    @classmethod
+    def _severities(cls, v):
+        if not v:
+            raise ValueError("needs at least one severity")
+        _no_repeats(v)
+        for s in v:
+            if s not in (1, 2, 3, 4, 5):
+                raise ValueError(f"severity {s} is not one of 1, 2, 3, 4, 5")
+        return v
+
+    @model_validator(mode="after")
+    def _source(self):
+        if self.source == "cifar10c" and not self.cifar10c_dir:
+            raise ValueError("source 'cifar10c' needs cifar10c_dir, the folder holding the CIFAR-10-C .npy files")
+        return self
+
+
+class ModelSelector(Strict):
+    """One model of each (regime, seed): 'dense', a one-shot setting, or a lottery round."""
+
+    pruning: str
+    sparsity: float | None = None
+    finetune_epochs: int | None = None
+    round: int | None = None
+
+
+class TransferConfig(Strict):
+    """Adversarial examples crafted on each listed model, evaluated on each other listed model."""
+
+    attack: str = Field(description="label of an entry of evaluation.attacks")
+    eps: float | None = Field(None, description="one of that entry's eps (default: its first)")
+    models: list[ModelSelector]
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        return [{"pruning": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
+
+    @field_validator("models")
+    @classmethod
+    def _two(cls, v):
+        if len(v) < 2:
+            raise ValueError("needs at least two models (a source and a target)")
+        _no_repeats([m.model_dump_json() for m in v])
+        return v
+
+
+class EvaluationConfig(Strict):
+    batch_size: int = Field(500, ge=1)
+    attack_subset: int | None = Field(1000, ge=1, description="attack the first N test images (None: all)")
+    shift_subset: int | None = Field(2000, ge=1, description="occlude / corrupt the first N test images (None: all)")
+    attacks: dict[str, AttackEntry] = Field(default_factory=lambda: {"fgsm": AttackEntry(eps=[0.1])})
+    occlusion: list[int] = Field(default_factory=list, description="sides of the centre square, pixels")
+    corruptions: CorruptionsConfig | None = None
+    transfer: TransferConfig | None = None
+    masking_tolerance: float = Field(0.005, ge=0.0, le=1.0,
+                                     description="accuracy gap (fraction) a masking check allows")
+    report_eps: float | None = Field(None, ge=0.0, le=1.0, description="eps shown in summary tables")
+
+    @field_validator("occlusion")
+    @classmethod
+    def _sizes(cls, v):
+        _no_repeats(v)
+        for s in v:
+            if s < 1:
+                raise ValueError(f"occlusion size {s} must be at least 1 pixel")
+        return v
+
+    @model_validator(mode="after")
+    def _attacks(self):
+        from robustprune.attacks import ATTACKS
+        from robustprune.attacks.corruptions import CORRUPTIONS
+
+        for label, entry in self.attacks.items():
+            if not label.replace("_", "").isalnum():
+                raise ValueError(f"attack label '{label}' may hold only letters, digits and '_'")
+            cls = ATTACKS.get(entry.attack or label)
+            for eps in entry.eps:  # the attack checks its own arguments (steps >= 1, ...)
+                try:
+                    cls(eps=eps, **entry.params)
+                except TypeError as e:
+                    raise ValueError(f"attack '{label}' does not accept params {entry.params} ({e})") from None
+                except UserError as e:
+                    raise ValueError(f"attack '{label}': {e}") from None
+        if self.corruptions and self.corruptions.types != "all":
+            if not self.corruptions.types:
+                raise ValueError("corruptions.types lists no corruption; write 'all' or name some")
+            _no_repeats(self.corruptions.types)
+            for t in self.corruptions.types:
+                if t not in CORRUPTIONS:
+                    raise UserError(f"unknown corruption '{t}'; {closest(t, CORRUPTIONS)}")
+        if self.transfer:
+            entry = self.attacks.get(self.transfer.attack)
+            if entry is None:
+                raise ValueError(f"transfer.attack '{self.transfer.attack}' is not an entry of evaluation.attacks "
+                                 f"({', '.join(self.attacks) or 'none'})")
+            if self.transfer.eps is not None and self.transfer.eps not in entry.eps:
+                raise ValueError(f"transfer.eps {self.transfer.eps} is not one of attack "
+                                 f"'{self.transfer.attack}''s eps {entry.eps}")
+        return self
+
+    def corruption_types(self) -> list[str]:
+        from robustprune.attacks.corruptions import CORRUPTIONS
+
+        c = self.corruptions
+        return [] if c is None else list(CORRUPTIONS) if c.types == "all" else list(c.types)
+
+    def transfer_eps(self) -> float | None:
+        t = self.transfer
+        return None if t is None else t.eps if t.eps is not None else self.attacks[t.attack].eps[0]
 
 
 class TableRow(Strict):
@@ -152,6 +280,9 @@ class StudyConfig(Strict):
             _check_params(method.Params, p.params, f"pruning.{label}.params")
             if not method.iterative and not p.sparsities:
                 raise ValueError(f"pruning '{label}' lists no sparsities")
+        if self.evaluation.transfer:
+            for m in self.evaluation.transfer.models:
+                self._check_selector(m)
         for col, (regime, _metric) in self.table1.columns.items():
             if regime not in self.regimes:
                 raise ValueError(f"table1 column '{col}' names regime '{regime}', which the study does not train")
@@ -163,6 +294,30 @@ class StudyConfig(Strict):
                 raise ValueError(f"table1 row '{row.label}' asks for sparsity {row.sparsity}, but pruning "
                                  f"'{row.pruning}' runs {entry.sparsities}")
         return self
+
+
+    def _check_selector(self, m: ModelSelector) -> None:
+        from robustprune.prune import PRUNING_METHODS
+
+        where = f"evaluation.transfer.models entry {m.model_dump(exclude_none=True)}"
+        if m.pruning == "dense":
+            if (m.sparsity, m.finetune_epochs, m.round) != (None, None, None):
+                raise ValueError(f"{where}: the dense model takes no sparsity, finetune_epochs or round")
+            return
+        if m.pruning not in self.pruning:
+            raise ValueError(f"{where} names pruning '{m.pruning}', which the study does not run "
+                             f"(known: dense, {', '.join(self.pruning)})")
+        entry = self.pruning[m.pruning]
+        method = PRUNING_METHODS.get(entry.method)
+        if method.iterative:
+            rounds = method.Params(**entry.params).rounds
+            if m.round is None or not 1 <= m.round <= rounds:
+                raise ValueError(f"{where} needs a round between 1 and {rounds}")
+            return
+        if m.sparsity not in entry.sparsities:
+            raise ValueError(f"{where} needs a sparsity the study runs ({entry.sparsities})")
+        if m.finetune_epochs not in entry.finetune_epochs:
+            raise ValueError(f"{where} needs finetune_epochs the study runs ({entry.finetune_epochs})")
 
 
 def _set_dotted(tree: dict, key: str, value: Any, source: str) -> None:

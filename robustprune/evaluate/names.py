@@ -1,0 +1,96 @@
+"""Metric names: one place that builds and parses them, for the evaluator and for the reports.
+
+    acc_clean                             clean test accuracy (all test images)
+    acc_<test>                            a regime's extra test set, e.g. acc_patched, acc_fgsm_data
+    acc_adv:<attack>@<eps>                white-box attack entry <attack> of the study at eps
+    acc_occlusion@<size>                  centre square of zeros, side <size> pixels
+    acc_corruption:<type>@<severity>      one common corruption at one severity
+    acc_corruption:<type>                 ... mean over the evaluated severities
+    acc_corruption@<severity>             ... mean over the evaluated types
+    acc_corruption                        ... mean over all evaluated types and severities
+    acc_transfer:<attack>@<eps>|<source>  examples crafted on model <source> (same regime, seed)
+    check:<kind>:<stronger>|<weaker>      gradient-masking check: acc(stronger) - acc(weaker) on the
+                                          same images; a value above the tolerance is a violation
+    masking_violations                    number of checks above the tolerance
+    images:attacks, images:shifts         how many test images the attacks / shifts used
+
+Strengths are written with Python's :g format (0.1, 0.03137, 8)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CHECK_KINDS = {
+    "iterative_vs_fgsm": "iterative attack weaker than FGSM",
+    "steps": "more steps weaker than fewer",
+    "eps": "larger eps weaker than smaller",
+    "transfer": "white-box weaker than transfer",
+}
+
+
+def strength(value: float) -> str:
+    return f"{value:g}"
+
+
+def adv(attack: str, eps: float) -> str:
+    return f"acc_adv:{attack}@{strength(eps)}"
+
+
+def occlusion(size: int) -> str:
+    return f"acc_occlusion@{size}"
+
+
+def corruption(kind: str | None = None, severity: int | None = None) -> str:
+    name = "acc_corruption" + (f":{kind}" if kind else "")
+    return name + (f"@{severity}" if severity is not None else "")
+
+
+def transfer(attack: str, eps: float, source: str) -> str:
+    return f"acc_transfer:{attack}@{strength(eps)}|{source}"
+
+
+def check(kind: str, stronger: str, weaker: str) -> str:
+    assert kind in CHECK_KINDS, kind
+    return f"check:{kind}:{stronger}|{weaker}"
+
+
+@dataclass(frozen=True)
+class Parsed:
+    family: str              # clean, test, adv, occlusion, corruption, transfer, check, other
+    name: str | None = None  # attack label, corruption type, test name, check kind
+    strength: str | None = None
+    source: str | None = None
+    stronger: str | None = None
+    weaker: str | None = None
+
+
+def parse(metric: str) -> Parsed:
+    if metric.startswith("check:"):
+        kind, rest = metric[len("check:"):].split(":", 1)
+        stronger, weaker = rest.split("|", 1)
+        return Parsed("check", kind, stronger=stronger, weaker=weaker)
+    if not metric.startswith("acc_"):
+        return Parsed("other", metric)
+    body = metric[len("acc_"):]
+    if body == "clean":
+        return Parsed("clean")
+    source = None
+    if "|" in body:
+        body, source = body.split("|", 1)
+    at = None
+    if "@" in body:
+        body, at = body.rsplit("@", 1)
+    family, _, name = body.partition(":")
+    if family in ("adv", "transfer"):
+        return Parsed(family, name, at, source)
+    if family in ("occlusion", "corruption"):
+        return Parsed(family, name or None, at)
+    return Parsed("test", body)
+
+
+def setting_key(axes: dict) -> str:
+    """A model's short name within its (regime, seed): 'dense', 'magnitude s=0.5 ft=1', 'lottery r3'."""
+    if axes["pruning"] == "dense":
+        return "dense"
+    if axes.get("round") is not None:
+        return f"{axes['pruning']} r{axes['round']}"
+    return f"{axes['pruning']} s={axes['sparsity']:g} ft={axes['finetune_epochs']}"
