@@ -162,7 +162,7 @@ def torchattacks_missing() -> str | None:
     try:
         import torchattacks  # noqa: F401
     except ImportError:
-        return "torchattacks is not installed, so there is nothing to compare with; `pip install --no-deps torchattacks` adds it"
+        return "torchattacks is missing; install it with `pip install --no-deps torchattacks`"
     return None
 
 
@@ -198,8 +198,7 @@ def _evaluation_section(console, device, args, data) -> dict:
 
 def _print_evaluation(console, n: int, clean: float, pgd: dict, corr: dict) -> None:
     t = _table("robustprune bench: evaluation")
-    t.add_row("model: the study's CNN trained 1 epoch (trained, so attack accuracies mean something)",
-              f"{clean:.2%} clean")
+    t.add_row("model: the study's CNN trained 1 epoch (so attack accuracies mean something)", f"{clean:.2%} clean")
     label = f"PGD-{PGD_STEPS}, eps {PGD_EPS}, {n:,} MNIST test images, batch {PGD_BATCH}"
     if "skipped" in pgd:
         t.add_row(label, pgd["skipped"])

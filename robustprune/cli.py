@@ -58,18 +58,20 @@ def cmd_report(args) -> int:
 def cmd_list(args) -> int:
     from rich.table import Table
 
-    from robustprune.attacks import ATTACKS
+    from robustprune.attacks import ATTACKS, SHIFTS
+    from robustprune.attacks.corruptions import CORRUPTIONS
     from robustprune.data import DATASETS, REGIMES
     from robustprune.models import MODELS
     from robustprune.prune import PRUNING_METHODS
 
     console = _console()
     for title, reg in [("Datasets", DATASETS), ("Models", MODELS), ("Training regimes", REGIMES),
-                       ("Pruning methods", PRUNING_METHODS), ("Attacks", ATTACKS)]:
+                       ("Pruning methods", PRUNING_METHODS), ("Attacks", ATTACKS), ("Distribution shifts", SHIFTS)]:
         t = Table(title=title, title_justify="left", show_header=False, box=None)
         for name, doc in reg.describe():
             t.add_row(f"[bold]{name}[/]", doc)
         console.print(t)
+    console.print(f"[bold]Corruption types[/] (severities 1-5): {', '.join(CORRUPTIONS)}")
     return 0
 
 

@@ -37,7 +37,12 @@ def test_load_study_full(study_file):
     assert s.pruning["magnitude"].sparsities == [0.1, 0.3, 0.5, 0.7]
     assert s.pruning["structured"].finetune_epochs == [0, 5]
     assert s.pruning["lottery"].params == {"rounds": 5, "rate": 0.2, "epochs": 2}
-    assert s.evaluation.fgsm_eps == [0.1] and s.seeds == [0]
+    ev = s.evaluation
+    assert ev.attacks["fgsm"].eps == [0.05, 0.1, 0.2, 0.3] and ev.attacks["pgd20"].attack == "pgd"
+    assert ev.attacks["pgd20"].params == {"steps": 20, "step_size": 0.01, "random_start": False}
+    assert ev.occlusion == [2, 4, 6, 8, 10, 12, 14, 16] and len(ev.corruption_types()) == 15
+    assert ev.transfer.attack == "pgd20" and ev.transfer_eps() == 0.1 and len(ev.transfer.models) == 3
+    assert s.seeds == [0]
     assert s.data.train_subset is None
     assert [r.label for r in s.table1.rows] == ["Magnitude (50%)", "Structured channel (30%)",
                                                  "Lottery ticket (best round)"]
@@ -72,11 +77,11 @@ def test_full_budget_need_not_be_listed(raw):
 
 def test_overrides_have_yaml_types(raw):
     s = resolve_study(raw, "test", "full", overrides=["train.epochs=5", "train.lr=0.1",
-                                                     "evaluation.fgsm_eps=[0.05, 0.1]",
+                                                     "evaluation.attacks.fgsm.eps=[0.05, 0.1]",
                                                      "train.nesterov=false", "data.train_subset=100"])
     assert s.train.epochs == 5 and isinstance(s.train.epochs, int)
     assert s.train.lr == 0.1 and isinstance(s.train.lr, float)
-    assert s.evaluation.fgsm_eps == [0.05, 0.1] and s.train.nesterov is False
+    assert s.evaluation.attacks["fgsm"].eps == [0.05, 0.1] and s.train.nesterov is False
     assert s.data.train_subset == 100
 
 
@@ -113,8 +118,29 @@ BAD_OVERRIDES = [
     ("pruning.magnitude.finetune_epochs=[]", "'pruning.magnitude.finetune_epochs': needs at least one value"),
     ("seeds=[]", "'seeds': needs at least one seed"),
     ("seeds=[-1]", "'seeds': seeds must be >= 0"),
-    ("evaluation.fgsm_eps=[-0.1]", "'evaluation.fgsm_eps': eps -0.1 is outside [0, 1]"),
-    ("evaluation.fgsm_eps=[1.5]", "'evaluation.fgsm_eps': eps 1.5 is outside [0, 1]"),
+    ("evaluation.attacks.fgsm.eps=[-0.1]", "'evaluation.attacks.fgsm.eps': eps -0.1 is outside [0, 1]"),
+    ("evaluation.attacks.fgsm.eps=[1.5]", "'evaluation.attacks.fgsm.eps': eps 1.5 is outside [0, 1]"),
+    ("evaluation.attacks.fgsm.eps=[]", "'evaluation.attacks.fgsm.eps': needs at least one eps"),
+    ("evaluation.attacks.cw={eps: [0.1]}", "unknown attack 'cw'; known: apgd_ce, fgsm, ni_fgsm, pgd, vmi_fgsm"),
+    ("evaluation.attacks.pgd20.attack=pgdd", "unknown attack 'pgdd'; did you mean 'pgd'?"),
+    ("evaluation.attacks.pgd20.params.steps=0", "attack 'pgd20': PGD steps must be an integer >= 1, got 0"),
+    ("evaluation.attacks.apgd_ce.params.steps=-3", "attack 'apgd_ce': APGD-CE steps must be an integer >= 1"),
+    ("evaluation.attacks.pgd20.params.stepz=3", "attack 'pgd20' does not accept params"),
+    ("evaluation.attacks.pgd20.params.step_size=-1", "PGD step_size must be a finite number >= 0"),
+    ("evaluation.occlusion=[0]", "'evaluation.occlusion': occlusion size 0 must be at least 1 pixel"),
+    ("evaluation.corruptions.types=[fgo]", "unknown corruption 'fgo'; did you mean 'fog'?"),
+    ("evaluation.corruptions.types=[]", "corruptions.types lists no corruption"),
+    ("evaluation.corruptions.severities=[6]", "severity 6 is not one of 1, 2, 3, 4, 5"),
+    ("evaluation.corruptions.source=cifar10c", "source 'cifar10c' needs cifar10c_dir"),
+    ("evaluation.transfer.attack=cw", "transfer.attack 'cw' is not an entry of evaluation.attacks"),
+    ("evaluation.transfer.eps=0.3", "transfer.eps 0.3 is not one of attack 'pgd20''s eps [0.1, 0.2]"),
+    ("evaluation.transfer.models=[dense]", "needs at least two models"),
+    ("evaluation.transfer.models=[dense, nope]", "names pruning 'nope', which the study does not run"),
+    ("evaluation.transfer.models=[dense, {pruning: magnitude, sparsity: 0.4, finetune_epochs: 1}]",
+     "needs a sparsity the study runs ([0.1, 0.3, 0.5, 0.7])"),
+    ("evaluation.transfer.models=[dense, {pruning: lottery, round: 9}]", "needs a round between 1 and 5"),
+    ("evaluation.masking_tolerance=-0.1", "'evaluation.masking_tolerance': Input should be greater than or equal to 0"),
+    ("evaluation.attack_subset=0", "'evaluation.attack_subset': Input should be greater than or equal to 1"),
     ("regimes={}", "'regimes': needs at least one training regime"),
     ("train.epochs", "--set 'train.epochs' is not KEY=VALUE"),
     ("train.epochs=[1", "--set train.epochs: the value '[1' is not valid YAML"),
@@ -279,7 +305,7 @@ def test_training_change_changes_every_hash(raw, full):
 
 def test_eval_change_keeps_dense_keys(raw, full):
     a = expand(full)
-    b = expand(resolve_study(raw, "test", "full", overrides=["evaluation.fgsm_eps=[0.2]"]))
+    b = expand(resolve_study(raw, "test", "full", overrides=["evaluation.attacks.fgsm.eps=[0.2]"]))
     assert not {c.hash for c in a} & {c.hash for c in b}
     assert [config_hash(c.dense_key) for c in a] == [config_hash(c.dense_key) for c in b]
     assert len({config_hash(c.dense_key) for c in a}) == 4  # one dense model per regime and seed

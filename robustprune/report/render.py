@@ -1,8 +1,11 @@
 """Print stored results: rich tables in the terminal, markdown, or long-format CSV."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+from rich import box
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table as RichTable
 
@@ -12,18 +15,42 @@ from robustprune.study.schema import StudyConfig
 from robustprune.study.store import Store
 
 
-def to_rich(t: Table) -> RichTable:
-    rt = RichTable(title=t.title, title_justify="left", caption=t.caption, caption_justify="left")
+# Numbers, "—", "✓" and "⚠ n" right-align; any other text (labels, settings) left-aligns.
+NUMERIC = re.compile(r"^([-−+]?[\d.,]+|—|✓|⚠ \d+)( |$)")
+
+
+def is_numeric(column: list[str]) -> bool:
+    return all(NUMERIC.match(v) for v in column if v)
+
+
+def natural_width(t: Table) -> int:
+    """Terminal columns the table takes in the default style, nothing wrapped."""
+    widths = [max(map(cell_len, col)) for col in zip(t.headers, *t.rows)]
+    return sum(widths) + 3 * len(widths) + 1
+
+
+def to_rich(t: Table, width: int | None = None) -> RichTable:
+    """A rich table; one wider than `width` (the corruption types: 17 columns) drops the vertical
+    rules and puts '± std' under the mean, so that rich need not wrap every cell at random."""
+    compact = width is not None and natural_width(t) > width
+    caption = "\n".join(x for x in [t.caption, *t.notes] if x)
+    rt = RichTable(title=t.title, title_justify="left", caption=caption, caption_justify="left",
+                   box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD, show_edge=not compact,
+                   padding=(0, 0, 0, 1) if compact else (0, 1))
     for i, h in enumerate(t.headers):
-        rt.add_column(h, justify="left" if i < 2 else "right")
+        column = [r[i] for r in t.rows]
+        if i and is_numeric(column):
+            rt.add_column(h, justify="right")
+        else:  # labels keep their width; the numbers give way
+            rt.add_column(h, justify="left", min_width=max(map(cell_len, [h, *column])) if i == 0 else None)
     for r in t.rows:
-        rt.add_row(*r)
+        rt.add_row(*[v.replace(" ± ", "\n± ") if compact else v for v in r])
     return rt
 
 
 def print_tables(console: Console, study: StudyConfig, cells: list[dict]) -> None:
     for t in all_tables(study, cells):
-        console.print(to_rich(t))
+        console.print(to_rich(t, console.width))
         console.print()
 
 

@@ -1,5 +1,6 @@
-"""Tables from stored cells: the paper's Table 1 layout and the full sweeps, mean ± std over seeds.
-A Table is plain data; renderers turn it into markdown, CSV or a rich table."""
+"""Tables from stored cells: the paper's Table 1 layout and the per-regime sweeps, mean ± std over
+seeds; the robustness tables are in robustness.py. A Table is plain data; renderers turn it into
+markdown, CSV or a rich table."""
 from __future__ import annotations
 
 import csv
@@ -8,6 +9,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
+from robustprune.evaluate import names
 from robustprune.study.schema import StudyConfig
 
 AXES = ["regime", "pruning", "method", "sparsity", "finetune_epochs", "round", "seed"]
@@ -22,6 +24,9 @@ METRIC_LABELS = {
     "flops_nonzero": "Non-zero FLOPs",
 }
 PERCENT_METRICS = ("acc_", "sparsity")
+CORE_METRICS = ("sparsity", "params_nonzero", "flops_nonzero")  # after acc_clean and the regime's test sets
+MARK = " ⚠"
+MARK_NOTE = "⚠ = gradient-masking check failed, see 'Gradient-masking checks'."
 
 
 @dataclass
@@ -53,17 +58,60 @@ def fmt(values: list[float], metric: str) -> str:
     return text
 
 
+def key_of(cell: dict) -> tuple:
+    """(regime, pruning, sparsity, finetune_epochs, round): a cell's setting, seed left out."""
+    a = cell["axes"]
+    # An iterative method's round fixes its sparsity; keying by round alone keeps float noise out.
+    sparsity = a["sparsity"] if a["round"] is None else None
+    return a["regime"], a["pruning"], sparsity, a["finetune_epochs"], a["round"]
+
+
 def group(cells: list[dict]) -> dict[tuple, list[dict]]:
     """Cells that differ only in seed, keyed by their other axes."""
     out: dict[tuple, list[dict]] = {}
     for c in cells:
-        if c["status"] != "done":
-            continue
-        a = c["axes"]
-        # An iterative method's round fixes its sparsity; keying by round alone keeps float noise out.
-        sparsity = a["sparsity"] if a["round"] is None else None
-        out.setdefault((a["regime"], a["pruning"], sparsity, a["finetune_epochs"], a["round"]), []).append(c)
+        if c["status"] == "done":
+            out.setdefault(key_of(c), []).append(c)
     return out
+
+
+def regime_keys(study: StudyConfig, groups: dict[tuple, list[dict]], regime: str) -> list[tuple]:
+    """A regime's settings in table order: dense, then the pruning entries as listed in the study."""
+    order = {name: i for i, name in enumerate(["dense", *study.pruning])}
+    keys = [k for k in groups if k[0] == regime]
+    return sorted(keys, key=lambda k: (order.get(k[1], 99), k[4] or 0, k[2] or 0.0, k[3]))
+
+
+def setting_label(key: tuple) -> str:
+    _, pruning, s, ft, r = key
+    if pruning == "dense":
+        return "Dense"
+    if r is not None:
+        return f"{pruning} round {r}"
+    return f"{pruning} s={s:g}" + (f", FT {ft} ep" if ft else ", no FT")
+
+
+def show(cells: list[dict], metric: str, key: tuple, flags: set) -> str:
+    """fmt() of a setting's metric, marked when a gradient-masking check puts it in doubt."""
+    text = fmt(values(cells, metric), metric)
+    return text + MARK if (key, metric) in flags and text != "—" else text
+
+
+def marked(rows: list[list[str]]) -> bool:
+    return any(MARK in v for r in rows for v in r)
+
+
+def study_flags(study: StudyConfig, cells: list[dict], flags: set | None) -> set:
+    """The given flags, or the study's own when None (see robustness.masking_flags)."""
+    if flags is not None:
+        return flags
+    from robustprune.report.robustness import masking_flags  # robustness.py builds on this module
+
+    return masking_flags(study, cells)
+
+
+def seeds_text(n: int) -> str:
+    return f"{n} seed{'s' if n != 1 else ''}"
 
 
 def values(cells: list[dict], metric: str) -> list[float]:
@@ -74,20 +122,19 @@ def n_seeds(cells: list[dict]) -> int:
     return len({c["axes"]["seed"] for c in cells if c["status"] == "done"})
 
 
-def table1(study: StudyConfig, cells: list[dict]) -> Table | None:
+def table1(study: StudyConfig, cells: list[dict], flags: set | None = None) -> Table | None:
     """Liang et al. (2025) Table 1: rows Baseline / method at one sparsity No FT, With FT / lottery
-    ticket best round; one column per (regime, metric)."""
+    ticket best round; one column per (regime, metric). flags: see robustness.masking_flags."""
     spec = study.table1
     if not spec.columns:
         return None
+    flags = study_flags(study, cells, flags)
     groups = group(cells)
     headers = ["Pruning method", "Fine-tune", *spec.columns]
 
-    def row_values(regime_keys) -> list[str]:
-        out = []
-        for col, (regime, metric) in spec.columns.items():
-            out.append(fmt(values(groups.get(regime_keys(regime), []), metric), metric))
-        return out
+    def row_values(key_for) -> list[str]:
+        return [show(groups.get(key_for(regime), []), metric, key_for(regime), flags)
+                for regime, metric in spec.columns.values()]
 
     rows = [["Baseline (no pruning)", "—", *row_values(lambda r: (r, "dense", 0.0, 0, None))]]
     for row in spec.rows:
@@ -100,53 +147,49 @@ def table1(study: StudyConfig, cells: list[dict]) -> Table | None:
                     if key[0] == regime and key[1] == row.pruning and key[4] is not None:
                         vs = values(cs, metric)
                         if vs and statistics.fmean(vs) > best_mean:
-                            best, best_mean = (key[4], vs), statistics.fmean(vs)
-                cells_out.append(f"{fmt(best[1], metric)} (r{best[0]})" if best else "—")
+                            best, best_mean = key, statistics.fmean(vs)
+                cells_out.append(f"{show(groups[best], metric, best, flags)} (r{best[4]})" if best else "—")
             rows.append([row.label, "—", *cells_out])
             continue
         for ft in p.finetune_epochs:
             label = row.label if ft == p.finetune_epochs[0] else ""
             ft_label = "No FT" if ft == 0 else f"With FT ({ft} ep)"
             rows.append([label, ft_label, *row_values(lambda r: (r, row.pruning, row.sparsity, ft, None))])
-    n = n_seeds(cells)
-    caption = (f"Test accuracy (%) of each regime's model, mean ± std over {n} seed{'s' if n != 1 else ''}. "
+    caption = (f"Test accuracy (%) of each regime's model, mean ± std over {seeds_text(n_seeds(cells))}. "
                + "; ".join(f"{col}: {metric} of the '{regime}' model" for col, (regime, metric) in spec.columns.items())
                + ". Lottery ticket: best round per column (round in brackets).")
-    return Table("Table 1: robustness under different pruning methods", headers, rows, caption)
+    return Table("Table 1: robustness under different pruning methods", headers, rows, caption,
+                 [MARK_NOTE] if marked(rows) else [])
 
 
-def sweep_tables(study: StudyConfig, cells: list[dict]) -> list[Table]:
-    """For each regime, every pruning setting (every sparsity, every lottery round) with every metric."""
+def core_metrics(cells: list[dict]) -> list[str]:
+    """acc_clean, the regime's own test sets (acc_patched, ...), then sparsity and the non-zero counts;
+    the robustness metrics have their own tables."""
+    seen = list(dict.fromkeys(m for c in cells for m in c["metrics"]))
+    tests = [m for m in seen if names.parse(m).family == "test"]
+    return [m for m in ["acc_clean", *tests, *CORE_METRICS] if m in seen]
+
+
+def sweep_table(study: StudyConfig, cells: list[dict], regime: str, flags: set | None = None) -> Table | None:
+    """One regime, every pruning setting (every sparsity, every lottery round), core metrics only."""
+    flags = study_flags(study, cells, flags)
     groups = group(cells)
-    tables = []
-    n = n_seeds(cells)
-    for regime in study.regimes:
-        keys = [k for k in groups if k[0] == regime]
-        if not keys:
-            continue
-        metrics: list[str] = []
-        for k in keys:
-            for c in groups[k]:
-                for m in c["metrics"]:
-                    if m not in metrics:
-                        metrics.append(m)
-        order = {name: i for i, name in enumerate(["dense", *study.pruning])}
-        keys.sort(key=lambda k: (order.get(k[1], 99), k[4] or 0, k[2] or 0.0, k[3]))
-        shown = [m for m in metrics if m not in ("params", "flops")]
-        rows = []
-        for k in keys:
-            _, pruning, s, ft, r = k
-            if pruning == "dense":
-                setting = "Dense"
-            elif r is not None:
-                setting = f"{pruning} round {r}"
-            else:
-                setting = f"{pruning} s={s:g}" + (f", FT {ft} ep" if ft else ", no FT")
-            rows.append([setting, *[fmt(values(groups[k], m), m) for m in shown]])
-        tables.append(Table(f"Sweep: regime '{regime}'", ["Setting", *map(metric_label, shown)], rows,
-                            f"Accuracies and sparsity in %, mean ± std over {n} seed{'s' if n != 1 else ''}; "
-                            "sparsity = share of the dense model's conv/linear weights removed."))
-    return tables
+    keys = regime_keys(study, groups, regime)
+    if not keys:
+        return None
+    shown = core_metrics([c for k in keys for c in groups[k]])
+    rows = [[setting_label(k), *[show(groups[k], m, k, flags) for m in shown]] for k in keys]
+    n = n_seeds([c for k in keys for c in groups[k]])
+    return Table(f"Sweep: regime '{regime}'", ["Setting", *map(metric_label, shown)], rows,
+                 f"Accuracies and sparsity in %, mean ± std over {seeds_text(n)}; "
+                 "sparsity = share of the dense model's conv/linear weights removed.",
+                 [MARK_NOTE] if marked(rows) else [])
+
+
+def sweep_tables(study: StudyConfig, cells: list[dict], flags: set | None = None) -> list[Table]:
+    """sweep_table for every regime that has results."""
+    flags = study_flags(study, cells, flags)
+    return [t for r in study.regimes if (t := sweep_table(study, cells, r, flags))]
 
 
 def failed_cells_table(cells: list[dict]) -> Table | None:
@@ -158,17 +201,31 @@ def failed_cells_table(cells: list[dict]) -> Table | None:
 
 
 def all_tables(study: StudyConfig, cells: list[dict]) -> list[Table]:
-    tables = [t for t in [table1(study, cells)] if t] + sweep_tables(study, cells)
-    failed = failed_cells_table(cells)
-    return tables + ([failed] if failed else [])
+    """Table 1; per regime the robustness summary, the core sweep and the detailed robustness
+    tables; then the gradient-masking checks and the failed cells."""
+    from robustprune.report import robustness as rb  # robustness.py builds on this module
+
+    flags = rb.masking_flags(study, cells)
+    tables = [table1(study, cells, flags)]
+    for regime in study.regimes:
+        tables += [rb.summary_table(study, cells, regime, flags), sweep_table(study, cells, regime, flags),
+                   *rb.detail_tables(study, cells, regime, flags)]
+    tables += [rb.masking_table(study, cells), failed_cells_table(cells)]
+    return [t for t in tables if t]
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")  # transfer metric names hold '|'
 
 
 def to_markdown(t: Table) -> str:
-    lines = [f"### {t.title}", "", "| " + " | ".join(t.headers) + " |",
+    lines = [f"### {t.title}", "", "| " + " | ".join(map(_md_cell, t.headers)) + " |",
              "|" + "|".join(" --- " for _ in t.headers) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in t.rows]
+    lines += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in t.rows]
     if t.caption:
         lines += ["", t.caption]
+    if t.notes:
+        lines += ["", *t.notes]
     return "\n".join(lines) + "\n"
 
 

@@ -269,7 +269,10 @@ class Workspace:
         for source in group:
             if source.hash == cell.hash:
                 continue
-            h = config_hash({"source": source.hash, "attack": entry.model_dump(), "eps": ev.transfer_eps()})
+            # keyed by the source model and the attack, not by the rest of the evaluation settings
+            model_config = {k: v for k, v in source.config.items() if k != "evaluation"}
+            h = config_hash({"source": model_config, "attack": entry.model_dump(), "label": t.attack,
+                             "eps": ev.transfer_eps(), "n": ev.attack_subset})
             path = self.ckpt_dir / f"transfer-{h}.pt"
             if path.exists():
                 x_adv = checkpoint.load(path)["images"]

@@ -1,0 +1,324 @@
+"""Robustness tables, per regime, in the layouts of the papers the study follows: a summary (clean
+accuracy, each attack at the report eps, occlusion, corruptions, masking checks), attack-strength and
+occlusion sweeps, corruptions by type and by severity, and the transfer matrix (source x target);
+then, for the whole study, the gradient-masking checks that failed. Numbers that a failed check puts
+in doubt carry a ⚠ wherever they are shown (see masking_flags). Metric names: evaluate/names.py."""
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+from robustprune.evaluate import names
+from robustprune.report.tables import (MARK_NOTE, Table, fmt, group, key_of, marked, metric_label, n_seeds,
+                                       regime_keys, seeds_text, setting_label, show, study_flags)
+from robustprune.study.schema import StudyConfig
+
+# Short column headers for the 16-column corruptions-by-type table.
+CORRUPTION_ABBREV = {
+    "gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impulse", "defocus_blur": "defocus",
+    "glass_blur": "glass", "motion_blur": "motion", "zoom_blur": "zoom", "brightness": "bright",
+    "elastic_transform": "elastic", "pixelate": "pixel", "jpeg_compression": "jpeg",
+}
+
+
+# ---- gradient-masking checks ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Violation:
+    cell: dict
+    kind: str
+    stronger: str
+    weaker: str
+    gap: float  # acc(stronger) - acc(weaker), above the tolerance
+
+    @property
+    def key(self) -> tuple:
+        return key_of(self.cell)
+
+
+def check_metrics(cells: list[dict]):
+    """(cell, parsed check name, gap) for every check stored in a finished cell."""
+    for c in cells:
+        if c["status"] != "done":
+            continue
+        for m, gap in c["metrics"].items():
+            if m.startswith("check:"):
+                yield c, names.parse(m), gap
+
+
+def violations(study: StudyConfig, cells: list[dict]) -> list[Violation]:
+    tol = study.evaluation.masking_tolerance
+    return [Violation(c, p.name, p.stronger, p.weaker, gap)
+            for c, p, gap in check_metrics(cells) if gap is not None and gap > tol]
+
+
+def masking_flags(study: StudyConfig, cells: list[dict]) -> set[tuple[tuple, str]]:
+    """(setting key, metric) of every number a violated check puts in doubt, in any seed.
+
+    The stronger side is the suspicious one: an attack that should be at least as strong left more
+    images correct, so the model's gradients misled it and its number overstates robustness (for
+    iterative_vs_fgsm, steps and eps the stronger attack; for 'transfer' the white-box attack).
+    Transfer numbers crafted on another model (the transfer matrix) do not use the model's gradients
+    and stay unmarked. The exception is a regime's own transfer test set (acc_fgsm_data), the weaker
+    side of its 'transfer' check: it is the only adversarial number Table 1 shows for that regime, so
+    it is marked too, or Table 1 would hide that the model masks gradients."""
+    flags = set()
+    for v in violations(study, cells):
+        flags.add((v.key, v.stronger))
+        if v.kind == "transfer" and names.parse(v.weaker).family == "test":
+            flags.add((v.key, v.weaker))
+    return flags
+
+
+def describe(metric: str) -> str:
+    """A metric as a reader names it: 'PGD20 ε=0.1', 'PGD20 ε=0.1 from dense', 'FGSM-data acc.'."""
+    p = names.parse(metric)
+    if p.family in ("adv", "transfer"):
+        text = f"{attack_title(p.name)} ε={p.strength}"
+        return text + (f" from {p.source}" if p.source else "")
+    return metric_label(metric)
+
+
+def pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.2f}"
+
+
+def masking_table(study: StudyConfig, cells: list[dict]) -> Table | None:
+    """Every violated check (regime, setting, seed), or one row saying that all checks passed."""
+    n_checks = sum(1 for _ in check_metrics(cells))
+    if not n_checks:
+        return None
+    tol = study.evaluation.masking_tolerance
+    found = violations(study, cells)
+    title = "Gradient-masking checks"
+    rule = (f"On the same images a stronger attack (iterative vs FGSM, more steps, larger ε, white-box vs "
+            f"transfer) must leave no more images correct than a weaker one (Carlini et al. 2019); a check fails "
+            f"when acc(stronger) − acc(weaker) exceeds evaluation.masking_tolerance = {100 * tol:g} p.p.")
+    if not found:
+        return Table(title, ["Result"], [[f"All {n_checks} checks passed in every regime, setting and seed."]], rule)
+    rank = _setting_rank(study, cells)
+    found.sort(key=lambda v: (rank[v.key], v.cell["axes"]["seed"], v.kind, v.stronger, v.weaker))
+    rows = []
+    for v in found:
+        acc = v.cell["metrics"].get(v.stronger)
+        rows.append([v.key[0], setting_label(v.key), str(v.cell["axes"]["seed"]), names.CHECK_KINDS[v.kind],
+                     describe(v.stronger), pct(acc), describe(v.weaker), pct(None if acc is None else acc - v.gap),
+                     f"{100 * v.gap:.2f}"])
+    caption = (f"{len(found)} of {n_checks} checks failed. {rule} Accuracies in %; the weaker accuracy is the "
+               "stronger one minus the gap (a regime's transfer test set is compared on the attacked images only, "
+               "so it can differ from the sweep table).")
+    return Table(title, ["Regime", "Setting", "Seed", "Check", "Stronger", "Acc.", "Weaker", "Acc.", "Gap (p.p.)"],
+                 rows, caption)
+
+
+def _setting_rank(study: StudyConfig, cells: list[dict]) -> dict[tuple, tuple[int, int]]:
+    """Table order of every setting key: regimes as in the study, settings as in the sweep tables."""
+    groups = group(cells)
+    return {k: (i, j) for i, r in enumerate(study.regimes) for j, k in enumerate(regime_keys(study, groups, r))}
+
+
+# ---- one regime's tables ----------------------------------------------------------------------------
+
+@dataclass
+class Regime:
+    """One regime's finished cells by setting, in sweep-table order, and the masking flags."""
+
+    study: StudyConfig
+    name: str
+    keys: list[tuple]
+    groups: dict[tuple, list[dict]]
+    flags: set
+
+    @property
+    def cells(self) -> list[dict]:
+        return [c for k in self.keys for c in self.groups[k]]
+
+    def has(self, metric: str) -> bool:
+        return any(metric in c["metrics"] for c in self.cells)
+
+    def seeds(self) -> str:
+        return seeds_text(n_seeds(self.cells))
+
+    def images(self, metric: str) -> str:
+        """images:attacks / images:shifts as text ('200', or '200–500' when settings differ)."""
+        counts = sorted({int(c["metrics"][metric]) for c in self.cells if metric in c["metrics"]})
+        return "?" if not counts else str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+
+
+def regime_view(study: StudyConfig, cells: list[dict], regime: str, flags: set | None) -> Regime | None:
+    groups = group(cells)
+    keys = regime_keys(study, groups, regime)
+    return Regime(study, regime, keys, groups, study_flags(study, cells, flags)) if keys else None
+
+
+Column = Callable[[tuple], str]  # setting key -> the cell's text
+
+
+def metric_column(view: Regime, metric: str) -> Column:
+    return lambda k: show(view.groups[k], metric, k, view.flags)
+
+
+def mean_column(view: Regime, metrics: list[str], fmt_as: str) -> Column:
+    """Per seed the mean of `metrics`, then mean ± std over seeds."""
+    def col(k: tuple) -> str:
+        per_seed = [statistics.fmean(vs) for c in view.groups[k]
+                    if (vs := [c["metrics"][m] for m in metrics if m in c["metrics"]])]
+        return fmt(per_seed, fmt_as)
+    return col
+
+
+def settings_table(view: Regime, title: str, columns: dict[str, Column], caption: str) -> Table | None:
+    """Rows = the regime's settings (as in its sweep table), one column per entry of `columns`."""
+    if not columns:
+        return None
+    rows = [[setting_label(k), *[col(k) for col in columns.values()]] for k in view.keys]
+    return Table(f"{title} (regime '{view.name}')", ["Setting", *columns], rows, caption,
+                 [MARK_NOTE] if marked(rows) else [])
+
+
+def attack_title(label: str) -> str:
+    return label.upper().replace("_", "-")
+
+
+def report_eps(study: StudyConfig, label: str) -> float:
+    """evaluation.report_eps when the attack was run at it, else the attack's first eps."""
+    ev = study.evaluation
+    eps = ev.attacks[label].eps
+    return ev.report_eps if ev.report_eps is not None and ev.report_eps in eps else eps[0]
+
+
+def summary_table(study: StudyConfig, cells: list[dict], regime: str, flags: set | None = None) -> Table | None:
+    """Clean | each attack at the report eps | occlusion | corruption | masking checks."""
+    view = regime_view(study, cells, regime, flags)
+    if view is None:
+        return None
+    columns: dict[str, Column] = {}
+    parts = [f"mean ± std over {view.seeds()}"]
+    for add in (attack_columns, shift_columns, masking_columns):
+        parts += add(view, columns)
+    if not columns:
+        return None
+    columns = {"Clean": metric_column(view, "acc_clean"), **columns}
+    return settings_table(view, "Robustness summary", columns, "Accuracy (%), " + "; ".join(parts) + ".")
+
+
+def attack_columns(view: Regime, columns: dict[str, Column]) -> list[str]:
+    """Adds one column per attack at its report eps; returns the caption's words on them."""
+    for label in view.study.evaluation.attacks:
+        eps = report_eps(view.study, label)
+        if view.has(names.adv(label, eps)):
+            columns[f"{attack_title(label)} ε={names.strength(eps)}"] = metric_column(view, names.adv(label, eps))
+    return [f"white-box L∞ attacks at the ε in the header (pixel scale [0, 1]) on the first "
+            f"{view.images('images:attacks')} test images"] if columns else []
+
+
+def shift_columns(view: Regime, columns: dict[str, Column]) -> list[str]:
+    """Adds the occlusion mean (over sizes) and the corruption mean; returns the caption's words."""
+    ev = view.study.evaluation
+    parts = []
+    sizes = [s for s in ev.occlusion if view.has(names.occlusion(s))]
+    if sizes:
+        columns["Occlusion"] = mean_column(view, [names.occlusion(s) for s in sizes], "acc_occlusion")
+        parts.append(f"occlusion: mean over centre squares of {', '.join(map(str, sizes))} px")
+    if view.has(names.corruption()):
+        columns["Corruption"] = metric_column(view, names.corruption())
+        n_sev = len(ev.corruptions.severities) if ev.corruptions else 0
+        parts.append(f"corruption: mean over {len(ev.corruption_types())} types × {n_sev} severities")
+    return parts + ([f"shifts on the first {view.images('images:shifts')} test images"] if parts else [])
+
+
+def masking_columns(view: Regime, columns: dict[str, Column]) -> list[str]:
+    """Adds the masking-check column when the cells hold checks; returns the caption's words."""
+    if next(check_metrics(view.cells), None) is None:
+        return []
+    columns["Masking"] = masking_column(view)
+    return ["masking: ✓ = every gradient-masking check passed in every seed, ⚠ n = n failed checks summed "
+            "over seeds"]
+
+
+def masking_column(view: Regime) -> Column:
+    """✓, '⚠ n' (failed checks summed over seeds), or — for a setting without checks."""
+    failed = Counter(v.key for v in violations(view.study, view.cells))
+    checked = {key_of(c) for c, _, _ in check_metrics(view.cells)}
+    return lambda k: "—" if k not in checked else f"⚠ {failed[k]}" if failed[k] else "✓"
+
+
+def attack_sweep_tables(view: Regime) -> list[Table]:
+    """The papers' accuracy-vs-eps figure as tables: per attack with at least two eps, one column per eps."""
+    out = []
+    for label, entry in view.study.evaluation.attacks.items():
+        eps = [e for e in sorted(entry.eps) if view.has(names.adv(label, e))]
+        if len(eps) < 2:
+            continue
+        params = ", ".join(f"{k}={v}" for k, v in entry.params.items())
+        name = attack_title(entry.attack or label) + (f" ({params})" if params else "")
+        columns = {f"ε={names.strength(e)}": metric_column(view, names.adv(label, e)) for e in eps}
+        caption = (f"Accuracy (%) under white-box {name}, L∞ radius ε in pixel scale [0, 1], on the first "
+                   f"{view.images('images:attacks')} test images; mean ± std over {view.seeds()}.")
+        out.append(settings_table(view, f"Attack strength: {attack_title(label)}", columns, caption))
+    return out
+
+
+def occlusion_table(view: Regime) -> Table | None:
+    sizes = [s for s in sorted(view.study.evaluation.occlusion) if view.has(names.occlusion(s))]
+    columns = {f"δ={s}": metric_column(view, names.occlusion(s)) for s in sizes}
+    caption = (f"Accuracy (%) with a centre square of δ × δ pixels set to zero, on the first "
+               f"{view.images('images:shifts')} test images; mean ± std over {view.seeds()}.")
+    return settings_table(view, "Occlusion", columns, caption)
+
+
+def corruption_tables(view: Regime) -> list[Table]:
+    ev = view.study.evaluation
+    if ev.corruptions is None or not view.has(names.corruption()):
+        return []
+    types = [t for t in ev.corruption_types() if view.has(names.corruption(t))]
+    sevs = [s for s in ev.corruptions.severities if view.has(names.corruption(None, s))]
+    where = (f"on the first {view.images('images:shifts')} test images ({ev.corruptions.source}); "
+             f"mean ± std over {view.seeds()}.")
+    by_type = {CORRUPTION_ABBREV.get(t, t): metric_column(view, names.corruption(t)) for t in types}
+    abbrev = ", ".join(f"{CORRUPTION_ABBREV[t]} = {t}" for t in types if t in CORRUPTION_ABBREV)
+    by_type_caption = (f"Accuracy (%) under each common corruption, mean over severities "
+                       f"{', '.join(map(str, sevs))}, {where}" + (f" Abbreviations: {abbrev}." if abbrev else ""))
+    by_sev = {f"Sev. {s}": metric_column(view, names.corruption(None, s)) for s in sevs}
+    by_sev_caption = f"Accuracy (%) at each corruption severity, mean over the {len(types)} types, {where}"
+    mean = {"Mean": metric_column(view, names.corruption())}
+    return [t for t in (settings_table(view, "Corruptions by type", by_type | mean, by_type_caption),
+                        settings_table(view, "Corruptions by severity", by_sev | mean, by_sev_caption)) if t]
+
+
+def transfer_table(view: Regime) -> Table | None:
+    """The papers' transfer table: row = source model, column = target model; the diagonal is the
+    target's own white-box accuracy under the same attack and eps."""
+    tr = view.study.evaluation.transfer
+    if tr is None:
+        return None
+    eps = view.study.evaluation.transfer_eps()
+    models = [names.setting_key(m.model_dump()) for m in tr.models]
+    by_name = {names.setting_key(view.groups[k][0]["axes"]): k for k in view.keys}
+    if not any(view.has(names.transfer(tr.attack, eps, s)) for s in models):
+        return None
+    rows = []
+    for source in models:
+        row = [source]
+        for target in models:
+            k = by_name.get(target)
+            metric = names.adv(tr.attack, eps) if source == target else names.transfer(tr.attack, eps, source)
+            row.append("—" if k is None else show(view.groups[k], metric, k, view.flags))
+        rows.append(row)
+    caption = (f"Accuracy (%) of the target model (column) on {attack_title(tr.attack)} ε={names.strength(eps)} "
+               f"examples crafted on the source model (row), same regime and seed, on the first "
+               f"{view.images('images:attacks')} test images; the diagonal is the target's white-box accuracy. "
+               f"Mean ± std over {view.seeds()}.")
+    return Table(f"Transfer attacks (regime '{view.name}')", ["Source ↓ / target →", *models], rows, caption,
+                 [MARK_NOTE] if marked(rows) else [])
+
+
+def detail_tables(study: StudyConfig, cells: list[dict], regime: str, flags: set | None = None) -> list[Table]:
+    """Attack sweeps, occlusion, corruptions by type and by severity, transfer matrix: those with data."""
+    view = regime_view(study, cells, regime, flags)
+    if view is None:
+        return []
+    tables = [*attack_sweep_tables(view), occlusion_table(view), *corruption_tables(view), transfer_table(view)]
+    return [t for t in tables if t]

@@ -1,0 +1,74 @@
+"""`robustprune bench`: the evaluation section at a tiny scale, its JSON figures and its errors."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import yaml
+
+from robustprune.bench import STUDY_CNN_ARGS
+from robustprune.cli import main
+
+# a few seconds instead of minutes: 2000 training, 500 attacked and 200 corrupted images
+TINY = ["--train-images", "2000", "--eval-images", "500", "--corruption-images", "200"]
+
+
+def bench(tmp_path, data_dir, *extra: str) -> tuple[int, dict | None]:
+    out = tmp_path / "figures.json"
+    code = main(["bench", "--section", "evaluation", "--data-dir", str(data_dir), "--json", str(out), *TINY, *extra])
+    return code, json.loads(out.read_text()) if out.exists() else None
+
+
+def test_bench_model_is_the_studys_cnn(study_file):
+    assert yaml.safe_load(study_file.read_text())["model"] == {"name": "mnist_cnn", "args": STUDY_CNN_ARGS}
+
+
+def test_evaluation_section_figures(tmp_path, data_dir, capsys):
+    code, figures = bench(tmp_path, data_dir)
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "torchattacks" in out and "ratio" in out and "slowest" in out
+    assert "fp32 matmul peak" not in out  # the training section did not run
+    pgd = figures["evaluation"]["pgd"]
+    assert pgd["images"] == 500 and pgd["steps"] == 20 and pgd["eps"] == 0.1
+    assert pgd["robustprune_images_per_s"] > 0 and pgd["torchattacks_images_per_s"] > 0
+    assert pgd["ratio"] == pytest.approx(pgd["robustprune_images_per_s"] / pgd["torchattacks_images_per_s"])
+    assert abs(pgd["robustprune_accuracy"] - pgd["torchattacks_accuracy"]) <= 0.002
+    # trained, so the attack has something to lower
+    assert pgd["robustprune_accuracy"] < figures["evaluation"]["model"]["clean_accuracy"]
+    corr = figures["evaluation"]["corruptions"]
+    assert corr["n"] == 200 and len(corr["per_corruption_seconds"]) == 15 and corr["total_seconds"] > 0
+    assert figures["threads"] >= 1
+
+
+def test_without_torchattacks_the_rest_still_runs(tmp_path, data_dir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torchattacks", None)  # makes `import torchattacks` fail
+    code, figures = bench(tmp_path, data_dir)
+    assert code == 0
+    assert "pip install --no-deps torchattacks" in figures["evaluation"]["pgd"]["skipped"]
+    assert figures["evaluation"]["corruptions"]["total_seconds"] > 0
+    assert "pip install --no-deps torchattacks" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--data-dir", "{tmp}/nothing"], "needs MNIST, which is not in"),
+    (["--eval-images", "0"], "--eval-images must be at least 1"),
+    (["--json", "{tmp}/no/such/folder/f.json"], "does not exist"),
+])
+def test_bad_input_one_sentence_exit_2(args, expected, tmp_path, data_dir, capsys):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code = main(["bench", "--section", "evaluation", "--data-dir", str(data_dir), *args])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert expected in captured.err
+    assert "Traceback" not in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert "images/s" not in captured.out  # nothing was measured before the error
+
+
+def test_training_section_reports_throughput_against_peak(capsys):
+    assert main(["bench", "--section", "training", "--seconds", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "fp32 matmul peak" in out and "images/s" in out and "achieved / peak" in out
+    peak = float(out.split("fp32 matmul peak (2048x2048)")[1].split("GFLOP/s")[0].strip(" │|").replace(",", ""))
+    assert peak > 0

@@ -1,0 +1,230 @@
+"""Report tables from synthetic cells: layouts, values, mean ± std over seeds, masking marks."""
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from robustprune.evaluate import names
+from robustprune.report import robustness as rb
+from robustprune.report.render import to_rich
+from robustprune.report.tables import MARK_NOTE, Table, all_tables, sweep_table, table1, to_markdown
+from robustprune.study.schema import resolve_study
+
+MAG = {"pruning": "magnitude", "sparsity": 0.5, "finetune_epochs": 1}
+RAW = {
+    "name": "report_test",
+    "regimes": {"clean": {}, "fgsm_data": {"eps": 0.2}},
+    "pruning": {"magnitude": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [1]}},
+    "evaluation": {
+        "attacks": {"fgsm": {"eps": [0.1, 0.2]},
+                    "pgd20": {"attack": "pgd", "eps": [0.1, 0.2], "params": {"steps": 20, "step_size": 0.01}},
+                    "pgd10": {"attack": "pgd", "eps": [0.1], "params": {"steps": 10, "step_size": 0.01}}},
+        "occlusion": [4, 8],
+        "corruptions": {"types": ["gaussian_noise", "fog"], "severities": [1, 2]},
+        "transfer": {"attack": "pgd20", "eps": 0.1, "models": ["dense", MAG]},
+        "report_eps": 0.2,
+    },
+    "table1": {"columns": {"Clean": ["clean", "acc_clean"], "FGSM": ["fgsm_data", "acc_fgsm_data"]},
+               "rows": [{"label": "Magnitude (50%)", "pruning": "magnitude", "sparsity": 0.5}]},
+    "seeds": [0, 1],
+}
+PGD_VS_FGSM = names.check("iterative_vs_fgsm", names.adv("pgd20", 0.1), names.adv("fgsm", 0.1))
+FGSM_DATA_CHECK = names.check("transfer", names.adv("fgsm", 0.2), "acc_fgsm_data")
+
+
+@pytest.fixture(scope="module")
+def study():
+    return resolve_study(RAW, "test")
+
+
+def metrics(base: float, regime: str, setting: str) -> dict[str, float]:
+    """Every metric of one model; `base` shifts all accuracies so settings and seeds differ."""
+    m = {"acc_clean": 0.90 + base, "sparsity": 0.0 if setting == "dense" else 0.5,
+         "params_nonzero": 1000.0, "flops_nonzero": 5000.0, "params": 1000.0, "flops": 5000.0,
+         "images:attacks": 100.0, "images:shifts": 200.0, "masking_violations": 0.0,
+         names.adv("fgsm", 0.1): 0.50 + base, names.adv("fgsm", 0.2): 0.30 + base,
+         names.adv("pgd20", 0.1): 0.40 + base, names.adv("pgd20", 0.2): 0.10 + base,
+         names.adv("pgd10", 0.1): 0.45 + base,
+         names.occlusion(4): 0.80 + base, names.occlusion(8): 0.60 + base,
+         PGD_VS_FGSM: -0.10}
+    for kind, acc in (("gaussian_noise", 0.85), ("fog", 0.75)):
+        for sev in (1, 2):
+            m[names.corruption(kind, sev)] = acc + base + (0.02 if sev == 1 else -0.02)
+        m[names.corruption(kind)] = acc + base
+    m[names.corruption(None, 1)], m[names.corruption(None, 2)] = 0.82 + base, 0.78 + base
+    m[names.corruption()] = 0.80 + base
+    other = "magnitude s=0.5 ft=1" if setting == "dense" else "dense"
+    m[names.transfer("pgd20", 0.1, other)] = 0.70 + base
+    if regime == "fgsm_data":
+        m["acc_fgsm_data"] = 0.60 + base
+        m[FGSM_DATA_CHECK] = -0.05
+    return m
+
+
+def cell(regime: str, setting: str, seed: int, **overrides: float) -> dict:
+    pruning, sparsity, ft = ("dense", 0.0, 0) if setting == "dense" else ("magnitude", 0.5, 1)
+    base = (0.0 if setting == "dense" else -0.04) + (0.0 if seed == 0 else 0.02)
+    axes = {"regime": regime, "pruning": pruning, "method": None if pruning == "dense" else "global_magnitude",
+            "sparsity": sparsity, "finetune_epochs": ft, "round": None, "seed": seed}
+    return {"axes": axes, "metrics": metrics(base, regime, setting) | overrides, "status": "done", "error": None,
+            "hash": f"{regime}-{setting}-{seed}"}
+
+
+def study_cells(**overrides_of) -> list[dict]:
+    """Both regimes x (dense, magnitude) x seeds 0, 1; overrides_of['regime/setting/seed'] = metrics."""
+    return [cell(r, s, seed, **overrides_of.get(f"{r}/{s}/{seed}", {}))
+            for r in ("clean", "fgsm_data") for s in ("dense", "magnitude") for seed in (0, 1)]
+
+
+def column(table, header: str) -> list[str]:
+    return [row[table.headers.index(header)] for row in table.rows]
+
+
+def by_title(tables, title: str):
+    return next(t for t in tables if t.title == title)
+
+
+# ---- layouts and values -----------------------------------------------------------------------------
+
+def test_sweep_shows_only_core_metrics(study):
+    t = sweep_table(study, study_cells(), "fgsm_data")
+    assert t.headers == ["Setting", "Clean acc.", "FGSM-data acc.", "Sparsity", "Non-zero params", "Non-zero FLOPs"]
+    assert [r[0] for r in t.rows] == ["Dense", "magnitude s=0.5, FT 1 ep"]
+
+
+def test_mean_and_std_over_two_seeds(study):
+    t = sweep_table(study, study_cells(), "clean")
+    assert column(t, "Clean acc.") == ["91.00 ± 1.41", "87.00 ± 1.41"]
+    assert column(t, "Non-zero params") == ["1,000", "1,000"]  # counts that do not vary carry no ± 0
+
+
+def test_summary_columns_follow_report_eps(study):
+    t = rb.summary_table(study, study_cells(), "clean")
+    # report_eps 0.2 where the attack ran at it, else its first eps (pgd10 runs 0.1 only)
+    assert t.headers == ["Setting", "Clean", "FGSM ε=0.2", "PGD20 ε=0.2", "PGD10 ε=0.1", "Occlusion", "Corruption",
+                         "Masking"]
+    assert t.rows[0] == ["Dense", "91.00 ± 1.41", "31.00 ± 1.41", "11.00 ± 1.41", "46.00 ± 1.41",
+                         "71.00 ± 1.41", "81.00 ± 1.41", "✓"]
+    assert "2 seeds" in t.caption and "first 100 test images" in t.caption and "first 200 test images" in t.caption
+    assert not t.notes
+
+
+def test_attack_occlusion_and_corruption_sweeps(study):
+    tables = rb.detail_tables(study, study_cells(), "clean")
+    assert [t.title for t in tables] == [
+        "Attack strength: FGSM (regime 'clean')", "Attack strength: PGD20 (regime 'clean')",
+        "Occlusion (regime 'clean')", "Corruptions by type (regime 'clean')",
+        "Corruptions by severity (regime 'clean')", "Transfer attacks (regime 'clean')"]
+    fgsm, _, occ, by_type, by_sev, _ = tables
+    assert fgsm.headers == ["Setting", "ε=0.1", "ε=0.2"] and fgsm.rows[1][1:] == ["47.00 ± 1.41", "27.00 ± 1.41"]
+    assert occ.headers == ["Setting", "δ=4", "δ=8"] and occ.rows[0][1:] == ["81.00 ± 1.41", "61.00 ± 1.41"]
+    assert by_type.headers == ["Setting", "gauss", "fog", "Mean"]
+    assert by_type.rows[0][1:] == ["86.00 ± 1.41", "76.00 ± 1.41", "81.00 ± 1.41"]
+    assert "gauss = gaussian_noise" in by_type.caption
+    assert by_sev.headers == ["Setting", "Sev. 1", "Sev. 2", "Mean"]
+
+
+def test_transfer_matrix_diagonal_is_white_box(study):
+    t = rb.transfer_table(rb.regime_view(study, study_cells(), "clean", None))
+    assert t.headers == ["Source ↓ / target →", "dense", "magnitude s=0.5 ft=1"]
+    assert [r[0] for r in t.rows] == ["dense", "magnitude s=0.5 ft=1"]
+    # diagonal: the target's own acc_adv:pgd20@0.1; off-diagonal: acc_transfer:...|source stored in the target
+    assert t.rows[0][1] == "41.00 ± 1.41" and t.rows[1][2] == "37.00 ± 1.41"
+    assert t.rows[0][2] == "67.00 ± 1.41" and t.rows[1][1] == "71.00 ± 1.41"
+    assert "diagonal is the target's white-box accuracy" in t.caption
+
+
+def test_tables_are_skipped_without_their_metrics(study):
+    bare = [c | {"metrics": {"acc_clean": 0.9, "sparsity": 0.0}} for c in study_cells()]
+    assert rb.summary_table(study, bare, "clean") is None
+    assert rb.detail_tables(study, bare, "clean") == []
+    assert rb.masking_table(study, bare) is None
+
+
+# ---- gradient-masking checks ----------------------------------------------------------------------
+
+def test_all_checks_passed_row_counts_checks(study):
+    t = rb.masking_table(study, study_cells())
+    n = 8 + 4  # one check in every cell, one more in each fgsm_data cell
+    assert t.headers == ["Result"] and t.rows == [[f"All {n} checks passed in every regime, setting and seed."]]
+
+
+def test_violated_check_marks_the_stronger_attack(study):
+    cells = study_cells(**{"clean/magnitude/1": {PGD_VS_FGSM: 0.03}})
+    tables = all_tables(study, cells)
+    summary = by_title(tables, "Robustness summary (regime 'clean')")
+    # report_eps 0.2 is not the violated eps: the summary's attack columns stay unmarked
+    assert "⚠" not in " ".join(summary.rows[1][2:5])
+    assert column(summary, "Masking") == ["✓", "⚠ 1"]
+    pgd = by_title(tables, "Attack strength: PGD20 (regime 'clean')")
+    assert column(pgd, "ε=0.1") == ["41.00 ± 1.41", "37.00 ± 1.41 ⚠"]  # the stronger side, in any seed
+    assert pgd.notes == [MARK_NOTE]
+    fgsm = by_title(tables, "Attack strength: FGSM (regime 'clean')")
+    assert "⚠" not in " ".join(column(fgsm, "ε=0.1")) and not fgsm.notes
+    transfer = by_title(tables, "Transfer attacks (regime 'clean')")
+    assert transfer.rows[1][2] == "37.00 ± 1.41 ⚠" and "⚠" not in transfer.rows[0][2]
+    checks = by_title(tables, "Gradient-masking checks")
+    # seed 1 of magnitude: acc pgd20@0.1 = 0.40 - 0.04 + 0.02 = 0.38, weaker = 0.38 - 0.03
+    assert checks.rows == [["clean", "magnitude s=0.5, FT 1 ep", "1", "iterative attack weaker than FGSM",
+                            "PGD20 ε=0.1", "38.00", "FGSM ε=0.1", "35.00", "3.00"]]
+    assert checks.caption.startswith("1 of 12 checks failed")
+
+
+def test_fgsm_data_transfer_check_marks_table1_and_white_box(study):
+    cells = study_cells(**{"fgsm_data/dense/0": {FGSM_DATA_CHECK: 0.02}})
+    t1 = table1(study, cells)
+    assert column(t1, "FGSM") == ["61.00 ± 1.41 ⚠", "57.00 ± 1.41"] and t1.notes == [MARK_NOTE]
+    assert "⚠" not in " ".join(column(t1, "Clean"))
+    sweep = sweep_table(study, cells, "fgsm_data")
+    assert column(sweep, "FGSM-data acc.")[0].endswith(" ⚠")
+    summary = rb.summary_table(study, cells, "fgsm_data")
+    assert column(summary, "FGSM ε=0.2") == ["31.00 ± 1.41 ⚠", "27.00 ± 1.41"]
+    assert column(summary, "Masking") == ["⚠ 1", "✓"]
+
+
+def test_violation_count_is_summed_over_seeds(study):
+    cells = study_cells(**{f"clean/dense/{s}": {PGD_VS_FGSM: 0.01} for s in (0, 1)})
+    assert column(rb.summary_table(study, cells, "clean"), "Masking") == ["⚠ 2", "✓"]
+    assert len(rb.masking_table(study, cells).rows) == 2
+
+
+def test_gap_at_the_tolerance_passes(study):
+    cells = study_cells(**{"clean/dense/0": {PGD_VS_FGSM: study.evaluation.masking_tolerance}})
+    assert rb.violations(study, cells) == []
+
+
+# ---- order and rendering --------------------------------------------------------------------------
+
+def test_all_tables_order(study):
+    cells = study_cells() + [cell("clean", "dense", 2) | {"status": "failed", "error": "boom", "metrics": {}}]
+    titles = [t.title for t in all_tables(study, cells)]
+    per_regime = lambda r: [f"Robustness summary (regime '{r}')", f"Sweep: regime '{r}'",  # noqa: E731
+                            f"Attack strength: FGSM (regime '{r}')", f"Attack strength: PGD20 (regime '{r}')",
+                            f"Occlusion (regime '{r}')", f"Corruptions by type (regime '{r}')",
+                            f"Corruptions by severity (regime '{r}')", f"Transfer attacks (regime '{r}')"]
+    assert titles == ["Table 1: robustness under different pruning methods", *per_regime("clean"),
+                      *per_regime("fgsm_data"), "Gradient-masking checks", "Failed cells"]
+
+
+def test_markdown_escapes_pipes_and_prints_notes(study):
+    cells = study_cells(**{"clean/dense/0": {names.check("transfer", names.adv("pgd20", 0.1),
+                                                         names.transfer("pgd20", 0.1, "magnitude s=0.5 ft=1")): 0.02}})
+    assert "| x\\|y |" in to_markdown(Table("t", ["a"], [["x|y"]]))
+    tables = all_tables(study, cells)
+    checks = to_markdown(by_title(tables, "Gradient-masking checks"))
+    assert "PGD20 ε=0.1 from magnitude s=0.5 ft=1" in checks
+    for t in tables:
+        md = to_markdown(t)
+        rows = [line.replace("\\|", "") for line in md.splitlines() if line.startswith("|")]
+        assert {r.count("|") for r in rows} == {len(t.headers) + 1}, t.title  # escaped '|' splits no cell
+        assert (MARK_NOTE in md) == bool(t.notes)
+
+
+def test_rich_rendering_fits_160_columns(study):
+    console = Console(file=io.StringIO(), width=160, highlight=False)
+    for t in all_tables(study, study_cells()):
+        console.print(to_rich(t, console.width))
+    out = console.file.getvalue()
+    assert "Corruptions by type" in out and max(map(len, out.splitlines())) <= 160
