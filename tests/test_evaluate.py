@@ -77,6 +77,10 @@ def test_masking_checks_values_and_tolerance():
     assert names.check(*cp[3]) not in out
     assert out["masking_violations"] == 1.0  # 0.3 p.p. is within the tolerance, 10 p.p. is not
     assert masking_checks(metrics, cp, tolerance=0.0)["masking_violations"] == 2.0
+    # A gap of exactly the tolerance (one image in 200) is not a violation despite float error.
+    one_image = {"acc_adv:fgsm@0.1": 0.66, "acc_adv:pgd20@0.1": 0.665}
+    assert 0.665 - 0.66 > 0.005
+    assert masking_checks(one_image, cp[:1], tolerance=0.005)["masking_violations"] == 0.0
 
 
 class Quantised(nn.Module):

@@ -61,6 +61,12 @@ def pairs(attacks: dict, transfer_metrics: list[str], regime_transfer: dict[str,
     return out
 
 
+def violated(gap: float, tolerance: float) -> bool:
+    """A gap counts only beyond the tolerance; the slack absorbs float error, so a gap of exactly one
+    image at a tolerance of one image (0.665 - 0.66 = 0.0050000000000000044) is not a violation."""
+    return gap > tolerance + 1e-9
+
+
 def masking_checks(metrics: dict[str, float], check_pairs, tolerance: float) -> dict[str, float]:
     """check:... = acc(stronger) - acc(weaker) for each pair whose metrics exist, and the number of
     gaps above `tolerance` as masking_violations."""
@@ -68,5 +74,5 @@ def masking_checks(metrics: dict[str, float], check_pairs, tolerance: float) -> 
     for kind, stronger, weaker in check_pairs:
         if stronger in metrics and weaker in metrics:
             out[names.check(kind, stronger, weaker)] = metrics[stronger] - metrics[weaker]
-    out["masking_violations"] = float(sum(gap > tolerance for gap in out.values()))
+    out["masking_violations"] = float(sum(violated(gap, tolerance) for gap in out.values()))
     return out

@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
-from robustprune.evaluate import names
+from robustprune.evaluate import checks, names
 from robustprune.report.tables import (MARK_NOTE, Table, fmt, group, key_of, marked, metric_label, n_seeds,
                                        regime_keys, seeds_text, setting_label, show, study_flags)
 from robustprune.study.schema import StudyConfig
@@ -51,7 +51,7 @@ def check_metrics(cells: list[dict]):
 def violations(study: StudyConfig, cells: list[dict]) -> list[Violation]:
     tol = study.evaluation.masking_tolerance
     return [Violation(c, p.name, p.stronger, p.weaker, gap)
-            for c, p, gap in check_metrics(cells) if gap is not None and gap > tol]
+            for c, p, gap in check_metrics(cells) if gap is not None and checks.violated(gap, tol)]
 
 
 def masking_flags(study: StudyConfig, cells: list[dict]) -> set[tuple[tuple, str]]:

@@ -1,0 +1,2 @@
+"""Importance criteria for structured pruning; see base.py for the one signature they share."""
+from robustprune.prune.criteria.base import CRITERIA, Criterion, block_criteria, build_criterion  # noqa: F401
