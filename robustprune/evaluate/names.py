@@ -88,9 +88,11 @@ def parse(metric: str) -> Parsed:
 
 
 def setting_key(axes: dict) -> str:
-    """A model's short name within its (regime, seed): 'dense', 'magnitude s=0.5 ft=1', 'lottery r3'."""
+    """A model's short name within its (regime, seed): 'dense', 'magnitude s=0.5 ft=1', 'lottery r3';
+    prefixed by the architecture's label in a study of several ('resnet56 dense')."""
+    model = f"{axes['model']} " if axes.get("model") else ""
     if axes["pruning"] == "dense":
-        return "dense"
+        return f"{model}dense"
     if axes.get("round") is not None:
-        return f"{axes['pruning']} r{axes['round']}"
-    return f"{axes['pruning']} s={axes['sparsity']:g} ft={axes['finetune_epochs']}"
+        return f"{model}{axes['pruning']} r{axes['round']}"
+    return f"{model}{axes['pruning']} s={axes['sparsity']:g} ft={axes['finetune_epochs']}"

@@ -103,7 +103,7 @@ def masking_table(study: StudyConfig, cells: list[dict]) -> Table | None:
     rows = []
     for v in found:
         acc = v.cell["metrics"].get(v.stronger)
-        rows.append([v.key[0], setting_label(v.key), str(v.cell["axes"]["seed"]), names.CHECK_KINDS[v.kind],
+        rows.append([v.key.regime, setting_label(v.key), str(v.cell["axes"]["seed"]), names.CHECK_KINDS[v.kind],
                      describe(v.stronger), pct(acc), describe(v.weaker), pct(None if acc is None else acc - v.gap),
                      f"{100 * v.gap:.2f}"])
     caption = (f"{len(found)} of {n_checks} checks failed. {rule} Accuracies in %; the weaker accuracy is the "
@@ -295,8 +295,8 @@ def transfer_table(view: Regime) -> Table | None:
     if tr is None:
         return None
     eps = view.study.evaluation.transfer_eps()
-    models = [names.setting_key(m.model_dump()) for m in tr.models]
     by_name = {names.setting_key(view.groups[k][0]["axes"]): k for k in view.keys}
+    models = [name for name, k in by_name.items() if any(m.matches(view.groups[k][0]["axes"]) for m in tr.models)]
     if not any(view.has(names.transfer(tr.attack, eps, s)) for s in models):
         return None
     rows = []

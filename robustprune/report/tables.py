@@ -8,11 +8,13 @@ import io
 import math
 import statistics
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from robustprune.evaluate import names
 from robustprune.study.schema import StudyConfig
 
 AXES = ["regime", "pruning", "method", "sparsity", "finetune_epochs", "round", "seed"]
+OPTIONAL_AXES = ["model"]  # present only in studies that use them (CSV columns likewise)
 
 METRIC_LABELS = {
     "acc_clean": "Clean acc.",
@@ -58,12 +60,22 @@ def fmt(values: list[float], metric: str) -> str:
     return text
 
 
-def key_of(cell: dict) -> tuple:
-    """(regime, pruning, sparsity, finetune_epochs, round): a cell's setting, seed left out."""
+class Setting(NamedTuple):
+    """A cell's setting, seed left out: what tables group seeds by."""
+
+    regime: str
+    pruning: str
+    sparsity: float | None
+    finetune_epochs: int
+    round: int | None
+    model: str | None = None  # the architecture's label in a study of several
+
+
+def key_of(cell: dict) -> Setting:
     a = cell["axes"]
     # An iterative method's round fixes its sparsity; keying by round alone keeps float noise out.
     sparsity = a["sparsity"] if a["round"] is None else None
-    return a["regime"], a["pruning"], sparsity, a["finetune_epochs"], a["round"]
+    return Setting(a["regime"], a["pruning"], sparsity, a["finetune_epochs"], a["round"], a.get("model"))
 
 
 def group(cells: list[dict]) -> dict[tuple, list[dict]]:
@@ -76,19 +88,22 @@ def group(cells: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def regime_keys(study: StudyConfig, groups: dict[tuple, list[dict]], regime: str) -> list[tuple]:
-    """A regime's settings in table order: dense, then the pruning entries as listed in the study."""
+    """A regime's settings in table order: per architecture (as listed), dense, then the pruning
+    entries as listed in the study."""
     order = {name: i for i, name in enumerate(["dense", *study.pruning])}
-    keys = [k for k in groups if k[0] == regime]
-    return sorted(keys, key=lambda k: (order.get(k[1], 99), k[4] or 0, k[2] or 0.0, k[3]))
+    models = {label: i for i, label in enumerate(study.models)}
+    keys = [k for k in groups if k.regime == regime]
+    return sorted(keys, key=lambda k: (models.get(k.model, -1), order.get(k.pruning, 99), k.round or 0,
+                                       k.sparsity or 0.0, k.finetune_epochs))
 
 
-def setting_label(key: tuple) -> str:
-    _, pruning, s, ft, r = key
-    if pruning == "dense":
-        return "Dense"
-    if r is not None:
-        return f"{pruning} round {r}"
-    return f"{pruning} s={s:g}" + (f", FT {ft} ep" if ft else ", no FT")
+def setting_label(key: Setting) -> str:
+    model = f"{key.model}: " if key.model else ""
+    if key.pruning == "dense":
+        return f"{model}Dense"
+    if key.round is not None:
+        return f"{model}{key.pruning} round {key.round}"
+    return f"{model}{key.pruning} s={key.sparsity:g}" + (f", FT {key.finetune_epochs} ep" if key.finetune_epochs else ", no FT")
 
 
 def show(cells: list[dict], metric: str, key: tuple, flags: set) -> str:
@@ -136,7 +151,7 @@ def table1(study: StudyConfig, cells: list[dict], flags: set | None = None) -> T
         return [show(groups.get(key_for(regime), []), metric, key_for(regime), flags)
                 for regime, metric in spec.columns.values()]
 
-    rows = [["Baseline (no pruning)", "—", *row_values(lambda r: (r, "dense", 0.0, 0, None))]]
+    rows = [["Baseline (no pruning)", "—", *row_values(lambda r: Setting(r, "dense", 0.0, 0, None))]]
     for row in spec.rows:
         p = study.pruning[row.pruning]
         if p.method == "lottery_ticket" or row.sparsity is None:
@@ -144,17 +159,17 @@ def table1(study: StudyConfig, cells: list[dict], flags: set | None = None) -> T
             for col, (regime, metric) in spec.columns.items():
                 best, best_mean = None, -math.inf
                 for key, cs in groups.items():
-                    if key[0] == regime and key[1] == row.pruning and key[4] is not None:
+                    if key.regime == regime and key.pruning == row.pruning and key.round is not None:
                         vs = values(cs, metric)
                         if vs and statistics.fmean(vs) > best_mean:
                             best, best_mean = key, statistics.fmean(vs)
-                cells_out.append(f"{show(groups[best], metric, best, flags)} (r{best[4]})" if best else "—")
+                cells_out.append(f"{show(groups[best], metric, best, flags)} (r{best.round})" if best else "—")
             rows.append([row.label, "—", *cells_out])
             continue
         for ft in p.finetune_epochs:
             label = row.label if ft == p.finetune_epochs[0] else ""
             ft_label = "No FT" if ft == 0 else f"With FT ({ft} ep)"
-            rows.append([label, ft_label, *row_values(lambda r: (r, row.pruning, row.sparsity, ft, None))])
+            rows.append([label, ft_label, *row_values(lambda r: Setting(r, row.pruning, row.sparsity, ft, None))])
     caption = (f"Test accuracy (%) of each regime's model, mean ± std over {seeds_text(n_seeds(cells))}. "
                + "; ".join(f"{col}: {metric} of the '{regime}' model" for col, (regime, metric) in spec.columns.items())
                + ". Lottery ticket: best round per column (round in brackets).")
@@ -233,10 +248,11 @@ def long_csv(cells: list[dict]) -> str:
     """One row per cell and metric: one column per config axis, then metric, value, hash."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow([*AXES, "metric", "value", "config_hash", "status"])
-    for c in sorted(cells, key=lambda c: [str(c["axes"].get(a)) for a in AXES]):
+    columns = [a for a in OPTIONAL_AXES if any(a in c["axes"] for c in cells)] + AXES
+    w.writerow([*columns, "metric", "value", "config_hash", "status"])
+    for c in sorted(cells, key=lambda c: [str(c["axes"].get(a)) for a in columns]):
         a = c["axes"]
-        axes = ["" if a.get(k) is None else a.get(k) for k in AXES]
+        axes = ["" if a.get(k) is None else a.get(k) for k in columns]
         if c["status"] != "done":
             w.writerow([*axes, "error", c["error"], c["hash"], c["status"]])
         for m, v in sorted(c["metrics"].items()):

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from robustprune.data import REGIMES
 from robustprune.prune import PRUNING_METHODS
-from robustprune.study.schema import StudyConfig
+from robustprune.study.schema import ModelConfig, StudyConfig
 
 
 def config_hash(config: dict) -> str:
@@ -26,7 +26,7 @@ def dump(model: BaseModel, full: bool) -> dict:
 @dataclass(frozen=True)
 class Cell:
     study: str
-    axes: dict[str, Any]            # what tables group by: regime, pruning, sparsity, finetune_epochs, round, seed
+    axes: dict[str, Any]            # what tables group by: [model,] regime, pruning, sparsity, finetune_epochs, round, seed
     config: dict[str, Any]          # every setting, defaults included (stored with each row)
     hash: str                       # hash of the non-default settings
     dense_key: dict[str, Any] = field(repr=False)  # what the dense model depends on
@@ -40,7 +40,8 @@ class Cell:
             what = f"{a['pruning']} round {a['round']}"
         else:
             what = f"{a['pruning']} s={a['sparsity']:g} ft={a['finetune_epochs']}"
-        return f"{a['regime']} / {what} / seed {a['seed']}"
+        model = f"{a['model']} / " if a.get("model") else ""
+        return f"{model}{a['regime']} / {what} / seed {a['seed']}"
 
 
 def _regime(name: str, params: dict, full: bool) -> dict:
@@ -48,11 +49,12 @@ def _regime(name: str, params: dict, full: bool) -> dict:
     return {"name": name, "params": dump(p, full)}
 
 
-def dense_key(study: StudyConfig, regime: str, seed: int, full: bool = False) -> dict:
+def dense_key(study: StudyConfig, regime: str, seed: int, full: bool = False,
+              model: ModelConfig | None = None) -> dict:
     return {
         "dataset": study.dataset,
         "data": dump(study.data, full),
-        "model": dump(study.model, True),
+        "model": dump(model or study.model, True),
         "train": dump(study.train, full),
         "regime": _regime(regime, study.regimes[regime], full),
         "seed": seed,
@@ -60,35 +62,47 @@ def dense_key(study: StudyConfig, regime: str, seed: int, full: bool = False) ->
 
 
 def expand(study: StudyConfig) -> list[Cell]:
-    """All cells, grouped by seed and regime so a dense model and its data are reused back to back."""
+    """All cells, grouped by seed, regime and model so a dense model and its data are reused back
+    to back. A study with several architectures (`models:`) adds the 'model' axis (its label)."""
     cells = []
     for seed in study.seeds:
         for regime in study.regimes:
-            base_full = dense_key(study, regime, seed, True) | {"evaluation": dump(study.evaluation, True)}
-            base_key = dense_key(study, regime, seed, False) | {"evaluation": dump(study.evaluation, False)}
-            axes0 = {"regime": regime, "pruning": "dense", "method": None, "sparsity": 0.0,
-                     "finetune_epochs": 0, "round": None, "seed": seed}
-            settings = [(axes0, None, None)]
-            for label, p in study.pruning.items():
-                method = PRUNING_METHODS.get(p.method)
-                params = method.Params(**p.params)
-                if method.iterative:
-                    for r in range(1, params.rounds + 1):
-                        axes = axes0 | {"pruning": label, "method": p.method, "sparsity": round(1 - (1 - params.rate) ** r, 6),
-                                        "round": r}
-                        pr = {"method": p.method, "round": r}
-                        settings.append((axes, pr | {"params": dump(params, True)}, pr | {"params": dump(params, False)}))
-                    continue
-                for s in p.sparsities:
-                    for ft in p.finetune_epochs:
-                        axes = axes0 | {"pruning": label, "method": p.method, "sparsity": s, "finetune_epochs": ft}
-                        pr = {"method": p.method, "sparsity": s}
-                        ft_full = dump(study.finetune.model_copy(update={"epochs": ft}), True) if ft else None
-                        ft_key = dump(study.finetune.model_copy(update={"epochs": ft}), False) if ft else None
-                        settings.append((axes, pr | {"params": dump(params, True), "finetune": ft_full},
-                                         pr | {"params": dump(params, False), "finetune": ft_key}))
-            for axes, pr_full, pr_key in settings:
-                config = base_full | {"pruning": pr_full}
-                key = base_key | {"pruning": pr_key}
-                cells.append(Cell(study.name, axes, config, config_hash(key), dense_key(study, regime, seed)))
+            for model_label, model in study.model_items():
+                cells += _setting_cells(study, seed, regime, model_label, model)
+    return cells
+
+
+def _setting_cells(study: StudyConfig, seed: int, regime: str, model_label: str | None,
+                   model: ModelConfig) -> list[Cell]:
+    cells = []
+    # one (seed, regime, model): the dense model and every pruning setting of it
+    base_full = dense_key(study, regime, seed, True, model) | {"evaluation": dump(study.evaluation, True)}
+    base_key = dense_key(study, regime, seed, False, model) | {"evaluation": dump(study.evaluation, False)}
+    axes0 = {"regime": regime, "pruning": "dense", "method": None, "sparsity": 0.0,
+             "finetune_epochs": 0, "round": None, "seed": seed}
+    if model_label is not None:
+        axes0 = {"model": model_label} | axes0
+    settings = [(axes0, None, None)]
+    for label, p in study.pruning.items():
+        method = PRUNING_METHODS.get(p.method)
+        params = method.Params(**p.params)
+        if method.iterative:
+            for r in range(1, params.rounds + 1):
+                axes = axes0 | {"pruning": label, "method": p.method, "sparsity": round(1 - (1 - params.rate) ** r, 6),
+                                "round": r}
+                pr = {"method": p.method, "round": r}
+                settings.append((axes, pr | {"params": dump(params, True)}, pr | {"params": dump(params, False)}))
+            continue
+        for s in p.sparsities:
+            for ft in p.finetune_epochs:
+                axes = axes0 | {"pruning": label, "method": p.method, "sparsity": s, "finetune_epochs": ft}
+                pr = {"method": p.method, "sparsity": s}
+                ft_full = dump(study.finetune.model_copy(update={"epochs": ft}), True) if ft else None
+                ft_key = dump(study.finetune.model_copy(update={"epochs": ft}), False) if ft else None
+                settings.append((axes, pr | {"params": dump(params, True), "finetune": ft_full},
+                                 pr | {"params": dump(params, False), "finetune": ft_key}))
+    for axes, pr_full, pr_key in settings:
+        config = base_full | {"pruning": pr_full}
+        key = base_key | {"pruning": pr_key}
+        cells.append(Cell(study.name, axes, config, config_hash(key), dense_key(study, regime, seed, False, model)))
     return cells

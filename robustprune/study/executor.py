@@ -40,61 +40,84 @@ def worker_layout(workers: int | str, device: str) -> tuple[int, int]:
 class Job:
     id: int
     cells: list[Cell]
-    after: int | None = None
+    after: list[int] = field(default_factory=list)  # jobs that must finish first (their dense models)
     cost: float = 0.0
     done: bool = False
     group: tuple = field(default_factory=tuple)
 
 
+def _group(cell: Cell) -> tuple:
+    a = cell.axes
+    return a["seed"], a["regime"], a.get("model")
+
+
 def plan_jobs(cells: list[Cell], transfer_models=None) -> list[Job]:
+    """One job per dense model, per lottery-ticket chain and per one-shot setting; each waits for
+    the jobs that train the dense models it starts from."""
     jobs: list[Job] = []
-    dense_job: dict[tuple, Job] = {}
     chains: dict[tuple, Job] = {}
     for cell in cells:
         a = cell.axes
-        group = (a["seed"], a["regime"])
+        group = _group(cell)
         pr = cell.config["pruning"]
         if pr is None:
-            dense_job[group] = Job(len(jobs), [cell], None, 1e9, group=group)
-            jobs.append(dense_job[group])
+            jobs.append(Job(len(jobs), [cell], [], 1e9, group=group))
         elif a["round"] is not None:
             key = (*group, a["pruning"])
             if key not in chains:
-                chains[key] = Job(len(jobs), [], None, 0.0, group=group)
+                chains[key] = Job(len(jobs), [], [], 0.0, group=group)
                 jobs.append(chains[key])
             chains[key].cells.append(cell)
             chains[key].cost += (pr["params"].get("epochs") or 3) + 0.3
         else:
             ft = (pr.get("finetune") or {}).get("epochs", 0)
-            jobs.append(Job(len(jobs), [cell], None, ft * (1.0 - 0.5 * pr["sparsity"]) + 0.3, group=group))
+            jobs.append(Job(len(jobs), [cell], [], ft * (1.0 - 0.5 * pr["sparsity"]) + 0.3, group=group))
     if transfer_models:
         jobs = _merge_transfer_jobs(jobs, transfer_models)
+    dense_job = {_group(c): job.id for job in jobs for c in job.cells if c.config["pruning"] is None}
     for job in jobs:
-        if job.cells[0].config["pruning"] is not None and job.group in dense_job:
-            job.after = dense_job[job.group].id
-        job.cells.sort(key=lambda c: c.axes["round"] or 0)
+        needs = {dense_job.get(_group(c)) for c in job.cells if c.config["pruning"] is not None}
+        job.after = sorted(needs - {None, job.id})
+        job.cells.sort(key=lambda c: (c.config["pruning"] is not None, c.axes["round"] or 0))
     return jobs
 
 
 def _merge_transfer_jobs(jobs: list[Job], models) -> list[Job]:
-    """Pruned models of a transfer matrix attack each other, so one worker builds them all (in one
-    job per (seed, regime)) instead of two workers fine-tuning the same source at once."""
+    """The models of a transfer matrix attack each other, so one worker builds them all (one job per
+    (seed, regime)) instead of two workers training the same source at once. Dense models join
+    the job only when the matrix spans several architectures; with one, every pruned model waits
+    for the dense job anyway."""
     from robustprune.study.runner import selected
 
+    def merge_key(job: Job) -> tuple | None:
+        picked = [c for c in job.cells if selected(c, models)]
+        if not picked:
+            return None
+        if job.cells[0].config["pruning"] is None and not several_models.get(job.group[:2]):
+            return None
+        return job.group[:2]
+
+    several_models: dict[tuple, bool] = {}
+    for job in jobs:
+        for c in job.cells:
+            if selected(c, models):
+                labels = several_models.setdefault(job.group[:2], set())
+                labels.add(c.axes.get("model"))
+    several_models = {k: len(v) > 1 for k, v in several_models.items()}
     merged: dict[tuple, Job] = {}
     out: list[Job] = []
     for job in jobs:
-        if job.cells[0].config["pruning"] is None or not any(selected(c, models) for c in job.cells):
+        key = merge_key(job)
+        if key is None:
             out.append(job)
-        elif job.group not in merged:
-            merged[job.group] = job
+        elif key not in merged:
+            merged[key] = job
             out.append(job)
         else:
-            merged[job.group].cells += job.cells
-            merged[job.group].cost += job.cost
-    id_map = {job.id: i for i, job in enumerate(out)}
-    for job in out:
-        job.id = id_map[job.id]
+            merged[key].cells += job.cells
+            merged[key].cost += job.cost
+    for i, job in enumerate(out):
+        job.id = i
     return out
 
 
@@ -205,7 +228,7 @@ def run_parallel(study: StudyConfig, cells: list[Cell], store: Store, out_dir: P
         try:
             while True:
                 ready = [j for j in jobs if not j.done and j.id not in running.values()
-                         and (j.after is None or jobs[j.after].done)]
+                         and all(jobs[d].done for d in j.after)]
                 ready.sort(key=lambda j: -j.cost)
                 for job in ready[: max(0, workers - len(running))]:
                     fut = pool.submit(_run_job, study_dump, job.cells, str(out_dir), data_dir, device)

@@ -99,10 +99,12 @@ class Workspace:
         return make
 
     # ---- models -------------------------------------------------------------------------------
-    def new_model(self) -> torch.nn.Module:
+    def new_model(self, key: dict) -> torch.nn.Module:
+        """A freshly initialised model of the architecture in a dense key (the global torch seed
+        decides the weights)."""
         base = self.base_data()
-        return build_model(self.study.model.name, num_classes=base.num_classes, image_shape=base.image_shape,
-                           mean=base.mean, std=base.std, **self.study.model.args)
+        return build_model(key["model"]["name"], num_classes=base.num_classes, image_shape=base.image_shape,
+                           mean=base.mean, std=base.std, **key["model"]["args"])
 
     def example_input(self) -> torch.Tensor:
         return torch.zeros((1, *self.base_data().image_shape), device=self.device)
@@ -124,7 +126,7 @@ class Workspace:
             return self._dense[h]
         path = self.ckpt_dir / f"dense-{h}.pt"
         torch.manual_seed(key["seed"])
-        model = self.new_model()
+        model = self.new_model(key)
         if path.exists():
             state = checkpoint.load(path)
             checkpoint.load_state_into(model, state["state"], str(path))
@@ -176,7 +178,7 @@ class Workspace:
             return dense.model, masks, dense.history
         h = config_hash({"dense": key, "lottery": params.model_dump(), "round": r})
         path = self.ckpt_dir / f"lottery-{h}.pt"
-        model = self.new_model()
+        model = self.new_model(key)
         if path.exists():
             state = checkpoint.load(path)
             checkpoint.load_state_into(model, state["state"], str(path))
@@ -287,15 +289,7 @@ class Workspace:
 
 def selected(cell: Cell, models) -> bool:
     """Whether a cell's model is one of the ModelSelectors."""
-    a = cell.axes
-    for m in models:
-        if m.pruning != a["pruning"]:
-            continue
-        if m.pruning == "dense" or (a["round"] is not None and m.round == a["round"]):
-            return True
-        if a["round"] is None and m.sparsity == a["sparsity"] and m.finetune_epochs == a["finetune_epochs"]:
-            return True
-    return False
+    return any(m.matches(cell.axes) for m in models)
 
 
 def craft(model: torch.nn.Module, attack, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -121,12 +121,24 @@ class CorruptionsConfig(Strict):
 
 
 class ModelSelector(Strict):
-    """One model of each (regime, seed): 'dense', a one-shot setting, or a lottery round."""
+    """One model of each (regime, seed): 'dense', a one-shot setting, or a lottery round; with
+    several architectures (`models:`), `model` names the architecture (default: every one)."""
 
     pruning: str
+    model: str | None = None
     sparsity: float | None = None
     finetune_epochs: int | None = None
     round: int | None = None
+
+    def matches(self, axes: dict) -> bool:
+        """Whether a cell with these axes is the model this selector names."""
+        if self.pruning != axes["pruning"] or (self.model is not None and self.model != axes.get("model")):
+            return False
+        if self.pruning == "dense":
+            return True
+        if axes["round"] is not None:
+            return self.round == axes["round"]
+        return self.sparsity == axes["sparsity"] and self.finetune_epochs == axes["finetune_epochs"]
 
 
 class TransferConfig(Strict):
@@ -234,6 +246,8 @@ class StudyConfig(Strict):
     dataset: str = "mnist"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
+    models: dict[str, ModelConfig] = Field(default_factory=dict,
+                                           description="label -> architecture: a grid axis, instead of `model`")
     train: TrainConfig = TrainConfig()
     finetune: TrainConfig = TrainConfig(lr=0.01)
     regimes: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"clean": {}})
@@ -268,11 +282,19 @@ class StudyConfig(Strict):
         from robustprune.prune import PRUNING_METHODS
 
         DATASETS.get(self.dataset)
-        builder = MODELS.get(self.model.name)
-        try:  # catches unknown or ill-typed model arguments before anything runs
-            builder(**self.model.args)
-        except TypeError as e:
-            raise ValueError(f"model '{self.model.name}' does not accept args {self.model.args} ({e})") from None
+        if self.models and self.model != ModelConfig():  # (a dumped and reloaded study repeats the default)
+            raise ValueError("give either 'model' (one architecture) or 'models' (several), not both")
+        configs = [m.model_dump_json() for m in self.models.values()]
+        if len(set(configs)) != len(configs):
+            raise ValueError("two entries of 'models' are the same architecture with the same args; remove one")
+        for label, model in self.model_items():
+            if label is not None and not label.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"model label '{label}' may hold only letters, digits, '_' and '-'")
+            builder = MODELS.get(model.name)
+            try:  # catches unknown or ill-typed model arguments before anything runs
+                builder(**model.args)
+            except TypeError as e:
+                raise ValueError(f"model '{model.name}' does not accept args {model.args} ({e})") from None
         for name, params in self.regimes.items():
             _check_params(REGIMES.get(name).Params, params, f"regimes.{name}")
         for label, p in self.pruning.items():
@@ -296,10 +318,17 @@ class StudyConfig(Strict):
         return self
 
 
+    def model_items(self) -> list[tuple[str | None, ModelConfig]]:
+        """The architectures of the grid: (None, model) for a one-model study, else (label, config)."""
+        return list(self.models.items()) if self.models else [(None, self.model)]
+
     def _check_selector(self, m: ModelSelector) -> None:
         from robustprune.prune import PRUNING_METHODS
 
         where = f"evaluation.transfer.models entry {m.model_dump(exclude_none=True)}"
+        if m.model is not None and m.model not in self.models:
+            raise ValueError(f"{where} names model '{m.model}', which is not a label of 'models' "
+                             f"({', '.join(self.models) or 'the study has one model; leave model out'})")
         if m.pruning == "dense":
             if (m.sparsity, m.finetune_epochs, m.round) != (None, None, None):
                 raise ValueError(f"{where}: the dense model takes no sparsity, finetune_epochs or round")

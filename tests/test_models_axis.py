@@ -1,0 +1,109 @@
+"""Studies of several architectures (`models:`): validation, cells, job planning, and a small
+two-architecture study through the CLI with a cross-architecture transfer matrix."""
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from robustprune.errors import UserError
+from robustprune.study.cells import expand
+from robustprune.study.executor import plan_jobs
+from robustprune.study.schema import resolve_study
+
+TWO_MODELS = {
+    "name": "two_models",
+    "dataset": "mnist",
+    "data": {"train_subset": 1000, "test_subset": 300},
+    "models": {"narrow": {"name": "mnist_cnn", "args": {"conv1": 4, "conv2": 8, "fc": 32}},
+               "wide": {"name": "mnist_cnn"}},
+    "train": {"epochs": 1},
+    "finetune": {"lr": 0.01},
+    "pruning": {"magnitude": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [0, 1]}},
+    "evaluation": {"attack_subset": 100, "attacks": {"fgsm": {"eps": [0.1]}},
+                   "transfer": {"attack": "fgsm", "models": ["dense", {"pruning": "magnitude", "sparsity": 0.5,
+                                                                        "finetune_epochs": 1, "model": "wide"}]}},
+}
+
+
+def test_models_axis_cells():
+    study = resolve_study(TWO_MODELS, "test")
+    cells = expand(study)
+    assert len(cells) == 2 * 3  # per architecture: dense + magnitude x (no FT, FT)
+    assert {c.axes["model"] for c in cells} == {"narrow", "wide"}
+    assert len({c.hash for c in cells}) == len(cells)
+    narrow = [c for c in cells if c.axes["model"] == "narrow"]
+    assert all(c.dense_key["model"]["args"]["conv1"] == 4 for c in narrow)
+    assert "narrow / clean / dense / seed 0" in {c.label for c in cells}
+
+
+def test_one_model_studies_keep_their_axes_and_hashes(study_file):
+    raw = yaml.safe_load(study_file.read_text())
+    cells = expand(resolve_study(raw, "test", "full"))
+    assert all("model" not in c.axes for c in cells)
+    with_models = dict(raw, models={"cnn": raw.get("model", {"name": "mnist_cnn"})})
+    with_models.pop("model", None)
+    relabelled = expand(resolve_study(with_models, "test", "full"))
+    # the same architecture under a label computes the same models: identical hashes
+    assert [c.hash for c in relabelled] == [c.hash for c in cells]
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"model": {"name": "mnist_cnn", "args": {"fc": 64}}}, "either 'model' (one architecture) or 'models'"),
+    ({"models": {"a": {"name": "mnist_cnn"}, "b": {"name": "mnist_cnn"}}}, "same architecture"),
+    ({"models": {"a b": {"name": "mnist_cnn"}}}, "model label 'a b'"),
+    ({"models": {"a": {"name": "resnet"}}}, "unknown model 'resnet'"),
+    ({"evaluation": {"attacks": {"fgsm": {"eps": [0.1]}},
+                     "transfer": {"attack": "fgsm", "models": ["dense", {"pruning": "dense", "model": "huge"}]}}},
+     "names model 'huge'"),
+])
+def test_models_axis_bad_input(change, expected):
+    with pytest.raises(UserError) as e:
+        resolve_study(TWO_MODELS | change, "test")
+    assert expected in str(e.value)
+
+
+def test_jobs_wait_for_their_dense_models_and_transfer_spans_architectures():
+    study = resolve_study(TWO_MODELS, "test")
+    cells = expand(study)
+    jobs = plan_jobs(cells, study.evaluation.transfer.models)
+    by_cell = {c.hash: j for j in jobs for c in j.cells}
+    # every selected model (both dense models and the wide FT model) is built by one worker
+    selected = [c for c in cells if any(m.matches(c.axes) for m in study.evaluation.transfer.models)]
+    assert len(selected) == 3 and len({by_cell[c.hash].id for c in selected}) == 1
+    merged = by_cell[selected[0].hash]
+    assert merged.cells[0].config["pruning"] is None and merged.after == []
+    for job in jobs:
+        for c in job.cells:
+            if c.config["pruning"] is not None:
+                dense = next(d for d in cells if d.config["pruning"] is None and d.axes["model"] == c.axes["model"])
+                assert by_cell[dense.hash].id == job.id or by_cell[dense.hash].id in job.after
+    # without transfer: one dense job per architecture, each pruned job after its own
+    plain = plan_jobs(cells)
+    assert sum(1 for j in plain if j.cells[0].config["pruning"] is None) == 2
+    assert all(len(j.after) == 1 for j in plain if j.cells[0].config["pruning"] is not None)
+
+
+@pytest.mark.slow
+def test_two_architecture_study_through_the_cli(tmp_path, data_dir):
+    study_file = tmp_path / "two.yaml"
+    study_file.write_text(yaml.safe_dump(TWO_MODELS))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "robustprune", "run", str(study_file), "--data-dir", str(data_dir),
+                           "--out", str(out), "--workers", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "narrow: Dense" in text and "wide: magnitude s=0.5, FT 1 ep" in text
+    assert "Source ↓ / target →" in text
+    with sqlite3.connect(out / "results.sqlite") as db:
+        assert db.execute("SELECT count(*) FROM cells WHERE status = 'done'").fetchone()[0] == 6
+        # the narrow dense model is attacked with examples crafted on the wide dense and pruned models
+        metrics = {m for (m,) in db.execute("SELECT DISTINCT metric FROM results WHERE axes LIKE '%narrow%'")}
+    assert "acc_transfer:fgsm@0.1|wide dense" in metrics
+    assert "acc_transfer:fgsm@0.1|wide magnitude s=0.5 ft=1" in metrics
+    csv_text = subprocess.run([sys.executable, "-m", "robustprune", "report", str(out), "--format", "csv"],
+                              capture_output=True, text=True, timeout=120).stdout
+    assert csv_text.splitlines()[0].startswith("model,regime,pruning")
