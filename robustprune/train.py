@@ -10,7 +10,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from robustprune.data.augment import BATCH_TRANSFORMS, crop_flip
 from robustprune.device import use_bf16
+
+# The augmentation generator's seed is the training seed plus this (random choices never share a stream).
+AUGMENT_SEED_OFFSET = 1 << 32
 
 
 class TrainConfig(BaseModel):
@@ -28,6 +32,11 @@ class TrainConfig(BaseModel):
     warmup: float = Field(0.2, ge=0, le=1, description="share of steps spent warming up (onecycle)")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    augment: Literal["none", "crop_flip"] = Field("none", description="per-image augmentation of each batch")
+    crop_padding: int = Field(4, ge=0, description="zero padding of the random crop (crop_flip)")
+    mix: Literal["none", "mixup", "cutout", "cutmix"] = Field("none", description="a batch transform of robustprune.data.augment")
+    mix_alpha: float = Field(1.0, gt=0, description="Beta(alpha, alpha) of mixup and cutmix")
+    cutout_size: int = Field(16, ge=1, description="side of the cutout square in pixels")
 
 
 class TrainingDiverged(RuntimeError):
@@ -83,25 +92,38 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, 
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
     sched = make_schedule(opt, cfg, cfg.epochs * steps_per_epoch)
     g = torch.Generator(device="cpu").manual_seed(seed)
+    # augmentation draws from its own stream, so the batch order does not depend on it
+    aug_g = torch.Generator(device="cpu").manual_seed(seed + AUGMENT_SEED_OFFSET)
+    mix = BATCH_TRANSFORMS.get(cfg.mix) if cfg.mix != "none" else None
     bf16 = use_bf16(cfg.precision, device)
     model.train()
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(x), generator=g).to(device)
         loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
+        correct = torch.zeros((), device=device, dtype=torch.long if mix is None else torch.float64)  # mixed: weighted
         for step in range(steps_per_epoch):
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            xb, yb = to_float(x[idx]), y[idx]
+            xb, yb = x[idx], y[idx]
+            if cfg.augment == "crop_flip":
+                xb = crop_flip(xb, aug_g, cfg.crop_padding)
+            xb = to_float(xb)
+            yb2, lam = yb, 1.0
+            if mix is not None:
+                xb, yb, yb2, lam = mix(xb, yb, aug_g, alpha=cfg.mix_alpha, size=cfg.cutout_size)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(xb)
                 loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+                if lam != 1.0:  # mixed labels: lam * CE(y_a) + (1 - lam) * CE(y_b)
+                    loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits.float(), yb2,
+                                                                     label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             apply_masks(model, masks)
             loss_sum += loss.detach() * len(idx)
-            correct += (logits.detach().argmax(1) == yb).sum()
+            pred = logits.detach().argmax(1)
+            correct += (pred == yb).sum() if lam == 1.0 else lam * (pred == yb).sum() + (1.0 - lam) * (pred == yb2).sum()
             if on_step is not None and (step % 20 == 0 or step == steps_per_epoch - 1):
                 value = float(loss.detach())
                 if not math.isfinite(value):
