@@ -87,8 +87,8 @@ def test_load_dataset_empty_folder_without_download(tmp_path):
 
 
 def test_unknown_dataset():
-    with pytest.raises(UserError, match="unknown dataset 'cifar100'; known: mnist"):
-        load_dataset("cifar100", None, download=False)
+    with pytest.raises(UserError, match="unknown dataset 'svhn'; known: cifar10, cifar100, mnist, tiny_imagenet"):
+        load_dataset("svhn", None, download=False)
 
 
 # ---- data folder precedence -------------------------------------------------------------------------

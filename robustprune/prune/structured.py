@@ -232,7 +232,7 @@ def _prepare(criterion, model, x, y) -> None:
 def prune_filters_(model: nn.Module, criterion, ratio: float, example_input: torch.Tensor, *,
                    scope: str = "uniform", layer_ratios: dict[str, float] | None = None,
                    x: torch.Tensor | None = None, y: torch.Tensor | None = None,
-                   ignored_layers=None, normalize: bool = True) -> nn.Module:
+                   ignored_layers=None, normalize: bool | None = None) -> nn.Module:
     """Physically remove filters from any model, residual connections and concatenations included.
 
     Filters are grouped as Torch-Pruning couples them (a conv, its BN and the next layers' input
@@ -242,9 +242,13 @@ def prune_filters_(model: nn.Module, criterion, ratio: float, example_input: tor
 
     - scope="uniform": round(ratio * n) of the n channels of every group;
     - scope="global": round(ratio * N) of all N channels, ranked across groups on scores divided
-      by their group's mean (Torch-Pruning's default normaliser; normalize=False ranks raw scores,
-      for criteria such as LAMP that are already comparable across layers); every group keeps at
-      least one channel;
+      by their group's mean (Torch-Pruning's default normaliser). normalize=False ranks raw
+      scores, for criteria such as LAMP that are already comparable across layers; the default
+      (None) is False for a criterion whose class sets `normalized = True`, else True. Every
+      group keeps at least one channel. As in Torch-Pruning, a set of coupled channels counts
+      once, so removing a channel of a residual stream (shared by every conv feeding its
+      additions) removes more filters than a channel inside a block: the share of filters
+      removed can differ from `ratio`;
     - layer_ratios {module name: ratio}: the group holding that layer's filters is pruned at that
       ratio instead (a residual group is pruned as a whole: every conv feeding one addition gets
       the ratio), ranked within the group; the other groups follow `ratio` and `scope`. Pass
@@ -260,6 +264,9 @@ def prune_filters_(model: nn.Module, criterion, ratio: float, example_input: tor
     if not any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()):
         raise UserError(f"model {type(model).__name__} has no convolution filters to prune; "
                         f"pick a model with conv layers or use unstructured pruning")
+    param = next(model.parameters(), None)
+    if param is not None:  # tracing runs the model: the example goes where the model is
+        example_input = example_input.to(param.device)
     by_name = dict(zip(layer_ratios, _resolve_modules(model, layer_ratios, "layer")))
     ignored = _resolve_modules(model, ignored_layers, "ignored layer")
     head = output_layer(model, example_input)
@@ -280,8 +287,9 @@ def prune_filters_(model: nn.Module, criterion, ratio: float, example_input: tor
         for name, module in by_name.items():
             hits = [k for k, u in enumerate(units) if name in u.layers]
             if not hits:
+                valid = [n for u in units for n in u.layers]
                 raise UserError(f"layer '{name}' has no prunable filters (not a conv, ignored, or coupled "
-                                f"to the output); name a conv layer, e.g. {_names_hint(sum((u.layers for u in units), []))}")
+                                f"to the output); name a conv layer, e.g. {_names_hint(valid)}")
             k = hits[0]
             if k in own and own[k][1] != layer_ratios[name]:
                 raise UserError(f"layers '{own[k][0]}' and '{name}' share their channels (one residual group) "
@@ -294,6 +302,8 @@ def prune_filters_(model: nn.Module, criterion, ratio: float, example_input: tor
             for u in rest:
                 _plan_local(u, ratio, "uniform ratio")
         else:
+            if normalize is None:
+                normalize = not getattr(criterion, "normalized", False)
             _plan_global(rest, ratio, normalize)
         for u in units:
             if u.remove:
