@@ -8,7 +8,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from robustprune.prune.structured import filters_to_remove, remove_filters_
+from robustprune.prune.criteria import build_criterion
+from robustprune.prune.structured import StructuredParams, filters_to_remove, prune_structured_, remove_filters_
 from robustprune.prune.unstructured import apply_masks_, global_magnitude_masks
 from robustprune.registry import Registry
 
@@ -20,14 +21,23 @@ class MethodParams(BaseModel):
 
 
 class PruningMethod(ABC):
-    """prune(model, sparsity, example_input) prunes in place and returns masks to keep during
-    fine-tuning (unstructured) or None (structured: the model itself shrank)."""
+    """prune(model, sparsity, example_input, params, data) prunes in place and returns masks to keep
+    during fine-tuning (unstructured) or None (structured: the model itself shrank). `data` is a
+    batch (x, y) of training images for methods whose criterion reads data, else None."""
 
-    Params: ClassVar[type[MethodParams]] = MethodParams
+    Params: ClassVar[type[BaseModel]] = MethodParams
     iterative: ClassVar[bool] = False
 
+    def needs_data(self, params) -> bool:
+        return False
+
+    def validate(self, params) -> None:
+        """Raise ValueError for parameters that pass their types but cannot run (checked when the
+        study file is read, before any work)."""
+
     @abstractmethod
-    def prune(self, model: nn.Module, sparsity: float, example_input: torch.Tensor, params) -> dict | None:
+    def prune(self, model: nn.Module, sparsity: float, example_input: torch.Tensor, params,
+              data: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict | None:
         """Prune `model` in place to `sparsity`."""
 
 
@@ -35,7 +45,7 @@ class PruningMethod(ABC):
 class GlobalMagnitude(PruningMethod):
     """Global L1 unstructured: the fraction s of all conv+linear weights with the smallest |w|."""
 
-    def prune(self, model, sparsity, example_input, params):
+    def prune(self, model, sparsity, example_input, params, data=None):
         masks = global_magnitude_masks(model, sparsity)
         apply_masks_(model, masks)
         return masks
@@ -45,7 +55,7 @@ class GlobalMagnitude(PruningMethod):
 class ChannelL1(PruningMethod):
     """Structured: the fraction s of filters with the smallest L1 norm in every conv layer, removed."""
 
-    def prune(self, model, sparsity, example_input, params):
+    def prune(self, model, sparsity, example_input, params, data=None):
         remove_filters_(model, filters_to_remove(model, sparsity), example_input)
         return None
 
@@ -63,7 +73,35 @@ class LotteryTicket(PruningMethod):
     Params = LotteryParams
     iterative = True
 
-    def prune(self, model, sparsity, example_input, params):
+    def prune(self, model, sparsity, example_input, params, data=None):
         masks = global_magnitude_masks(model, sparsity)
         apply_masks_(model, masks)
         return masks
+
+
+@PRUNING_METHODS.register("structured")
+class Structured(PruningMethod):
+    """Structured: filters, residual blocks or both removed by any criterion (Torch-Pruning graph)."""
+
+    Params = StructuredParams
+
+    def needs_data(self, params) -> bool:
+        return build_criterion(params.criterion, **params.criterion_params).needs_data
+
+    def validate(self, params) -> None:
+        try:
+            build_criterion(params.criterion, **params.criterion_params)
+        except TypeError as e:
+            raise ValueError(f"criterion '{params.criterion}' does not accept {params.criterion_params} ({e})") from None
+        if params.rounds != 1:
+            raise ValueError("structured pruning in a study runs one round (rounds: 1) for now; iterative "
+                             "pruning is available through robustprune.prune.structured.iterative_prune")
+
+    def prune(self, model, sparsity, example_input, params, data=None):
+        criterion = build_criterion(params.criterion, **params.criterion_params)
+        x, y = data if data is not None else (None, None)
+        ratio = (params.block_ratio if params.block_ratio is not None else sparsity, sparsity) \
+            if params.target == "both" else sparsity
+        prune_structured_(model, criterion, ratio, example_input, target=params.target, scope=params.scope,
+                          layer_ratios=params.layer_ratios, x=x, y=y)
+        return None

@@ -31,6 +31,7 @@ from robustprune.train import TrainConfig, TrainingDiverged, accuracy, to_float,
 # Derived seeds keep the random streams of one cell apart (init/shuffle, fine-tuning, regime noise).
 FINETUNE_SEED_OFFSET = 1
 REGIME_SEED_OFFSET = 7
+CRITERION_IMAGES = 512  # training images a data-driven pruning criterion sees
 
 
 class Progress:
@@ -153,7 +154,8 @@ class Workspace:
         dense = self.dense(key)
         model = copy.deepcopy(dense.model)
         self.progress.stage(f"prune {pr['method']} s={pr['sparsity']:g}", 1)
-        masks = method.prune(model, pr["sparsity"], self.example_input(), params)
+        masks = method.prune(model, pr["sparsity"], self.example_input(), params,
+                             self.criterion_batch(key) if method.needs_data(params) else None)
         model = to_device(model, self.device)  # pruning makes new, plain-layout tensors
         if not pr["finetune"]:
             return model.eval(), []
@@ -168,6 +170,13 @@ class Workspace:
                               f"fine-tune {ft.epochs} epochs", masks)
         checkpoint.save({"state": model.state_dict(), "history": history}, path)
         return model.eval(), history
+
+    def criterion_batch(self, key: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training images a data-driven criterion scores with: the first CRITERION_IMAGES of
+        the regime's training set (fixed, so pruning the same model twice gives the same result)."""
+        data = self.regime_data(key)
+        x, y = data.x_train[:CRITERION_IMAGES], data.y_train[:CRITERION_IMAGES]
+        return to_float(x.to(self.device)), y.to(self.device)
 
     def lottery_round(self, key: dict, params, r: int) -> tuple[torch.nn.Module, dict, list]:
         """Round r of the lottery ticket: prune `rate` of the remaining weights of round r-1's

@@ -300,6 +300,12 @@ class StudyConfig(Strict):
         for label, p in self.pruning.items():
             method = PRUNING_METHODS.get(p.method)
             _check_params(method.Params, p.params, f"pruning.{label}.params")
+            try:
+                method().validate(method.Params(**p.params))
+            except ValueError as e:
+                raise ValueError(f"pruning.{label}.params: {e}") from None
+            if getattr(method.Params(**p.params), "target", None) in ("blocks", "both"):
+                self._check_blocks(label)
             if not method.iterative and not p.sparsities:
                 raise ValueError(f"pruning '{label}' lists no sparsities")
         if self.evaluation.transfer:
@@ -317,6 +323,16 @@ class StudyConfig(Strict):
                                  f"'{row.pruning}' runs {entry.sparsities}")
         return self
 
+
+    def _check_blocks(self, label: str) -> None:
+        """Layer pruning needs residual blocks with identity shortcuts in every architecture."""
+        from robustprune.models import MODELS
+        from robustprune.models.blocks import residual_blocks
+
+        for _, model in self.model_items():
+            if not any(b.removable for _, b in residual_blocks(MODELS.get(model.name)(**model.args))):
+                raise ValueError(f"pruning '{label}' removes residual blocks, but model '{model.name}' has no "
+                                 f"residual block with an identity shortcut; use target: filters")
 
     def model_items(self) -> list[tuple[str | None, ModelConfig]]:
         """The architectures of the grid: (None, model) for a one-model study, else (label, config)."""

@@ -69,6 +69,7 @@ class LAMP(Criterion):
     scores from different layers are compared (global pruning), which is what LAMP is for."""
 
     name = "lamp"
+    normalized = True  # already comparable across layers: global pruning must not rescale it
 
     def __init__(self, scope: str = "filter"):
         self.scope = check_scope(self.name, scope)

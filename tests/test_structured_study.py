@@ -1,0 +1,88 @@
+"""The `structured` pruning method in study files: criteria, targets, bad input, and a small
+ResNet-20 study on real CIFAR-10 through the CLI."""
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from robustprune.errors import UserError
+from robustprune.study.cells import expand
+from robustprune.study.schema import resolve_study
+
+CIFAR_STUDY = {
+    "name": "cifar_structured_tiny",
+    "dataset": "cifar10",
+    "data": {"train_subset": 512, "test_subset": 200},
+    "model": {"name": "resnet20"},
+    "train": {"epochs": 1, "batch_size": 128, "lr": 0.1, "augment": "crop_flip"},
+    "finetune": {"lr": 0.01},
+    "pruning": {
+        "pls_filters": {"method": "structured", "sparsities": [0.3], "finetune_epochs": [0, 1],
+                        "params": {"criterion": "pls", "target": "filters"}},
+        "l1_both": {"method": "structured", "sparsities": [0.3], "finetune_epochs": [0],
+                    "params": {"criterion": "l1", "target": "both"}},
+    },
+    "evaluation": {"attack_subset": 100, "shift_subset": 100, "attacks": {"fgsm": {"eps": [0.0313725]}},
+                   "occlusion": [8]},
+}
+
+
+def test_structured_entries_expand_with_their_criterion():
+    cells = expand(resolve_study(CIFAR_STUDY, "test"))
+    assert len(cells) == 1 + 2 + 1
+    pls = [c for c in cells if c.axes["pruning"] == "pls_filters"]
+    assert all(c.config["pruning"]["params"]["criterion"] == "pls" for c in pls)
+    assert len({c.hash for c in cells}) == 4
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({"criterion": "plz"}, "unknown criterion 'plz'; did you mean 'pls'?"),
+    ({"criterion": "pls", "target": "layers"}, "'pruning.x.params.target'"),
+    ({"criterion": "pls", "rounds": 3}, "runs one round"),
+    ({"criterion": "random", "criterion_params": {"sed": 1}}, "does not accept"),
+])
+def test_bad_structured_params(params, expected):
+    raw = dict(CIFAR_STUDY, pruning={"x": {"method": "structured", "sparsities": [0.3], "params": params}})
+    with pytest.raises(UserError) as e:
+        resolve_study(raw, "test")
+    assert expected in str(e.value)
+
+
+def test_block_pruning_of_a_model_without_blocks_is_refused_before_running():
+    raw = dict(CIFAR_STUDY, model={"name": "vgg16_bn"},
+               pruning={"x": {"method": "structured", "sparsities": [0.3], "params": {"target": "blocks"}}})
+    with pytest.raises(UserError) as e:
+        resolve_study(raw, "test")
+    assert "has no residual block with an identity shortcut; use target: filters" in str(e.value)
+
+
+@pytest.mark.slow
+def test_resnet20_structured_study_on_real_cifar10(tmp_path, data_dir):
+    if not (data_dir / "cifar10" / "cifar10.npz").exists():
+        pytest.skip("real CIFAR-10 not found")
+    study_file = tmp_path / "cifar.yaml"
+    study_file.write_text(yaml.safe_dump(CIFAR_STUDY))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "robustprune", "run", str(study_file), "--data-dir", str(data_dir),
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    with sqlite3.connect(out / "results.sqlite") as db:
+        rows = db.execute("SELECT axes, metric, value FROM results WHERE metric IN ('params', 'acc_clean', "
+                          "'acc_adv:fgsm@0.0313725', 'acc_occlusion@8')").fetchall()
+    import json
+
+    got = {(json.loads(a)["pruning"], json.loads(a)["finetune_epochs"], m): v for a, m, v in rows}
+    dense = got[("dense", 0, "params")]
+    assert 260_000 < dense < 290_000  # ResNet-20
+    # 30 % of every group of coupled filters: about half the weights go (both in and out channels shrink)
+    assert 0.35 * dense < got[("pls_filters", 0, "params")] < 0.65 * dense
+    # blocks first, then filters: smaller still
+    assert got[("l1_both", 0, "params")] < got[("pls_filters", 0, "params")]
+    for key, v in got.items():
+        if key[2].startswith("acc_"):
+            assert 0.0 <= v <= 1.0
+    assert "pls_filters s=0.3, FT 1 ep" in proc.stdout
