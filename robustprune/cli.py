@@ -62,11 +62,14 @@ def cmd_list(args) -> int:
     from robustprune.attacks.corruptions import CORRUPTIONS
     from robustprune.data import DATASETS, REGIMES
     from robustprune.models import MODELS
+    from robustprune.data.augment import BATCH_TRANSFORMS
     from robustprune.prune import PRUNING_METHODS
+    from robustprune.prune.criteria import CRITERIA
 
     console = _console()
     for title, reg in [("Datasets", DATASETS), ("Models", MODELS), ("Training regimes", REGIMES),
-                       ("Pruning methods", PRUNING_METHODS), ("Attacks", ATTACKS), ("Distribution shifts", SHIFTS)]:
+                       ("Batch transforms (train.mix)", BATCH_TRANSFORMS), ("Pruning methods", PRUNING_METHODS),
+                       ("Pruning criteria", CRITERIA), ("Attacks", ATTACKS), ("Distribution shifts", SHIFTS)]:
         t = Table(title=title, title_justify="left", show_header=False, box=None)
         for name, doc in reg.describe():
             t.add_row(f"[bold]{name}[/]", doc)
