@@ -200,7 +200,8 @@ def test_gap_at_the_tolerance_passes(study):
 def test_all_tables_order(study):
     cells = study_cells() + [cell("clean", "dense", 2) | {"status": "failed", "error": "boom", "metrics": {}}]
     titles = [t.title for t in all_tables(study, cells)]
-    per_regime = lambda r: [f"Robustness summary (regime '{r}')", f"Sweep: regime '{r}'",  # noqa: E731
+    per_regime = lambda r: [f"Robustness summary (regime '{r}')",  # noqa: E731
+                            f"Gain over the unpruned network (regime '{r}')", f"Sweep: regime '{r}'",
                             f"Attack strength: FGSM (regime '{r}')", f"Attack strength: PGD20 (regime '{r}')",
                             f"Occlusion (regime '{r}')", f"Corruptions by type (regime '{r}')",
                             f"Corruptions by severity (regime '{r}')", f"Transfer attacks (regime '{r}')"]
@@ -228,3 +229,19 @@ def test_rich_rendering_fits_160_columns(study):
         console.print(to_rich(t, console.width))
     out = console.file.getvalue()
     assert "Corruptions by type" in out and max(map(len, out.splitlines())) <= 160
+
+
+def test_gains_table_in_jordao_layout(study):
+    # seed 1 of the pruned model gains 3 p.p. of clean accuracy over its dense model, seed 0 loses 4
+    cells = study_cells(**{"clean/magnitude/1": {"acc_clean": 0.95}})
+    t = rb.gains_table(study, cells, "clean")
+    assert t.headers == ["Setting", "Semantic", "Occlusion", "FGSM ε=0.2", "PGD20 ε=0.2", "PGD10 ε=0.1",
+                         "Clean", "Average"]
+    assert [r[0] for r in t.rows] == ["magnitude s=0.5, FT 1 ep"]  # the dense network is the reference
+    row = dict(zip(t.headers, t.rows[0]))
+    assert row["Semantic"] == "(-) 4.00 ± 0.00" and row["Occlusion"] == "(-) 4.00 ± 0.00"  # paired by seed
+    # clean: seed 0 -> 86 - 90 = -4; seed 1 -> 95 - 92 = +3; mean -0.5, std 4.95
+    assert row["Clean"] == "(-) 0.50 ± 4.95"
+    # average over the six columns, per seed: (5 * -4 + -4) / 6 = -4 and (5 * -4 + 3) / 6 = -2.83
+    assert row["Average"] == "(-) 3.42 ± 0.82"
+    assert rb.signed([0.001]) == "0.00" and rb.signed([1.5]) == "(+) 1.50" and rb.signed([]) == "—"

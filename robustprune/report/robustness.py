@@ -204,6 +204,65 @@ def summary_table(study: StudyConfig, cells: list[dict], regime: str, flags: set
     return settings_table(view, "Robustness summary", columns, "Accuracy (%), " + "; ".join(parts) + ".")
 
 
+def gains_table(study: StudyConfig, cells: list[dict], regime: str, flags: set | None = None) -> Table | None:
+    """Jordão & Pedrini (2021) Tables 1-3: per pruned setting, the difference in p.p. to the
+    unpruned network of the same architecture, regime and seed on Semantic (the corruption mean),
+    Occlusion (mean over sizes), each attack at the report eps and Clean, and their Average;
+    '(+)' is a gain, '(-)' a loss; mean ± std over seeds."""
+    view = regime_view(study, cells, regime, flags)
+    if view is None:
+        return None
+    ev = study.evaluation
+    measures: dict[str, Callable[[dict], float | None]] = {}
+    if view.has(names.corruption()):
+        measures["Semantic"] = lambda c: c["metrics"].get(names.corruption())
+    sizes = [names.occlusion(s) for s in ev.occlusion if view.has(names.occlusion(s))]
+    if sizes:
+        measures["Occlusion"] = lambda c: (statistics.fmean(v) if (v := [c["metrics"][m] for m in sizes
+                                                                       if m in c["metrics"]]) else None)
+    for label in ev.attacks:
+        m = names.adv(label, report_eps(study, label))
+        if view.has(m):
+            measures[f"{attack_title(label)} ε={names.strength(report_eps(study, label))}"] = \
+                lambda c, m=m: c["metrics"].get(m)
+    measures["Clean"] = lambda c: c["metrics"].get("acc_clean")
+    dense = {(k.model, c["axes"]["seed"]): c for k in view.keys if k.pruning == "dense" for c in view.groups[k]}
+    rows = []
+    for k in view.keys:
+        if k.pruning == "dense":
+            continue
+        per_column: dict[str, list[float]] = {name: [] for name in [*measures, "Average"]}
+        for c in view.groups[k]:
+            base = dense.get((k.model, c["axes"]["seed"]))
+            if base is None:
+                continue
+            gains = {}
+            for name, measure in measures.items():
+                now, before = measure(c), measure(base)
+                if now is not None and before is not None:
+                    gains[name] = 100 * (now - before)
+                    per_column[name].append(gains[name])
+            if len(gains) == len(measures):
+                per_column["Average"].append(statistics.fmean(gains.values()))
+        rows.append([setting_label(k), *[signed(v) for v in per_column.values()]])
+    if not rows or len(measures) < 2:
+        return None
+    caption = (f"Difference in accuracy (p.p.) between each pruned network and the unpruned one of the same "
+               f"architecture, regime and seed (Jordão & Pedrini 2021, Tables 1-3); (+) = gain, (-) = loss; "
+               f"Average = mean of the columns, clean included; mean ± std over {view.seeds()}.")
+    return Table(f"Gain over the unpruned network (regime '{regime}')", ["Setting", *measures, "Average"],
+                 rows, caption)
+
+
+def signed(gains: list[float]) -> str:
+    """'(+) 1.58', '(-) 0.60 ± 0.20' from gains in p.p. (one per seed)."""
+    if not gains:
+        return "—"
+    mean = round(statistics.fmean(gains), 2)
+    text = f"({'+' if mean > 0 else '-'}) {abs(mean):.2f}" if mean else "0.00"
+    return text + (f" ± {statistics.stdev(gains):.2f}" if len(gains) > 1 else "")
+
+
 def attack_columns(view: Regime, columns: dict[str, Column]) -> list[str]:
     """Adds one column per attack at its report eps; returns the caption's words on them."""
     for label in view.study.evaluation.attacks:

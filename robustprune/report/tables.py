@@ -223,7 +223,8 @@ def all_tables(study: StudyConfig, cells: list[dict]) -> list[Table]:
     flags = rb.masking_flags(study, cells)
     tables = [table1(study, cells, flags)]
     for regime in study.regimes:
-        tables += [rb.summary_table(study, cells, regime, flags), sweep_table(study, cells, regime, flags),
+        tables += [rb.summary_table(study, cells, regime, flags), rb.gains_table(study, cells, regime, flags),
+                   sweep_table(study, cells, regime, flags),
                    *rb.detail_tables(study, cells, regime, flags)]
     tables += [rb.masking_table(study, cells), failed_cells_table(cells)]
     return [t for t in tables if t]
