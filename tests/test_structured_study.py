@@ -86,3 +86,28 @@ def test_resnet20_structured_study_on_real_cifar10(tmp_path, data_dir):
         if key[2].startswith("acc_"):
             assert 0.0 <= v <= 1.0
     assert "pls_filters s=0.3, FT 1 ep" in proc.stdout
+
+
+@pytest.mark.slow
+def test_cifar_study_smoke_budget_through_the_cli(tmp_path, data_dir):
+    if not (data_dir / "cifar10" / "cifar10.npz").exists():
+        pytest.skip("real CIFAR-10 not found")
+    from conftest import REPO_ROOT
+
+    study_file = REPO_ROOT / "studies" / "cifar_structured_pruning_robustness.yaml"
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "robustprune", "run", str(study_file), "--budget", "smoke",
+                           "--data-dir", str(data_dir), "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    # the Jordão & Pedrini layout, CIFAR eps written as k/255, the transfer matrix
+    for label in ("Gain over the unpruned network (regime 'clean')", "Semantic", "Occlusion", "FGSM ε=8/255",
+                  "resnet20: pls_layers s=0.1, FT 1 ep", "resnet20: kl_filters s=0.1, FT 1 ep",
+                  "Source ↓ / target →", "Attack strength: FGSM"):
+        assert label in text, label
+    with sqlite3.connect(out / "results.sqlite") as db:
+        # dense + pls_filters x (no FT, FT) + 6 other entries with FT
+        assert db.execute("SELECT count(*) FROM cells WHERE status = 'done'").fetchone()[0] == 9
+        params = dict(db.execute("SELECT json_extract(axes, '$.pruning') || ':' || json_extract(axes, "
+                                 "'$.finetune_epochs'), value FROM results WHERE metric = 'params'").fetchall())
+    assert params["pls_layers:1"] < params["dense:0"] and params["pls_both:1"] < params["pls_filters:1"]

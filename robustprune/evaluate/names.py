@@ -31,6 +31,14 @@ def strength(value: float) -> str:
     return f"{value:g}"
 
 
+def eps_text(value: float) -> str:
+    """An eps as a reader writes it: '8/255' for 0.0313725 (CIFAR papers), '0.1' for 0.1 (MNIST)."""
+    k = value * 255
+    if len(f"{value:g}") > 5 and abs(k - round(k)) < 1e-3 and round(k) > 0:
+        return f"{round(k)}/255"
+    return strength(value)
+
+
 def adv(attack: str, eps: float) -> str:
     return f"acc_adv:{attack}@{strength(eps)}"
 

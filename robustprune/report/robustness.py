@@ -76,7 +76,7 @@ def describe(metric: str) -> str:
     """A metric as a reader names it: 'PGD20 ε=0.1', 'PGD20 ε=0.1 from dense', 'FGSM-data acc.'."""
     p = names.parse(metric)
     if p.family in ("adv", "transfer"):
-        text = f"{attack_title(p.name)} ε={p.strength}"
+        text = f"{attack_title(p.name)} ε={names.eps_text(float(p.strength))}"
         return text + (f" from {p.source}" if p.source else "")
     return metric_label(metric)
 
@@ -223,7 +223,7 @@ def gains_table(study: StudyConfig, cells: list[dict], regime: str, flags: set |
     for label in ev.attacks:
         m = names.adv(label, report_eps(study, label))
         if view.has(m):
-            measures[f"{attack_title(label)} ε={names.strength(report_eps(study, label))}"] = \
+            measures[f"{attack_title(label)} ε={names.eps_text(report_eps(study, label))}"] = \
                 lambda c, m=m: c["metrics"].get(m)
     measures["Clean"] = lambda c: c["metrics"].get("acc_clean")
     dense = {(k.model, c["axes"]["seed"]): c for k in view.keys if k.pruning == "dense" for c in view.groups[k]}
@@ -268,7 +268,7 @@ def attack_columns(view: Regime, columns: dict[str, Column]) -> list[str]:
     for label in view.study.evaluation.attacks:
         eps = report_eps(view.study, label)
         if view.has(names.adv(label, eps)):
-            columns[f"{attack_title(label)} ε={names.strength(eps)}"] = metric_column(view, names.adv(label, eps))
+            columns[f"{attack_title(label)} ε={names.eps_text(eps)}"] = metric_column(view, names.adv(label, eps))
     return [f"white-box L∞ attacks at the ε in the header (pixel scale [0, 1]) on the first "
             f"{view.images('images:attacks')} test images"] if columns else []
 
@@ -313,7 +313,7 @@ def attack_sweep_tables(view: Regime) -> list[Table]:
             continue
         params = ", ".join(f"{k}={v}" for k, v in entry.params.items())
         name = attack_title(entry.attack or label) + (f" ({params})" if params else "")
-        columns = {f"ε={names.strength(e)}": metric_column(view, names.adv(label, e)) for e in eps}
+        columns = {f"ε={names.eps_text(e)}": metric_column(view, names.adv(label, e)) for e in eps}
         caption = (f"Accuracy (%) under white-box {name}, L∞ radius ε in pixel scale [0, 1], on the first "
                    f"{view.images('images:attacks')} test images; mean ± std over {view.seeds()}.")
         out.append(settings_table(view, f"Attack strength: {attack_title(label)}", columns, caption))
@@ -366,7 +366,7 @@ def transfer_table(view: Regime) -> Table | None:
             metric = names.adv(tr.attack, eps) if source == target else names.transfer(tr.attack, eps, source)
             row.append("—" if k is None else show(view.groups[k], metric, k, view.flags))
         rows.append(row)
-    caption = (f"Accuracy (%) of the target model (column) on {attack_title(tr.attack)} ε={names.strength(eps)} "
+    caption = (f"Accuracy (%) of the target model (column) on {attack_title(tr.attack)} ε={names.eps_text(eps)} "
                f"examples crafted on the source model (row), same regime and seed, on the first "
                f"{view.images('images:attacks')} test images; the diagonal is the target's white-box accuracy. "
                f"Mean ± std over {view.seeds()}.")
