@@ -78,9 +78,12 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> None
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int,
           masks: dict[str, torch.Tensor] | None = None,
-          on_step: Callable[[int, int, int, float], None] | None = None) -> list[dict]:
+          on_step: Callable[[int, int, int, float], None] | None = None,
+          on_epoch_end: Callable[[int, nn.Module], dict | None] | None = None) -> list[dict]:
     """Train in place. x: uint8 or float images on the model's device; y: labels.
-    on_step(epoch, step, steps_per_epoch, loss) reports progress. Returns one dict per epoch."""
+    on_step(epoch, step, steps_per_epoch, loss) reports progress; on_epoch_end(epoch, model) runs
+    after each epoch (1-based; e.g. to save rewind weights or measure training dynamics) and may
+    return metrics for that epoch's history entry. Returns one dict per epoch."""
     history: list[dict] = []
     if cfg.epochs == 0 or len(x) == 0:
         return history
@@ -132,7 +135,11 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, 
         mean_loss = float(loss_sum) / len(x)
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(f"loss became {mean_loss} in epoch {epoch + 1}")
-        history.append({"epoch": epoch + 1, "loss": mean_loss, "train_acc": float(correct) / len(x)})
+        entry = {"epoch": epoch + 1, "loss": mean_loss, "train_acc": float(correct) / len(x)}
+        if on_epoch_end is not None:
+            entry.update(on_epoch_end(epoch + 1, model) or {})
+            model.train()
+        history.append(entry)
     model.eval()
     return history
 

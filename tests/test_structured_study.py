@@ -103,11 +103,12 @@ def test_cifar_study_smoke_budget_through_the_cli(tmp_path, data_dir):
     # the Jordão & Pedrini layout, CIFAR eps written as k/255, the transfer matrix
     for label in ("Gain over the unpruned network (regime 'clean')", "Semantic", "Occlusion", "FGSM ε=8/255",
                   "resnet20: pls_layers s=0.1, FT 1 ep", "resnet20: kl_filters s=0.1, FT 1 ep",
+                  "resnet20: pls_filters s=0.1, Scratch-B", "resnet20: pls_filters s=0.1, W-ticket",
                   "Source ↓ / target →", "Attack strength: FGSM"):
         assert label in text, label
     with sqlite3.connect(out / "results.sqlite") as db:
-        # dense + pls_filters x (no FT, FT) + 6 other entries with FT
-        assert db.execute("SELECT count(*) FROM cells WHERE status = 'done'").fetchone()[0] == 9
+        # dense + pls_filters x (no FT, FT, Scratch-E, Scratch-B, W-ticket) + 6 other entries with FT
+        assert db.execute("SELECT count(*) FROM cells WHERE status = 'done'").fetchone()[0] == 12
         params = dict(db.execute("SELECT json_extract(axes, '$.pruning') || ':' || json_extract(axes, "
                                  "'$.finetune_epochs'), value FROM results WHERE metric = 'params'").fetchall())
     assert params["pls_layers:1"] < params["dense:0"] and params["pls_both:1"] < params["pls_filters:1"]

@@ -103,4 +103,6 @@ def setting_key(axes: dict) -> str:
         return f"{model}dense"
     if axes.get("round") is not None:
         return f"{model}{axes['pruning']} r{axes['round']}"
+    if axes.get("adjust"):
+        return f"{model}{axes['pruning']} s={axes['sparsity']:g} {axes['adjust']}"
     return f"{model}{axes['pruning']} s={axes['sparsity']:g} ft={axes['finetune_epochs']}"

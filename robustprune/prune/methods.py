@@ -27,6 +27,7 @@ class PruningMethod(ABC):
 
     Params: ClassVar[type[BaseModel]] = MethodParams
     iterative: ClassVar[bool] = False
+    adjustable: ClassVar[bool] = True  # its structure can be put on other weights (Scratch-E/B, winning ticket)
 
     def needs_data(self, params) -> bool:
         return False
@@ -54,6 +55,8 @@ class GlobalMagnitude(PruningMethod):
 @PRUNING_METHODS.register("channel_l1")
 class ChannelL1(PruningMethod):
     """Structured: the fraction s of filters with the smallest L1 norm in every conv layer, removed."""
+
+    adjustable = False  # no criterion to replay; the 'structured' method with criterion l1 can
 
     def prune(self, model, sparsity, example_input, params, data=None):
         remove_filters_(model, filters_to_remove(model, sparsity), example_input)
@@ -97,8 +100,9 @@ class Structured(PruningMethod):
             raise ValueError("structured pruning in a study runs one round (rounds: 1) for now; iterative "
                              "pruning is available through robustprune.prune.structured.iterative_prune")
 
-    def prune(self, model, sparsity, example_input, params, data=None):
-        criterion = build_criterion(params.criterion, **params.criterion_params)
+    def prune(self, model, sparsity, example_input, params, data=None, criterion=None):
+        """`criterion` replaces the one in params (e.g. to record or replay its scores)."""
+        criterion = criterion or build_criterion(params.criterion, **params.criterion_params)
         x, y = data if data is not None else (None, None)
         ratio = (params.block_ratio if params.block_ratio is not None else sparsity, sparsity) \
             if params.target == "both" else sparsity

@@ -14,7 +14,7 @@ from robustprune.evaluate import names
 from robustprune.study.schema import StudyConfig
 
 AXES = ["regime", "pruning", "method", "sparsity", "finetune_epochs", "round", "seed"]
-OPTIONAL_AXES = ["model"]  # present only in studies that use them (CSV columns likewise)
+OPTIONAL_AXES = ["model", "adjust"]  # present only in studies that use them (CSV columns likewise)
 
 METRIC_LABELS = {
     "acc_clean": "Clean acc.",
@@ -27,6 +27,8 @@ METRIC_LABELS = {
 }
 PERCENT_METRICS = ("acc_", "sparsity")
 CORE_METRICS = ("sparsity", "params_nonzero", "flops_nonzero")  # after acc_clean and the regime's test sets
+ADJUST_LABELS = {"scratch_e": "Scratch-E", "scratch_b": "Scratch-B", "winning_ticket": "W-ticket"}
+ADJUST_ORDER = {None: 0, "scratch_e": 1, "scratch_b": 2, "winning_ticket": 3}  # Jordão & Pedrini Table 3
 MARK = " ⚠"
 MARK_NOTE = "⚠ = gradient-masking check failed, see 'Gradient-masking checks'."
 
@@ -69,13 +71,15 @@ class Setting(NamedTuple):
     finetune_epochs: int
     round: int | None
     model: str | None = None  # the architecture's label in a study of several
+    adjust: str | None = None  # scratch_e, scratch_b, winning_ticket (None: fine-tuning as finetune_epochs says)
 
 
 def key_of(cell: dict) -> Setting:
     a = cell["axes"]
     # An iterative method's round fixes its sparsity; keying by round alone keeps float noise out.
     sparsity = a["sparsity"] if a["round"] is None else None
-    return Setting(a["regime"], a["pruning"], sparsity, a["finetune_epochs"], a["round"], a.get("model"))
+    return Setting(a["regime"], a["pruning"], sparsity, a["finetune_epochs"], a["round"], a.get("model"),
+                   a.get("adjust"))
 
 
 def group(cells: list[dict]) -> dict[tuple, list[dict]]:
@@ -94,7 +98,7 @@ def regime_keys(study: StudyConfig, groups: dict[tuple, list[dict]], regime: str
     models = {label: i for i, label in enumerate(study.models)}
     keys = [k for k in groups if k.regime == regime]
     return sorted(keys, key=lambda k: (models.get(k.model, -1), order.get(k.pruning, 99), k.round or 0,
-                                       k.sparsity or 0.0, k.finetune_epochs))
+                                       k.sparsity or 0.0, ADJUST_ORDER.get(k.adjust, 0), k.finetune_epochs))
 
 
 def setting_label(key: Setting) -> str:
@@ -103,6 +107,8 @@ def setting_label(key: Setting) -> str:
         return f"{model}Dense"
     if key.round is not None:
         return f"{model}{key.pruning} round {key.round}"
+    if key.adjust:
+        return f"{model}{key.pruning} s={key.sparsity:g}, {ADJUST_LABELS.get(key.adjust, key.adjust)}"
     return f"{model}{key.pruning} s={key.sparsity:g}" + (f", FT {key.finetune_epochs} ep" if key.finetune_epochs else ", no FT")
 
 

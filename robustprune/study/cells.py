@@ -38,6 +38,8 @@ class Cell:
             what = "dense"
         elif a["round"] is not None:
             what = f"{a['pruning']} round {a['round']}"
+        elif a.get("adjust"):
+            what = f"{a['pruning']} s={a['sparsity']:g} {a['adjust']}"
         else:
             what = f"{a['pruning']} s={a['sparsity']:g} ft={a['finetune_epochs']}"
         model = f"{a['model']} / " if a.get("model") else ""
@@ -94,7 +96,15 @@ def _setting_cells(study: StudyConfig, seed: int, regime: str, model_label: str 
                 settings.append((axes, pr | {"params": dump(params, True)}, pr | {"params": dump(params, False)}))
             continue
         for s in p.sparsities:
-            for ft in p.finetune_epochs:
+            for scheme in p.adjust:
+                if scheme == "finetune":
+                    continue
+                axes = axes0 | {"pruning": label, "method": p.method, "sparsity": s, "adjust": scheme}
+                pr = {"method": p.method, "sparsity": s, "finetune": None, "adjust": scheme}
+                if scheme == "winning_ticket":
+                    pr["rewind_epoch"] = p.rewind_epoch
+                settings.append((axes, pr | {"params": dump(params, True)}, pr | {"params": dump(params, False)}))
+            for ft in (p.finetune_epochs if "finetune" in p.adjust else []):
                 axes = axes0 | {"pruning": label, "method": p.method, "sparsity": s, "finetune_epochs": ft}
                 pr = {"method": p.method, "sparsity": s}
                 ft_full = dump(study.finetune.model_copy(update={"epochs": ft}), True) if ft else None

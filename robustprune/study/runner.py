@@ -19,7 +19,10 @@ from robustprune.device import pick_device
 from robustprune.metrics.size import size_metrics
 from robustprune.models import build_model, to_device
 from robustprune.prune import PRUNING_METHODS
-from robustprune.prune.unstructured import global_magnitude_masks, prunable_weights, rewind_
+from robustprune.prune.criteria import build_criterion
+from robustprune.prune.criteria.replay import Recording, Replay
+from robustprune.prune.methods import Structured
+from robustprune.prune.unstructured import apply_masks_, global_magnitude_masks, prunable_weights, rewind_
 from robustprune.errors import UserError
 from robustprune.evaluate.names import setting_key
 from robustprune.evaluate.suite import evaluate_robustness, first
@@ -31,6 +34,7 @@ from robustprune.train import TrainConfig, TrainingDiverged, accuracy, to_float,
 # Derived seeds keep the random streams of one cell apart (init/shuffle, fine-tuning, regime noise).
 FINETUNE_SEED_OFFSET = 1
 REGIME_SEED_OFFSET = 7
+ADJUST_SEED_OFFSET = 101  # scratch initialisation and retraining after Scratch-E/B or winning ticket
 CRITERION_IMAGES = 512  # training images a data-driven pruning criterion sees
 
 
@@ -50,6 +54,7 @@ class DenseModel:
     model: torch.nn.Module
     init_state: dict
     history: list
+    rewind: dict = None  # epoch -> state dict, for winning tickets
 
 
 class Workspace:
@@ -110,7 +115,8 @@ class Workspace:
     def example_input(self) -> torch.Tensor:
         return torch.zeros((1, *self.base_data().image_shape), device=self.device)
 
-    def _train(self, model, data: ImageDataset, cfg: TrainConfig, seed: int, what: str, masks=None) -> list:
+    def _train(self, model, data: ImageDataset, cfg: TrainConfig, seed: int, what: str, masks=None,
+               on_epoch_end=None) -> list:
         steps = cfg.epochs
         self.progress.stage(what, max(steps, 1))
 
@@ -118,29 +124,42 @@ class Workspace:
             self.progress.advance(epoch + step / steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs} loss {loss:.3f}")
 
         x, y = data.x_train.to(self.device), data.y_train.to(self.device)
-        return train(model, x, y, cfg, seed, masks=masks, on_step=on_step)
+        return train(model, x, y, cfg, seed, masks=masks, on_step=on_step, on_epoch_end=on_epoch_end)
+
+    def rewind_epochs(self) -> set[int]:
+        """Epochs whose dense weights a winning ticket rewinds to (saved while training)."""
+        return {p.rewind_epoch for p in self.study.pruning.values() if "winning_ticket" in p.adjust}
 
     def dense(self, key: dict) -> DenseModel:
-        """The dense model of (data, model, training, regime, seed), trained once and cached."""
+        """The dense model of (data, model, training, regime, seed), trained once and cached, with
+        the weights of every rewind epoch the study needs."""
         h = config_hash(key)
         if h in self._dense:
             return self._dense[h]
         path = self.ckpt_dir / f"dense-{h}.pt"
         torch.manual_seed(key["seed"])
         model = self.new_model(key)
-        if path.exists():
-            state = checkpoint.load(path)
+        wanted = self.rewind_epochs() - {0}
+        state = checkpoint.load(path) if path.exists() else None
+        if state is not None and wanted <= set(state.get("rewind", {})):
             checkpoint.load_state_into(model, state["state"], str(path))
             model = to_device(model, self.device)
-            out = DenseModel(model, state["init_state"], state["history"])
-        else:
+            out = DenseModel(model, state["init_state"], state["history"], state.get("rewind", {}))
+        else:  # (training is deterministic: a checkpoint without the rewind weights is redone identically)
             init_state = copy.deepcopy(model.state_dict())
             model = to_device(model, self.device)
             data = self.regime_data(key)
-            history = self._train(model, data, self.study.train, key["seed"], f"train dense ({key['regime']['name']})")
+            rewind: dict[int, dict] = {}
+
+            def keep(epoch: int, m: torch.nn.Module) -> None:
+                if epoch in wanted:
+                    rewind[epoch] = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+
+            history = self._train(model, data, self.study.train, key["seed"], f"train dense ({key['regime']['name']})",
+                                  on_epoch_end=keep if wanted else None)
             checkpoint.save({"state": model.state_dict(), "init_state": init_state, "history": history,
-                             "key": key}, path)
-            out = DenseModel(model, init_state, history)
+                             "key": key, "rewind": rewind}, path)
+            out = DenseModel(model, init_state, history, rewind)
         out.model.eval()
         if len(self._dense) >= 4:
             self._dense.pop(next(iter(self._dense)))
@@ -168,6 +187,53 @@ class Workspace:
         ft = TrainConfig(**pr["finetune"])
         history = self._train(model, self.regime_data(key), ft, key["seed"] + FINETUNE_SEED_OFFSET,
                               f"fine-tune {ft.epochs} epochs", masks)
+        checkpoint.save({"state": model.state_dict(), "history": history}, path)
+        return model.eval(), history
+
+    def adjusted(self, key: dict, pr: dict, method, params) -> tuple[torch.nn.Module, list]:
+        """Jordão & Pedrini's Table 3 schemes: the pruned structure (found on the trained dense
+        model) on fresh random weights trained as long as the dense model (scratch_e) or for the
+        same FLOPs budget (scratch_b, Liu et al. 2019), or on the dense weights of epoch k trained
+        for the remaining epochs (winning_ticket). Cached like fine-tuned models."""
+        dense = self.dense(key)
+        scheme = pr["adjust"]
+        data = self.criterion_batch(key) if method.needs_data(params) else None
+        found = copy.deepcopy(dense.model)
+        self.progress.stage(f"prune {pr['method']} s={pr['sparsity']:g}", 1)
+        if isinstance(method, Structured):
+            recording = Recording(build_criterion(params.criterion, **params.criterion_params))
+            method.prune(found, pr["sparsity"], self.example_input(), params, data, criterion=recording)
+            masks = None
+        else:
+            masks = method.prune(found, pr["sparsity"], self.example_input(), params, data)
+        torch.manual_seed(key["seed"] + ADJUST_SEED_OFFSET)
+        model = self.new_model(key)
+        if scheme == "winning_ticket":
+            k = pr["rewind_epoch"]
+            checkpoint.load_state_into(model, dense.init_state if k == 0 else dense.rewind[k], "rewind weights")
+        model = to_device(model, self.device)
+        if masks is None:
+            method.prune(model, pr["sparsity"], self.example_input(), params, None, criterion=Replay(recording))
+            model = to_device(model, self.device)
+        else:
+            masks = {n: m.to(self.device) for n, m in masks.items()}
+            apply_masks_(model, masks)
+        h = config_hash({"dense": key, "pruning": pr})
+        path = self.ckpt_dir / f"adjusted-{h}.pt"
+        if path.exists():
+            state = checkpoint.load(path)
+            checkpoint.load_state_into(model, state["state"], str(path))
+            return to_device(model, self.device).eval(), state["history"]
+        epochs = self.study.train.epochs
+        if scheme == "scratch_b":  # as many FLOPs as the dense model's training
+            ex = self.example_input()
+            dense_flops = size_metrics(dense.model, ex, 1)["flops_nonzero"]
+            epochs = max(1, round(epochs * dense_flops / max(size_metrics(model, ex, 1)["flops_nonzero"], 1.0)))
+        elif scheme == "winning_ticket":
+            epochs = max(0, epochs - pr["rewind_epoch"])
+        cfg = self.study.train.model_copy(update={"epochs": epochs})
+        history = self._train(model, self.regime_data(key), cfg, key["seed"] + ADJUST_SEED_OFFSET,
+                              f"{scheme} {epochs} epochs", masks)
         checkpoint.save({"state": model.state_dict(), "history": history}, path)
         return model.eval(), history
 
@@ -214,6 +280,8 @@ class Workspace:
         if method.iterative:
             model, _, history = self.lottery_round(key, params, pr["round"])
             return model, history
+        if pr.get("adjust"):
+            return self.adjusted(key, pr, method, params)
         return self.pruned(key, pr, method, params)
 
     # ---- evaluation inputs shared by cells ----------------------------------------------------

@@ -52,6 +52,18 @@ class PruningConfig(Strict):
     sparsities: list[float] = Field(default_factory=list)
     finetune_epochs: list[int] = Field(default_factory=lambda: [0])
     params: dict[str, Any] = Field(default_factory=dict)
+    adjust: list[Literal["finetune", "scratch_e", "scratch_b", "winning_ticket"]] = Field(
+        default_factory=lambda: ["finetune"],
+        description="parameter adjustment after pruning (Jordão & Pedrini Table 3); finetune uses finetune_epochs")
+    rewind_epoch: int = Field(1, ge=0, description="winning_ticket: rewind to the dense weights after this epoch")
+
+    @field_validator("adjust")
+    @classmethod
+    def _adjust(cls, v):
+        if not v:
+            raise ValueError("needs at least one scheme (finetune, scratch_e, scratch_b, winning_ticket)")
+        _no_repeats(v)
+        return v
 
     @field_validator("sparsities")
     @classmethod
@@ -126,6 +138,7 @@ class ModelSelector(Strict):
 
     pruning: str
     model: str | None = None
+    adjust: str | None = Field(None, description="scratch_e, scratch_b or winning_ticket (default: fine-tuning)")
     sparsity: float | None = None
     finetune_epochs: int | None = None
     round: int | None = None
@@ -133,6 +146,8 @@ class ModelSelector(Strict):
     def matches(self, axes: dict) -> bool:
         """Whether a cell with these axes is the model this selector names."""
         if self.pruning != axes["pruning"] or (self.model is not None and self.model != axes.get("model")):
+            return False
+        if self.adjust != axes.get("adjust"):
             return False
         if self.pruning == "dense":
             return True
@@ -308,6 +323,14 @@ class StudyConfig(Strict):
                 self._check_blocks(label)
             if not method.iterative and not p.sparsities:
                 raise ValueError(f"pruning '{label}' lists no sparsities")
+            if method.iterative and p.adjust != ["finetune"]:
+                raise ValueError(f"pruning '{label}': {p.method} retrains itself; remove 'adjust'")
+            if not method.adjustable and p.adjust != ["finetune"]:
+                raise ValueError(f"pruning '{label}': {p.method} supports only adjust: [finetune]; use method "
+                                 f"'structured' (criterion l1) for Scratch-E/B and winning tickets")
+            if "winning_ticket" in p.adjust and p.rewind_epoch > self.train.epochs:
+                raise ValueError(f"pruning '{label}': rewind_epoch {p.rewind_epoch} is after the last of the "
+                                 f"{self.train.epochs} training epochs; use 0 to {self.train.epochs}")
         if self.evaluation.transfer:
             for m in self.evaluation.transfer.models:
                 self._check_selector(m)
