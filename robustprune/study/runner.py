@@ -178,15 +178,18 @@ class Workspace:
         model = to_device(model, self.device)  # pruning makes new, plain-layout tensors
         if not pr["finetune"]:
             return model.eval(), []
-        h = config_hash({"dense": key, "pruning": pr})
-        path = self.ckpt_dir / f"pruned-{h}.pt"
+        ft = TrainConfig(**pr["finetune"])
+        return self._trained_or_cached("pruned", key, pr, model, lambda: self._train(
+            model, self.regime_data(key), ft, key["seed"] + FINETUNE_SEED_OFFSET, f"fine-tune {ft.epochs} epochs", masks))
+
+    def _trained_or_cached(self, kind: str, key: dict, pr: dict, model, train_now) -> tuple[torch.nn.Module, list]:
+        """The weights of (dense model, pruning setting) from the cache, or train_now() and cache them."""
+        path = self.ckpt_dir / f"{kind}-{config_hash({'dense': key, 'pruning': pr})}.pt"
         if path.exists():
             state = checkpoint.load(path)
             checkpoint.load_state_into(model, state["state"], str(path))
             return to_device(model, self.device).eval(), state["history"]
-        ft = TrainConfig(**pr["finetune"])
-        history = self._train(model, self.regime_data(key), ft, key["seed"] + FINETUNE_SEED_OFFSET,
-                              f"fine-tune {ft.epochs} epochs", masks)
+        history = train_now()
         checkpoint.save({"state": model.state_dict(), "history": history}, path)
         return model.eval(), history
 
@@ -218,12 +221,6 @@ class Workspace:
         else:
             masks = {n: m.to(self.device) for n, m in masks.items()}
             apply_masks_(model, masks)
-        h = config_hash({"dense": key, "pruning": pr})
-        path = self.ckpt_dir / f"adjusted-{h}.pt"
-        if path.exists():
-            state = checkpoint.load(path)
-            checkpoint.load_state_into(model, state["state"], str(path))
-            return to_device(model, self.device).eval(), state["history"]
         epochs = self.study.train.epochs
         if scheme == "scratch_b":  # as many FLOPs as the dense model's training
             ex = self.example_input()
@@ -232,10 +229,8 @@ class Workspace:
         elif scheme == "winning_ticket":
             epochs = max(0, epochs - pr["rewind_epoch"])
         cfg = self.study.train.model_copy(update={"epochs": epochs})
-        history = self._train(model, self.regime_data(key), cfg, key["seed"] + ADJUST_SEED_OFFSET,
-                              f"{scheme} {epochs} epochs", masks)
-        checkpoint.save({"state": model.state_dict(), "history": history}, path)
-        return model.eval(), history
+        return self._trained_or_cached("adjusted", key, pr, model, lambda: self._train(
+            model, self.regime_data(key), cfg, key["seed"] + ADJUST_SEED_OFFSET, f"{scheme} {epochs} epochs", masks))
 
     def criterion_batch(self, key: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The training images a data-driven criterion scores with: the first CRITERION_IMAGES of
