@@ -245,3 +245,22 @@ def test_gains_table_in_jordao_layout(study):
     # average over the six columns, per seed: (5 * -4 + -4) / 6 = -4 and (5 * -4 + 3) / 6 = -2.83
     assert row["Average"] == "(-) 3.42 ± 0.82"
     assert rb.signed([0.001]) == "0.00" and rb.signed([1.5]) == "(+) 1.50" and rb.signed([]) == "—"
+
+
+def test_correlation_table_over_setting_means(study):
+    from scipy import stats
+
+    cells = study_cells()
+    assert rb.correlation_table(study, cells, "clean") is None  # two settings say nothing
+    extra = []
+    for c in cells:
+        if c["axes"]["regime"] == "clean" and c["axes"]["pruning"] == "magnitude":
+            m = dict(c["metrics"], acc_clean=c["metrics"]["acc_clean"] - 0.10)
+            m[names.adv("fgsm", 0.2)] = c["metrics"][names.adv("fgsm", 0.2)] + 0.05
+            extra.append(c | {"axes": c["axes"] | {"sparsity": 0.7}, "metrics": m, "hash": c["hash"] + "b"})
+    t = rb.correlation_table(study, cells + extra, "clean")
+    assert t.headers == ["Robustness measure", "Pearson r", "p", "n"]
+    row = next(r for r in t.rows if r[0] == "FGSM ε=0.2")
+    # setting means (dense, s=0.5, s=0.7): clean 91, 87, 77; FGSM 31, 27, 32
+    r, p = stats.pearsonr([91, 87, 77], [31, 27, 32])
+    assert row[1] == f"{r:+.2f}" and row[2] == f"{p:.3g}" and row[3] == "3"

@@ -5,12 +5,14 @@ then, for the whole study, the gradient-masking checks that failed. Numbers that
 in doubt carry a ⚠ wherever they are shown (see masking_flags). Metric names: evaluate/names.py."""
 from __future__ import annotations
 
+import math
 import statistics
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
 from robustprune.evaluate import checks, names
+from robustprune.metrics.correlation import pearson
 from robustprune.report.tables import (MARK_NOTE, Table, fmt, group, key_of, marked, metric_label, n_seeds,
                                        regime_keys, seeds_text, setting_label, show, study_flags)
 from robustprune.study.schema import StudyConfig
@@ -204,15 +206,10 @@ def summary_table(study: StudyConfig, cells: list[dict], regime: str, flags: set
     return settings_table(view, "Robustness summary", columns, "Accuracy (%), " + "; ".join(parts) + ".")
 
 
-def gains_table(study: StudyConfig, cells: list[dict], regime: str, flags: set | None = None) -> Table | None:
-    """Jordão & Pedrini (2021) Tables 1-3: per pruned setting, the difference in p.p. to the
-    unpruned network of the same architecture, regime and seed on Semantic (the corruption mean),
-    Occlusion (mean over sizes), each attack at the report eps and Clean, and their Average;
-    '(+)' is a gain, '(-)' a loss; mean ± std over seeds."""
-    view = regime_view(study, cells, regime, flags)
-    if view is None:
-        return None
-    ev = study.evaluation
+def robustness_measures(view: Regime) -> dict[str, Callable[[dict], float | None]]:
+    """Per cell: Semantic (the corruption mean), Occlusion (mean over sizes), each attack at its
+    report eps, where the regime's cells have them."""
+    study, ev = view.study, view.study.evaluation
     measures: dict[str, Callable[[dict], float | None]] = {}
     if view.has(names.corruption()):
         measures["Semantic"] = lambda c: c["metrics"].get(names.corruption())
@@ -225,6 +222,18 @@ def gains_table(study: StudyConfig, cells: list[dict], regime: str, flags: set |
         if view.has(m):
             measures[f"{attack_title(label)} ε={names.eps_text(report_eps(study, label))}"] = \
                 lambda c, m=m: c["metrics"].get(m)
+    return measures
+
+
+def gains_table(study: StudyConfig, cells: list[dict], regime: str, flags: set | None = None) -> Table | None:
+    """Jordão & Pedrini (2021) Tables 1-3: per pruned setting, the difference in p.p. to the
+    unpruned network of the same architecture, regime and seed on Semantic (the corruption mean),
+    Occlusion (mean over sizes), each attack at the report eps and Clean, and their Average;
+    '(+)' is a gain, '(-)' a loss; mean ± std over seeds."""
+    view = regime_view(study, cells, regime, flags)
+    if view is None:
+        return None
+    measures = robustness_measures(view)
     measures["Clean"] = lambda c: c["metrics"].get("acc_clean")
     dense = {(k.model, c["axes"]["seed"]): c for k in view.keys if k.pruning == "dense" for c in view.groups[k]}
     rows = []
@@ -251,6 +260,31 @@ def gains_table(study: StudyConfig, cells: list[dict], regime: str, flags: set |
                f"architecture, regime and seed (Jordão & Pedrini 2021, Tables 1-3); (+) = gain, (-) = loss; "
                f"Average = mean of the columns, clean included; mean ± std over {view.seeds()}.")
     return Table(f"Gain over the unpruned network (regime '{regime}')", ["Setting", *measures, "Average"],
+                 rows, caption)
+
+
+def correlation_table(study: StudyConfig, cells: list[dict], regime: str) -> Table | None:
+    """Jordão & Pedrini Fig. 4: Pearson r between generalization (clean accuracy) and each
+    robustness measure over the regime's settings (each setting's mean over seeds)."""
+    view = regime_view(study, cells, regime, set())
+    if view is None or len(view.keys) < 3:
+        return None
+
+    def mean_of(k, measure) -> float:
+        vs = [v for c in view.groups[k] if (v := measure(c)) is not None]
+        return statistics.fmean(vs) if vs else math.nan
+    clean = [mean_of(k, lambda c: c["metrics"].get("acc_clean")) for k in view.keys]
+    rows = []
+    for name, measure in robustness_measures(view).items():
+        r, p = pearson(clean, [mean_of(k, measure) for k in view.keys])
+        n = sum(1 for k in view.keys if not math.isnan(mean_of(k, measure)))
+        rows.append([name, "—" if math.isnan(r) else f"{r:+.2f}", "—" if math.isnan(p) else f"{p:.3g}", str(n)])
+    if not rows:
+        return None
+    caption = ("Pearson correlation between clean accuracy and each robustness measure over the regime's "
+               "settings (dense, every pruning setting and round; means over seeds), as Jordão & Pedrini's "
+               "Fig. 4; p: two-sided test of r = 0; n: settings.")
+    return Table(f"Generalization vs robustness (regime '{regime}')", ["Robustness measure", "Pearson r", "p", "n"],
                  rows, caption)
 
 
