@@ -112,3 +112,7 @@ def test_cifar_study_smoke_budget_through_the_cli(tmp_path, data_dir):
         params = dict(db.execute("SELECT json_extract(axes, '$.pruning') || ':' || json_extract(axes, "
                                  "'$.finetune_epochs'), value FROM results WHERE metric = 'params'").fetchall())
     assert params["pls_layers:1"] < params["dense:0"] and params["pls_both:1"] < params["pls_filters:1"]
+    with sqlite3.connect(out / "results.sqlite") as db:
+        latency = [v for (v,) in db.execute("SELECT value FROM results WHERE metric = 'latency_ms'")]
+    assert len(latency) == 12 and all(v > 0 for v in latency)
+    assert "Latency (ms)" in text

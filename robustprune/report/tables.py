@@ -24,9 +24,11 @@ METRIC_LABELS = {
     "params_nonzero": "Non-zero params",
     "flops": "FLOPs",
     "flops_nonzero": "Non-zero FLOPs",
+    "latency_ms": "Latency (ms)",
 }
 PERCENT_METRICS = ("acc_", "sparsity")
-CORE_METRICS = ("sparsity", "params_nonzero", "flops_nonzero")  # after acc_clean and the regime's test sets
+DECIMAL_METRICS = ("latency_ms",)
+CORE_METRICS = ("sparsity", "params_nonzero", "flops_nonzero", "latency_ms")  # after acc_clean and the regime's test sets
 ADJUST_LABELS = {"scratch_e": "Scratch-E", "scratch_b": "Scratch-B", "winning_ticket": "W-ticket"}
 ADJUST_ORDER = {None: 0, "scratch_e": 1, "scratch_b": 2, "winning_ticket": 3}  # Jordão & Pedrini Table 3
 MARK = " ⚠"
@@ -53,12 +55,10 @@ def fmt(values: list[float], metric: str) -> str:
     if not values:
         return "—"
     pct = metric.startswith(PERCENT_METRICS)
-    scale, digits = (100.0, 2) if pct else (1.0, 0)
-    mean = statistics.fmean(values) * scale
-    text = f"{mean:.{digits}f}" if pct else f"{mean:,.0f}"
+    scale, spec = (100.0, ".2f") if pct else (1.0, ".2f") if metric in DECIMAL_METRICS else (1.0, ",.0f")
+    text = f"{statistics.fmean(values) * scale:{spec}}"
     if len(values) > 1 and max(values) != min(values):  # no "± 0" on counts that cannot vary
-        sd = statistics.stdev(values) * scale
-        text += f" ± {sd:.{digits}f}" if pct else f" ± {sd:,.0f}"
+        text += f" ± {statistics.stdev(values) * scale:{spec}}"
     return text
 
 

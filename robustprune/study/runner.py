@@ -16,6 +16,7 @@ from robustprune.attacks.cifar10c import load_cifar10c
 from robustprune.attacks.corruptions import corrupt
 from robustprune.data import REGIMES, ImageDataset, load_dataset
 from robustprune.device import pick_device
+from robustprune.metrics.latency import measure_latency
 from robustprune.metrics.size import size_metrics
 from robustprune.models import build_model, to_device
 from robustprune.prune import PRUNING_METHODS
@@ -385,6 +386,9 @@ def evaluate(model: torch.nn.Module, cell: Cell, data: ImageDataset, ws: Workspa
         model, x_test, y_test, ev, ws.progress, corrupted=ws.corrupted, transfer_sets=ws.transfer_sets(cell),
         regime_tests=data.extra_tests, regime_transfer=regime.transfer_tests(regime.Params(**study.regimes[regime_name]))))
     out.update(size_metrics(model, ws.example_input(), dense_weights))
+    if ev.latency_batch:  # the real speed-up of a pruned model, not only its FLOPs
+        batch = to_float(x_test[:ev.latency_batch])
+        out["latency_ms"] = measure_latency(model, batch)["median_ms"]
     return out
 
 

@@ -188,6 +188,8 @@ class EvaluationConfig(Strict):
     masking_tolerance: float = Field(0.005, ge=0.0, le=1.0,
                                      description="accuracy gap (fraction) a masking check allows")
     report_eps: float | None = Field(None, ge=0.0, le=1.0, description="eps shown in summary tables")
+    latency_batch: int | None = Field(None, ge=1, description="measure forward latency on a batch this big "
+                                      "(wall-clock, so not reproducible bit for bit; None: off)")
 
     @field_validator("occlusion")
     @classmethod
