@@ -116,3 +116,24 @@ def test_cifar_study_smoke_budget_through_the_cli(tmp_path, data_dir):
         latency = [v for (v,) in db.execute("SELECT value FROM results WHERE metric = 'latency_ms'")]
     assert len(latency) == 12 and all(v > 0 for v in latency)
     assert "Latency (ms)" in text
+    # Algorithm 2 on the dense model: 8 sampled filters, fractions per attack and tolerance
+    assert "Single-element removal (regime 'clean')" in text
+    with sqlite3.connect(out / "results.sqlite") as db:
+        single = dict(db.execute("SELECT metric, value FROM results WHERE metric LIKE 'single:%'").fetchall())
+    assert single["single:filters:elements"] == 8
+    fractions = [v for m, v in single.items() if "|t=" in m]
+    assert len(fractions) == 2 * 6 and all(0.0 <= v <= 1.0 for v in fractions)
+    fgsm = [single[f"single:filters:acc_adv:fgsm@0.0313725|t={t}"] for t in range(6)]
+    assert fgsm == sorted(fgsm)  # a larger tolerance admits at least as many elements
+
+
+@pytest.mark.parametrize("single, expected", [
+    ({"max_elements": 0}, "'evaluation.single_element.max_elements'"),
+    ({"kind": "layers"}, "'evaluation.single_element.kind'"),
+    ({"images": 0}, "'evaluation.single_element.images'"),
+])
+def test_bad_single_element_settings(single, expected):
+    raw = dict(CIFAR_STUDY, evaluation=CIFAR_STUDY["evaluation"] | {"single_element": single})
+    with pytest.raises(UserError) as e:
+        resolve_study(raw, "test")
+    assert expected in str(e.value)

@@ -31,6 +31,14 @@ def strength(value: float) -> str:
     return f"{value:g}"
 
 
+def single(kind: str, robustness_metric: str, tolerance: float | None = None) -> str:
+    """Algorithm 2 (Jordão & Pedrini): the share of single filters / blocks whose removal raises
+    `robustness_metric` at a clean-accuracy loss of at most `tolerance` p.p.; None: the count."""
+    if tolerance is None:
+        return f"single:{kind}:elements"
+    return f"single:{kind}:{robustness_metric}|t={tolerance:g}"
+
+
 def eps_text(value: float) -> str:
     """An eps as a reader writes it: '8/255' for 0.0313725 (CIFAR papers), '0.1' for 0.1 (MNIST)."""
     k = value * 255

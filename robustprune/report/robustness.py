@@ -14,7 +14,7 @@ from typing import Callable
 from robustprune.evaluate import checks, names
 from robustprune.metrics.correlation import pearson
 from robustprune.report.tables import (MARK_NOTE, Table, fmt, group, key_of, marked, metric_label, n_seeds,
-                                       regime_keys, seeds_text, setting_label, show, study_flags)
+                                       regime_keys, seeds_text, setting_label, show, study_flags, values)
 from robustprune.study.schema import StudyConfig
 
 # Short column headers for the 16-column corruptions-by-type table.
@@ -186,9 +186,7 @@ def attack_title(label: str) -> str:
 
 def report_eps(study: StudyConfig, label: str) -> float:
     """evaluation.report_eps when the attack was run at it, else the attack's first eps."""
-    ev = study.evaluation
-    eps = ev.attacks[label].eps
-    return ev.report_eps if ev.report_eps is not None and ev.report_eps in eps else eps[0]
+    return study.evaluation.shown_eps(label)
 
 
 def summary_table(study: StudyConfig, cells: list[dict], regime: str, flags: set | None = None) -> Table | None:
@@ -286,6 +284,36 @@ def correlation_table(study: StudyConfig, cells: list[dict], regime: str) -> Tab
                "Fig. 4; p: two-sided test of r = 0; n: settings.")
     return Table(f"Generalization vs robustness (regime '{regime}')", ["Robustness measure", "Pearson r", "p", "n"],
                  rows, caption)
+
+
+def single_element_table(study: StudyConfig, cells: list[dict], regime: str) -> Table | None:
+    """Jordão & Pedrini Fig. 5 as a table: per dense model and attack, the share (%) of single
+    filters (or blocks) whose removal alone raises robustness while clean accuracy drops by at most
+    t p.p., one column per t."""
+    se = study.evaluation.single_element
+    view = regime_view(study, cells, regime, set())
+    if se is None or view is None:
+        return None
+    rows = []
+    for k in view.keys:
+        if k.pruning != "dense":
+            continue
+        for label in study.evaluation.attacks:
+            rob = names.adv(label, study.evaluation.shown_eps(label))
+            metrics = [names.single(se.kind, rob, t) for t in se.tolerances]
+            if view.has(metrics[0]):
+                rows.append([setting_label(k), f"{attack_title(label)} ε={names.eps_text(study.evaluation.shown_eps(label))}",
+                             *[fmt(values(view.groups[k], m), "acc_") for m in metrics]])
+    if not rows:
+        return None
+    count = view.groups[view.keys[0]][0]["metrics"].get(names.single(se.kind, "", None))
+    caption = (f"Algorithm 2 (Jordão & Pedrini 2021, Fig. 5): share (%) of single {se.kind} whose removal, with no "
+               f"adjustment, raises accuracy under the attack while clean accuracy falls by at most t p.p.; "
+               f"{'%d' % count if count is not None else '?'} {se.kind} "
+               f"({'a seeded sample' if se.max_elements else 'all'}) on the first {se.images} test images; "
+               f"mean ± std over {view.seeds()}.")
+    return Table(f"Single-element removal (regime '{regime}')",
+                 ["Model", "Attack", *[f"t={t:g}" for t in se.tolerances]], rows, caption)
 
 
 def signed(gains: list[float]) -> str:

@@ -230,7 +230,7 @@ def all_tables(study: StudyConfig, cells: list[dict]) -> list[Table]:
     tables = [table1(study, cells, flags)]
     for regime in study.regimes:
         tables += [rb.summary_table(study, cells, regime, flags), rb.gains_table(study, cells, regime, flags),
-                   rb.correlation_table(study, cells, regime),
+                   rb.correlation_table(study, cells, regime), rb.single_element_table(study, cells, regime),
                    sweep_table(study, cells, regime, flags),
                    *rb.detail_tables(study, cells, regime, flags)]
     tables += [rb.masking_table(study, cells), failed_cells_table(cells)]

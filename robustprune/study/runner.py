@@ -23,6 +23,8 @@ from robustprune.prune import PRUNING_METHODS
 from robustprune.prune.criteria import build_criterion
 from robustprune.prune.criteria.replay import Recording, Replay
 from robustprune.prune.methods import Structured
+from robustprune.prune.single_element import improvement_fractions, make_evaluator, single_element_study
+from robustprune.evaluate import names
 from robustprune.prune.unstructured import apply_masks_, global_magnitude_masks, prunable_weights, rewind_
 from robustprune.errors import UserError
 from robustprune.evaluate.names import setting_key
@@ -386,9 +388,34 @@ def evaluate(model: torch.nn.Module, cell: Cell, data: ImageDataset, ws: Workspa
         model, x_test, y_test, ev, ws.progress, corrupted=ws.corrupted, transfer_sets=ws.transfer_sets(cell),
         regime_tests=data.extra_tests, regime_transfer=regime.transfer_tests(regime.Params(**study.regimes[regime_name]))))
     out.update(size_metrics(model, ws.example_input(), dense_weights))
+    if ev.single_element and cell.config["pruning"] is None:
+        out.update(single_element_metrics(model, x_test, y_test, ev, ws.progress))
     if ev.latency_batch:  # the real speed-up of a pruned model, not only its FLOPs
         batch = to_float(x_test[:ev.latency_batch])
         out["latency_ms"] = measure_latency(model, batch)["median_ms"]
+    return out
+
+
+def single_element_metrics(model, x_test, y_test, ev, progress: Progress) -> dict[str, float]:
+    """Algorithm 2 on a dense model: the Fig. 5 fractions per attack (at its report eps) and tolerance."""
+    se = ev.single_element
+    x, y = to_float(x_test[:se.images]), y_test[:se.images]
+    attacks = {names.adv(label, ev.shown_eps(label)): ATTACKS.get(e.attack or label)(eps=ev.shown_eps(label), **e.params)
+               for label, e in ev.attacks.items()}
+    evaluate_fn = make_evaluator(x, y, attacks, ev.batch_size)
+    baseline = evaluate_fn(model)
+
+    def on_element(done: int, n: int, row: dict) -> None:  # done counts from 1
+        if done == 1:
+            progress.stage(f"Algorithm 2: single {se.kind}", n)
+        progress.advance(done, f"{done}/{n} {se.kind}")
+
+    rows = single_element_study(model, se.kind, evaluate_fn, x[:16], max_elements=se.max_elements, seed=se.seed,
+                                on_element=on_element)
+    out = {names.single(se.kind, "", None): float(len(rows))}
+    if rows:
+        for rob, by_t in improvement_fractions(rows, baseline, tolerances=se.tolerances).items():
+            out.update({names.single(se.kind, rob, t): f for t, f in by_t.items()})
     return out
 
 

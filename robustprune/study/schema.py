@@ -177,6 +177,18 @@ class TransferConfig(Strict):
         return v
 
 
+class SingleElementConfig(Strict):
+    """Algorithm 2 of Jordão & Pedrini on every dense model: remove each filter (or residual block)
+    alone, no adjustment, and count the removals that raise robustness (each attack at its report
+    eps) at a clean-accuracy loss of at most t p.p."""
+
+    kind: Literal["filters", "blocks"] = "filters"
+    max_elements: int | None = Field(64, ge=1, description="a seeded sample of this many elements (None: all)")
+    images: int = Field(500, ge=1, description="evaluate each removal on the first N test images")
+    tolerances: list[float] = Field(default_factory=lambda: [0, 1, 2, 3, 4, 5], description="p.p.")
+    seed: int = Field(0, ge=0)
+
+
 class EvaluationConfig(Strict):
     batch_size: int = Field(500, ge=1)
     attack_subset: int | None = Field(1000, ge=1, description="attack the first N test images (None: all)")
@@ -188,6 +200,7 @@ class EvaluationConfig(Strict):
     masking_tolerance: float = Field(0.005, ge=0.0, le=1.0,
                                      description="accuracy gap (fraction) a masking check allows")
     report_eps: float | None = Field(None, ge=0.0, le=1.0, description="eps shown in summary tables")
+    single_element: SingleElementConfig | None = None
     latency_batch: int | None = Field(None, ge=1, description="measure forward latency on a batch this big "
                                       "(wall-clock, so not reproducible bit for bit; None: off)")
 
@@ -238,6 +251,11 @@ class EvaluationConfig(Strict):
 
         c = self.corruptions
         return [] if c is None else list(CORRUPTIONS) if c.types == "all" else list(c.types)
+
+    def shown_eps(self, label: str) -> float:
+        """The eps an attack is reported at: report_eps when the attack runs at it, else its first."""
+        eps = self.attacks[label].eps
+        return self.report_eps if self.report_eps is not None and self.report_eps in eps else eps[0]
 
     def transfer_eps(self) -> float | None:
         t = self.transfer
