@@ -8,15 +8,8 @@ from __future__ import annotations
 from robustprune.evaluate import names
 
 
-def _attack_name(label: str, entry) -> str:
-    return entry.attack or label
-
-
 def _steps(entry, label: str) -> int | None:
-    from robustprune.attacks import ATTACKS
-
-    obj = ATTACKS.get(_attack_name(label, entry))(eps=entry.eps[0], **entry.params)
-    return getattr(obj, "steps", None)
+    return getattr(entry.build(label, entry.eps[0]), "steps", None)
 
 
 def pairs(attacks: dict, transfer_metrics: list[str], regime_transfer: dict[str, tuple[str, float]]):
@@ -25,9 +18,9 @@ def pairs(attacks: dict, transfer_metrics: list[str], regime_transfer: dict[str,
     attacks: the study's evaluation.attacks; transfer_metrics: acc_transfer:... names evaluated;
     regime_transfer: {metric of a regime test set: (attack name, eps)} crafted on another model."""
     out = []
-    fgsm = [lab for lab, e in attacks.items() if _attack_name(lab, e) == "fgsm"]
+    fgsm = [lab for lab, e in attacks.items() if e.name(lab) == "fgsm"]
     for lab, e in attacks.items():
-        if _attack_name(lab, e) == "fgsm":
+        if e.name(lab) == "fgsm":
             continue
         for f in fgsm:
             for eps in e.eps:
@@ -37,7 +30,7 @@ def pairs(attacks: dict, transfer_metrics: list[str], regime_transfer: dict[str,
     for a in labels:
         for b in labels:
             ea, eb = attacks[a], attacks[b]
-            if a == b or _attack_name(a, ea) != _attack_name(b, eb):
+            if a == b or ea.name(a) != eb.name(b):
                 continue
             pa = {k: v for k, v in ea.params.items() if k != "steps"}
             pb = {k: v for k, v in eb.params.items() if k != "steps"}
@@ -56,7 +49,7 @@ def pairs(attacks: dict, transfer_metrics: list[str], regime_transfer: dict[str,
         out.append(("transfer", f"acc_adv:{p.name}@{p.strength}", m))
     for test, (attack, eps) in regime_transfer.items():
         for lab, e in attacks.items():
-            if _attack_name(lab, e) == attack and eps in e.eps:
+            if e.name(lab) == attack and eps in e.eps:
                 out.append(("transfer", names.adv(lab, eps), test))
     return out
 

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from robustprune.attacks import ATTACKS, adversarial_accuracy
+from robustprune.attacks import adversarial_accuracy
 from robustprune.attacks.occlusion import occlude
 from robustprune.evaluate import names
 from robustprune.evaluate.checks import masking_checks, pairs
@@ -26,11 +26,9 @@ def first(x: torch.Tensor, n: int | None) -> torch.Tensor:
 def attack_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ev, progress) -> dict[str, float]:
     out = {}
     for label, entry in ev.attacks.items():
-        cls = ATTACKS.get(entry.attack or label)
         for eps in entry.eps:
             progress.advance(0, f"{label} eps={eps:g} on {len(x)} images")
-            out[names.adv(label, eps)] = adversarial_accuracy(model, cls(eps=eps, **entry.params), x, y,
-                                                              ev.batch_size)
+            out[names.adv(label, eps)] = adversarial_accuracy(model, entry.build(label, eps), x, y, ev.batch_size)
     return out
 
 

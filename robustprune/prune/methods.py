@@ -89,11 +89,16 @@ class Structured(PruningMethod):
     Params = StructuredParams
 
     def needs_data(self, params) -> bool:
-        return build_criterion(params.criterion, **params.criterion_params).needs_data
+        return self.criterion(params).needs_data
+
+    @staticmethod
+    def criterion(params):
+        """A fresh criterion object as the entry's params name it."""
+        return build_criterion(params.criterion, **params.criterion_params)
 
     def validate(self, params) -> None:
         try:
-            build_criterion(params.criterion, **params.criterion_params)
+            self.criterion(params)
         except TypeError as e:
             raise ValueError(f"criterion '{params.criterion}' does not accept {params.criterion_params} ({e})") from None
         if params.rounds != 1:
@@ -102,7 +107,7 @@ class Structured(PruningMethod):
 
     def prune(self, model, sparsity, example_input, params, data=None, criterion=None):
         """`criterion` replaces the one in params (e.g. to record or replay its scores)."""
-        criterion = criterion or build_criterion(params.criterion, **params.criterion_params)
+        criterion = criterion or self.criterion(params)
         x, y = data if data is not None else (None, None)
         ratio = (params.block_ratio if params.block_ratio is not None else sparsity, sparsity) \
             if params.target == "both" else sparsity

@@ -184,11 +184,6 @@ def attack_title(label: str) -> str:
     return label.upper().replace("_", "-")
 
 
-def report_eps(study: StudyConfig, label: str) -> float:
-    """evaluation.report_eps when the attack was run at it, else the attack's first eps."""
-    return study.evaluation.shown_eps(label)
-
-
 def summary_table(study: StudyConfig, cells: list[dict], regime: str, flags: set | None = None) -> Table | None:
     """Clean | each attack at the report eps | occlusion | corruption | masking checks."""
     view = regime_view(study, cells, regime, flags)
@@ -216,9 +211,9 @@ def robustness_measures(view: Regime) -> dict[str, Callable[[dict], float | None
         measures["Occlusion"] = lambda c: (statistics.fmean(v) if (v := [c["metrics"][m] for m in sizes
                                                                        if m in c["metrics"]]) else None)
     for label in ev.attacks:
-        m = names.adv(label, report_eps(study, label))
+        m = names.adv(label, study.evaluation.shown_eps(label))
         if view.has(m):
-            measures[f"{attack_title(label)} ε={names.eps_text(report_eps(study, label))}"] = \
+            measures[f"{attack_title(label)} ε={names.eps_text(study.evaluation.shown_eps(label))}"] = \
                 lambda c, m=m: c["metrics"].get(m)
     return measures
 
@@ -328,7 +323,7 @@ def signed(gains: list[float]) -> str:
 def attack_columns(view: Regime, columns: dict[str, Column]) -> list[str]:
     """Adds one column per attack at its report eps; returns the caption's words on them."""
     for label in view.study.evaluation.attacks:
-        eps = report_eps(view.study, label)
+        eps = view.study.evaluation.shown_eps(label)
         if view.has(names.adv(label, eps)):
             columns[f"{attack_title(label)} ε={names.eps_text(eps)}"] = metric_column(view, names.adv(label, eps))
     return [f"white-box L∞ attacks at the ε in the header (pixel scale [0, 1]) on the first "

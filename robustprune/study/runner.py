@@ -11,7 +11,6 @@ from typing import Callable
 import torch
 
 from robustprune import checkpoint
-from robustprune.attacks import ATTACKS
 from robustprune.attacks.cifar10c import load_cifar10c
 from robustprune.attacks.corruptions import corrupt
 from robustprune.data import REGIMES, ImageDataset, load_dataset
@@ -20,7 +19,6 @@ from robustprune.metrics.latency import measure_latency
 from robustprune.metrics.size import size_metrics
 from robustprune.models import build_model, to_device
 from robustprune.prune import PRUNING_METHODS
-from robustprune.prune.criteria import build_criterion
 from robustprune.prune.criteria.replay import Recording, Replay
 from robustprune.prune.methods import Structured
 from robustprune.prune.single_element import improvement_fractions, make_evaluator, single_element_study
@@ -207,7 +205,7 @@ class Workspace:
         found = copy.deepcopy(dense.model)
         self.progress.stage(f"prune {pr['method']} s={pr['sparsity']:g}", 1)
         if isinstance(method, Structured):
-            recording = Recording(build_criterion(params.criterion, **params.criterion_params))
+            recording = Recording(method.criterion(params))
             method.prune(found, pr["sparsity"], self.example_input(), params, data, criterion=recording)
             masks = None
         else:
@@ -338,7 +336,7 @@ class Workspace:
         if cell.hash not in {c.hash for c in group}:
             return {}
         entry = ev.attacks[t.attack]
-        attack = ATTACKS.get(entry.attack or t.attack)(eps=ev.transfer_eps(), **entry.params)
+        attack = entry.build(t.attack, ev.transfer_eps())
         base = self.regime_data(cell.dense_key)
         x = first(base.x_test, ev.attack_subset)
         y = first(base.y_test, ev.attack_subset)
@@ -400,7 +398,7 @@ def single_element_metrics(model, x_test, y_test, ev, progress: Progress) -> dic
     """Algorithm 2 on a dense model: the Fig. 5 fractions per attack (at its report eps) and tolerance."""
     se = ev.single_element
     x, y = to_float(x_test[:se.images]), y_test[:se.images]
-    attacks = {names.adv(label, ev.shown_eps(label)): ATTACKS.get(e.attack or label)(eps=ev.shown_eps(label), **e.params)
+    attacks = {names.adv(label, ev.shown_eps(label)): e.build(label, ev.shown_eps(label))
                for label, e in ev.attacks.items()}
     evaluate_fn = make_evaluator(x, y, attacks, ev.batch_size)
     baseline = evaluate_fn(model)

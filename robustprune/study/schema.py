@@ -93,6 +93,16 @@ class AttackEntry(Strict):
     eps: list[float] = Field(description="L-inf radii, pixel scale [0, 1]")
     params: dict[str, Any] = Field(default_factory=dict, description="the attack's other arguments")
 
+    def name(self, label: str) -> str:
+        """The registry name of the attack this entry (listed under `label`) runs."""
+        return self.attack or label
+
+    def build(self, label: str, eps: float):
+        """The attack object at one strength: attack(model, x, y) -> x_adv."""
+        from robustprune.attacks import ATTACKS
+
+        return ATTACKS.get(self.name(label))(eps=eps, **self.params)
+
     @field_validator("eps")
     @classmethod
     def _eps(cls, v):
@@ -221,10 +231,10 @@ class EvaluationConfig(Strict):
         for label, entry in self.attacks.items():
             if not label.replace("_", "").isalnum():
                 raise ValueError(f"attack label '{label}' may hold only letters, digits and '_'")
-            cls = ATTACKS.get(entry.attack or label)
+            ATTACKS.get(entry.name(label))  # an unknown name is its own error, with the known names
             for eps in entry.eps:  # the attack checks its own arguments (steps >= 1, ...)
                 try:
-                    cls(eps=eps, **entry.params)
+                    entry.build(label, eps)
                 except TypeError as e:
                     raise ValueError(f"attack '{label}' does not accept params {entry.params} ({e})") from None
                 except UserError as e:

@@ -15,6 +15,8 @@ forward pass did not reach) contributes nothing; a group with none scores 0 ever
 """
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import warnings
 from collections import defaultdict
 
@@ -120,8 +122,9 @@ class _ChannelStat(Criterion):
         sites = channel_sites(model, x[:1])
         self._stats = {k: v.detach().float().cpu() for k, v in self._collect(model, sites, x, y).items()}
 
+    @abstractmethod
     def _collect(self, model, sites: dict[nn.Module, Site], x, y) -> dict[nn.Module, torch.Tensor]:
-        raise NotImplementedError
+        """One statistic per output channel of every conv layer, from the images x (and labels y)."""
 
     def __call__(self, group) -> torch.Tensor:
         if self._stats is None:

@@ -5,6 +5,7 @@ unpruned model before any scoring. Layer pruning asks `block_scores(model, block
 score per residual block, the lowest removed first."""
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import ClassVar
 
 import torch
@@ -27,8 +28,9 @@ class Criterion(tp.importance.Importance):
             raise UserError(f"criterion '{self.name}' scores filters from data but none was given; "
                             f"pass a batch of training images or pick a data-free criterion (l1, l2, lamp, random)")
 
+    @abstractmethod
     def __call__(self, group) -> torch.Tensor:
-        raise NotImplementedError
+        """One score per channel of the Torch-Pruning group, in the order of its root indices."""
 
     def block_scores(self, model: nn.Module, blocks: list[tuple[str, nn.Module]],
                      x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,6 +9,8 @@ taken with torch.autograd.grad, so the model's .grad fields are left as they wer
 """
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,8 +30,9 @@ class _WeightSaliency(Criterion):
         self.batch_size = check_positive(self.name, "batch_size", batch_size)
         self._saliency: dict[nn.Module, torch.Tensor] | None = None
 
+    @abstractmethod
     def _weight_saliency(self, model, params, x, y) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """One saliency tensor per weight in `params` (same shapes), from the images x and labels y."""
 
     def prepare(self, model: nn.Module, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> None:
         super().prepare(model, x, y)
