@@ -218,7 +218,7 @@ def _print_evaluation(console, n: int, clean: float, pgd: dict, corr: dict) -> N
 # ---- the command ---------------------------------------------------------------------------------
 
 def _check_sizes(args) -> None:
-    for flag in ("train_images", "eval_images", "corruption_images"):
+    for flag in ("train_images", "eval_images", "corruption_images", "epochs"):
         n = getattr(args, flag)
         if n is not None and n < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {n}")
@@ -242,12 +242,21 @@ def run_bench(console, args) -> dict:
     device = pick_device(args.device)
     # data first: a missing folder is reported before any time is spent measuring
     data = load_mnist_or_explain(args.data_dir) if section in ("all", "evaluation") else None
+    if section == "resnet20":
+        from robustprune.bench_cifar import load_cifar10_or_explain
+
+        load_cifar10_or_explain(args.data_dir)
     console.print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     out: dict = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
     if section in ("all", "training"):
         out.update(_training_section(console, device, args))
     if data is not None:
         out["evaluation"] = _evaluation_section(console, device, args, data)
+    if section == "resnet20":  # not part of `all`: it trains for about 20 minutes
+        from robustprune.bench_cifar import fast_resnet20
+
+        out["resnet20"] = fast_resnet20(console, device, args.data_dir, epochs=args.epochs,
+                                        train_images=args.train_images)
     if json_path:
         try:
             json_path.write_text(json.dumps(out, indent=2) + "\n")

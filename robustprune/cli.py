@@ -127,9 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="registered datasets, models, regimes, pruning methods, attacks")
     ls.set_defaults(func=cmd_list)
     b = sub.add_parser("bench", help="training throughput vs the matrix-multiply peak; attack and corruption speed")
-    b.add_argument("--section", choices=["all", "training", "evaluation"], default="all",
+    b.add_argument("--section", choices=["all", "training", "evaluation", "resnet20"], default="all",
                    help="training (matmul peak, training, FGSM), evaluation (PGD-20 vs torchattacks on MNIST, "
-                        "corruption suite) or all (default)")
+                        "corruption suite), all (default: both), or resnet20 (the fast trainer on real CIFAR-10, "
+                        "about 20 minutes)")
     b.add_argument("--seconds", type=float, default=5.0, help="time spent on each training measurement")
     b.add_argument("--batch-size", type=int, default=128)
     b.add_argument("--device", default="auto")
@@ -137,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="PATH", help="also write every measured figure to this JSON file")
     # smaller sizes for quick checks (tests); their figures are not comparable with the full-size ones
     b.add_argument("--train-images", type=int, metavar="N", help="train on the first N MNIST images (default all)")
+    b.add_argument("--epochs", type=int, metavar="N", help="resnet20 section: train N epochs (default the recipe's 40)")
     b.add_argument("--eval-images", type=int, default=10000, metavar="N",
                    help="attack the first N MNIST test images (default 10000)")
     b.add_argument("--corruption-images", type=int, default=10000, metavar="N",

@@ -37,6 +37,8 @@ class TrainConfig(BaseModel):
     mix: Literal["none", "mixup", "cutout", "cutmix"] = Field("none", description="a batch transform of robustprune.data.augment")
     mix_alpha: float = Field(1.0, gt=0, description="Beta(alpha, alpha) of mixup and cutmix")
     cutout_size: int = Field(16, ge=1, description="side of the cutout square in pixels")
+    dynamics: bool = Field(False, description="record gradient confusion and layer rotation after every epoch "
+                                              "(Jordão & Pedrini Fig. 2; 8 fixed batches of 64 training images)")
 
 
 class TrainingDiverged(RuntimeError):
@@ -99,6 +101,11 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, 
     aug_g = torch.Generator(device="cpu").manual_seed(seed + AUGMENT_SEED_OFFSET)
     mix = BATCH_TRANSFORMS.get(cfg.mix) if cfg.mix != "none" else None
     bf16 = use_bf16(cfg.precision, device)
+    probe = None
+    if cfg.dynamics:  # fixed probe batches and the weights this training starts from
+        from robustprune.metrics.dynamics import EpochDynamics
+
+        probe = EpochDynamics(x, y, model, seed=seed)
     model.train()
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(x), generator=g).to(device)
@@ -136,6 +143,9 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, 
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(f"loss became {mean_loss} in epoch {epoch + 1}")
         entry = {"epoch": epoch + 1, "loss": mean_loss, "train_acc": float(correct) / len(x)}
+        if probe is not None:
+            entry.update(probe(epoch + 1, model))
+            model.train()
         if on_epoch_end is not None:
             entry.update(on_epoch_end(epoch + 1, model) or {})
             model.train()

@@ -72,3 +72,32 @@ def test_training_section_reports_throughput_against_peak(capsys):
     assert "fp32 matmul peak" in out and "images/s" in out and "achieved / peak" in out
     peak = float(out.split("fp32 matmul peak (2048x2048)")[1].split("GFLOP/s")[0].strip(" │|").replace(",", ""))
     assert peak > 0
+
+
+def test_resnet20_section_trains_the_fast_recipe_on_real_cifar10(tmp_path, data_dir, capsys):
+    from robustprune.bench_cifar import FAST_RESNET20
+
+    if not (data_dir / "cifar10" / "cifar10.npz").exists():
+        pytest.skip("real CIFAR-10 not found")
+    out = tmp_path / "r.json"
+    code = main(["bench", "--section", "resnet20", "--data-dir", str(data_dir), "--epochs", "1",
+                 "--train-images", "512", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0
+    r = json.loads(out.read_text())["resnet20"]
+    assert r["epochs"] == 1 and r["train_images"] == 512 and r["images_per_s"] > 0
+    assert 0.0 <= r["test_accuracy"] <= 1.0 and r["train_seconds"] > 0
+    assert r["recipe"] == FAST_RESNET20.model_copy(update={"epochs": 1}).model_dump()
+    assert "epoch 1/1" in text and "test accuracy" in text
+    assert "fp32 matmul peak" not in text  # only the section asked for
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--data-dir", "{tmp}"], "the resnet20 section needs CIFAR-10, which is not in"),
+])
+def test_resnet20_section_bad_input(args, expected, tmp_path, data_dir, capsys):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code = main(["bench", "--section", "resnet20", "--data-dir", str(data_dir), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1

@@ -107,3 +107,45 @@ def test_two_architecture_study_through_the_cli(tmp_path, data_dir):
     csv_text = subprocess.run([sys.executable, "-m", "robustprune", "report", str(out), "--format", "csv"],
                               capture_output=True, text=True, timeout=120).stdout
     assert csv_text.splitlines()[0].startswith("model,regime,pruning")
+
+
+def test_a_pruning_entry_can_name_the_architectures_it_prunes():
+    raw = TWO_MODELS | {"pruning": {
+        "magnitude": {"method": "global_magnitude", "sparsities": [0.5], "models": ["wide"]},
+        "l1": {"method": "structured", "sparsities": [0.5]}}}
+    cells = expand(resolve_study(raw, "test"))
+    assert sorted((c.axes["model"], c.axes["pruning"]) for c in cells) == [
+        ("narrow", "dense"), ("narrow", "l1"), ("wide", "dense"), ("wide", "l1"), ("wide", "magnitude")]
+    # naming an entry's architectures does not change what its cells compute
+    plain = expand(resolve_study(raw | {"pruning": {"magnitude": raw["pruning"]["magnitude"] | {"models": None}}}, "test"))
+    wide = {c.hash for c in plain if c.axes["model"] == "wide" and c.axes["pruning"] == "magnitude"}
+    assert wide == {c.hash for c in cells if c.axes["pruning"] == "magnitude"}
+
+
+@pytest.mark.parametrize("models, expected", [
+    (["huge"], "names model 'huge', which is not a label of 'models' (narrow, wide)"),
+    ([], "models lists no architecture"),
+])
+def test_bad_entry_models(models, expected):
+    raw = TWO_MODELS | {"pruning": {"m": {"method": "global_magnitude", "sparsities": [0.5], "models": models}}}
+    with pytest.raises(UserError) as e:
+        resolve_study(raw, "test")
+    assert expected in str(e.value)
+
+
+def test_entry_models_need_a_models_axis(study_file):
+    raw = yaml.safe_load(study_file.read_text())
+    raw["pruning"]["magnitude"]["models"] = ["cnn"]
+    with pytest.raises(UserError) as e:
+        resolve_study(raw, "test")
+    assert "lists models, but the study has one model; remove 'models'" in str(e.value)
+
+
+def test_layer_pruning_is_refused_only_for_the_architectures_it_names():
+    raw = {"name": "t", "dataset": "cifar10", "models": {"r": {"name": "resnet20"}, "v": {"name": "vgg16_bn"}},
+           "pruning": {"layers": {"method": "structured", "sparsities": [0.1], "params": {"target": "blocks"}}}}
+    with pytest.raises(UserError) as e:
+        resolve_study(raw, "test")
+    assert "model 'vgg16_bn' has no residual block" in str(e.value) and "entry's 'models'" in str(e.value)
+    raw["pruning"]["layers"]["models"] = ["r"]
+    assert {c.axes["model"] for c in expand(resolve_study(raw, "test")) if c.axes["pruning"] == "layers"} == {"r"}

@@ -42,7 +42,6 @@ def test_structured_entries_expand_with_their_criterion():
 @pytest.mark.parametrize("params, expected", [
     ({"criterion": "plz"}, "unknown criterion 'plz'; did you mean 'pls'?"),
     ({"criterion": "pls", "target": "layers"}, "'pruning.x.params.target'"),
-    ({"criterion": "pls", "rounds": 3}, "runs one round"),
     ({"criterion": "random", "criterion_params": {"sed": 1}}, "does not accept"),
 ])
 def test_bad_structured_params(params, expected):
@@ -50,6 +49,17 @@ def test_bad_structured_params(params, expected):
     with pytest.raises(UserError) as e:
         resolve_study(raw, "test")
     assert expected in str(e.value)
+
+
+def test_iterative_entries_take_only_finetuning():
+    raw = dict(CIFAR_STUDY, pruning={"x": {"method": "structured", "sparsities": [0.3], "adjust": ["finetune", "scratch_e"],
+                                           "params": {"criterion": "l1", "rounds": 3}}})
+    with pytest.raises(UserError) as e:
+        resolve_study(raw, "test")
+    assert "iterative pruning (rounds > 1) fine-tunes after every round, so it takes only adjust: [finetune]" in str(e.value)
+    raw["pruning"]["x"]["adjust"] = ["finetune"]
+    cells = expand(resolve_study(raw, "test"))
+    assert [c.config["pruning"]["params"]["rounds"] for c in cells if c.axes["pruning"] == "x"] == [3]
 
 
 def test_block_pruning_of_a_model_without_blocks_is_refused_before_running():
@@ -104,17 +114,20 @@ def test_cifar_study_smoke_budget_through_the_cli(tmp_path, data_dir):
     for label in ("Gain over the unpruned network (regime 'clean')", "Semantic", "Occlusion", "FGSM ε=8/255",
                   "resnet20: pls_layers s=0.1, FT 1 ep", "resnet20: kl_filters s=0.1, FT 1 ep",
                   "resnet20: pls_filters s=0.1, Scratch-B", "resnet20: pls_filters s=0.1, W-ticket",
-                  "Source ↓ / target →", "Attack strength: FGSM"):
+                  "Source ↓ / target →", "Attack strength: FGSM",
+                  "resnet20: pls_filters_iterative s=0.1, FT 1 ep, iteration 2",
+                  "Training dynamics: Gradient confusion", "Per-layer widths (resnet20, regime 'clean')"):
         assert label in text, label
     with sqlite3.connect(out / "results.sqlite") as db:
         # dense + pls_filters x (no FT, FT, Scratch-E, Scratch-B, W-ticket) + 6 other entries with FT
-        assert db.execute("SELECT count(*) FROM cells WHERE status = 'done'").fetchone()[0] == 12
+        # + 2 iterations of pls_filters_iterative
+        assert db.execute("SELECT count(*) FROM cells WHERE status = 'done'").fetchone()[0] == 14
         params = dict(db.execute("SELECT json_extract(axes, '$.pruning') || ':' || json_extract(axes, "
                                  "'$.finetune_epochs'), value FROM results WHERE metric = 'params'").fetchall())
     assert params["pls_layers:1"] < params["dense:0"] and params["pls_both:1"] < params["pls_filters:1"]
     with sqlite3.connect(out / "results.sqlite") as db:
         latency = [v for (v,) in db.execute("SELECT value FROM results WHERE metric = 'latency_ms'")]
-    assert len(latency) == 12 and all(v > 0 for v in latency)
+    assert len(latency) == 14 and all(v > 0 for v in latency)
     assert "Latency (ms)" in text
     # Algorithm 2 on the dense model: 8 sampled filters, fractions per attack and tolerance
     assert "Single-element removal (regime 'clean')" in text
@@ -137,3 +150,80 @@ def test_bad_single_element_settings(single, expected):
     with pytest.raises(UserError) as e:
         resolve_study(raw, "test")
     assert expected in str(e.value)
+
+
+@pytest.mark.parametrize("budget, cells", [("full", 28), ("smoke", 14), ("cpu", 14)])
+def test_every_budget_of_the_cifar_study_is_valid(budget, cells):
+    from conftest import REPO_ROOT
+    from robustprune.study.schema import load_study
+
+    study = load_study(REPO_ROOT / "studies" / "cifar_structured_pruning_robustness.yaml", budget)
+    assert len(expand(study)) == cells
+    assert study.train.dynamics and study.finetune.dynamics
+
+
+def test_iterations_are_cells_chained_in_one_job():
+    from robustprune.study.executor import plan_jobs
+
+    raw = dict(CIFAR_STUDY, pruning={"it": {"method": "structured", "sparsities": [0.2], "finetune_epochs": [0, 1],
+                                            "params": {"criterion": "l1", "rounds": 3}}})
+    cells = expand(resolve_study(raw, "test"))
+    its = [c for c in cells if c.axes["pruning"] == "it"]
+    assert sorted((c.axes["finetune_epochs"], c.axes["iteration"]) for c in its) == [
+        (0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    assert "it s=0.2 ft=1 it=2" in {c.label for c in its}
+    jobs = [j for j in plan_jobs(cells) if j.cells[0].axes["pruning"] == "it"]
+    assert len(jobs) == 2  # one chain per fine-tuning setting, iterations in order
+    for j in jobs:
+        assert [c.axes["iteration"] for c in j.cells] == [1, 2, 3] and len(j.after) == 1
+
+
+ITERATIVE_STUDY = dict(CIFAR_STUDY, name="cifar_iterative_tiny",
+                       train=CIFAR_STUDY["train"] | {"dynamics": True},
+                       finetune={"lr": 0.01, "dynamics": True},
+                       pruning={"it": {"method": "structured", "sparsities": [0.2], "finetune_epochs": [1],
+                                       "params": {"criterion": "pls", "target": "filters", "rounds": 2}}},
+                       evaluation={"attack_subset": 100, "shift_subset": 100, "attacks": {"fgsm": {"eps": [0.0313725]}}})
+
+
+@pytest.mark.slow
+def test_iterative_pruning_dynamics_and_widths_through_the_cli(tmp_path, data_dir):
+    if not (data_dir / "cifar10" / "cifar10.npz").exists():
+        pytest.skip("real CIFAR-10 not found")
+    import json
+    import shutil
+
+    study_file = tmp_path / "it.yaml"
+    study_file.write_text(yaml.safe_dump(ITERATIVE_STUDY))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "robustprune", "run", str(study_file), "--data-dir", str(data_dir), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    for label in ("it s=0.2, FT 1 ep, iteration 2", "Training dynamics: Gradient confusion (regime 'clean')",
+                  "Training dynamics: Layer rotation", "Per-layer widths (regime 'clean')"):
+        assert label in proc.stdout, label
+
+    def stored():
+        with sqlite3.connect(out / "results.sqlite") as db:
+            rows = db.execute("SELECT axes, metric, value FROM results").fetchall()
+            hist = {json.loads(a).get("iteration"): json.loads(h) for a, h in db.execute("SELECT axes, history FROM cells")}
+        return {(json.loads(a).get("iteration"), m): v for a, m, v in rows}, hist
+
+    first, hist = stored()
+    dense = first[(None, "width:stem.conv")]
+    assert dense == 16 and first[(1, "width:stem.conv")] == 13 and first[(2, "width:stem.conv")] == 10  # 20 % of what remains
+    assert first[(2, "params")] < first[(1, "params")] < first[(None, "params")]
+    assert [(e["iteration"], e["epoch"]) for e in hist[2]] == [(1, 1), (2, 1)]  # iteration 1's fine-tuning, then 2's
+    assert all("grad_confusion" in e and "layer_rotation" in e for h in hist.values() for e in h)
+    # a new store over the same checkpoints: every model comes from the cache, the pruned ones
+    # rebuilt by replaying the stored scores, with identical numbers
+    (out / "results.sqlite").unlink()
+    for f in out.glob("results.sqlite-*"):
+        f.unlink()
+    ckpts = {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").iterdir()}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").iterdir()} == ckpts  # nothing retrained
+    again, _ = stored()
+    assert {k: v for k, v in again.items() if k[1] != "latency_ms"} == {k: v for k, v in first.items() if k[1] != "latency_ms"}
+    shutil.rmtree(out)

@@ -13,6 +13,7 @@
                                           same images; a value above the tolerance is a violation
     masking_violations                    number of checks above the tolerance
     images:attacks, images:shifts         how many test images the attacks / shifts used
+    width:<layer>                         output channels (conv) or features (linear) of a layer
 
 Strengths are written with Python's :g format (0.1, 0.03137, 8)."""
 from __future__ import annotations
@@ -45,6 +46,10 @@ def eps_text(value: float) -> str:
     if len(f"{value:g}") > 5 and abs(k - round(k)) < 1e-3 and round(k) > 0:
         return f"{round(k)}/255"
     return strength(value)
+
+
+def width(layer: str) -> str:
+    return f"width:{layer}"
 
 
 def adv(attack: str, eps: float) -> str:
@@ -113,4 +118,5 @@ def setting_key(axes: dict) -> str:
         return f"{model}{axes['pruning']} r{axes['round']}"
     if axes.get("adjust"):
         return f"{model}{axes['pruning']} s={axes['sparsity']:g} {axes['adjust']}"
-    return f"{model}{axes['pruning']} s={axes['sparsity']:g} ft={axes['finetune_epochs']}"
+    it = f" it{axes['iteration']}" if axes.get("iteration") else ""
+    return f"{model}{axes['pruning']} s={axes['sparsity']:g} ft={axes['finetune_epochs']}{it}"

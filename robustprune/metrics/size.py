@@ -37,6 +37,15 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]
     return dense[0], nonzero[0]
 
 
+def layer_widths(model: nn.Module) -> dict[str, float]:
+    """width:<layer> for every conv (output channels) and linear layer (output features), in module
+    order: what structured pruning left of each layer (a removed residual block's layers are absent)."""
+    from robustprune.evaluate.names import width
+
+    return {width(name): float(m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features)
+            for name, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
+
+
 def size_metrics(model: nn.Module, example_input: torch.Tensor, dense_weight_count: int) -> dict[str, float]:
     """params, params_nonzero, flops, flops_nonzero (2 FLOPs per multiply-accumulate of conv and
     linear layers, per image) and sparsity: the share of the dense model's

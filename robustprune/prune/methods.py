@@ -101,9 +101,6 @@ class Structured(PruningMethod):
             self.criterion(params)
         except TypeError as e:
             raise ValueError(f"criterion '{params.criterion}' does not accept {params.criterion_params} ({e})") from None
-        if params.rounds != 1:
-            raise ValueError("structured pruning in a study runs one round (rounds: 1) for now; iterative "
-                             "pruning is available through robustprune.prune.structured.iterative_prune")
 
     def prune(self, model, sparsity, example_input, params, data=None, criterion=None):
         """`criterion` replaces the one in params (e.g. to record or replay its scores)."""

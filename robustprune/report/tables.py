@@ -14,7 +14,7 @@ from robustprune.evaluate import names
 from robustprune.study.schema import StudyConfig
 
 AXES = ["regime", "pruning", "method", "sparsity", "finetune_epochs", "round", "seed"]
-OPTIONAL_AXES = ["model", "adjust"]  # present only in studies that use them (CSV columns likewise)
+OPTIONAL_AXES = ["model", "adjust", "iteration"]  # present only in studies that use them (CSV columns likewise)
 
 METRIC_LABELS = {
     "acc_clean": "Clean acc.",
@@ -72,6 +72,7 @@ class Setting(NamedTuple):
     round: int | None
     model: str | None = None  # the architecture's label in a study of several
     adjust: str | None = None  # scratch_e, scratch_b, winning_ticket (None: fine-tuning as finetune_epochs says)
+    iteration: int | None = None  # iterative structured pruning (Algorithm 1): the model after iteration k
 
 
 def key_of(cell: dict) -> Setting:
@@ -79,7 +80,7 @@ def key_of(cell: dict) -> Setting:
     # An iterative method's round fixes its sparsity; keying by round alone keeps float noise out.
     sparsity = a["sparsity"] if a["round"] is None else None
     return Setting(a["regime"], a["pruning"], sparsity, a["finetune_epochs"], a["round"], a.get("model"),
-                   a.get("adjust"))
+                   a.get("adjust"), a.get("iteration"))
 
 
 def group(cells: list[dict]) -> dict[tuple, list[dict]]:
@@ -98,7 +99,8 @@ def regime_keys(study: StudyConfig, groups: dict[tuple, list[dict]], regime: str
     models = {label: i for i, label in enumerate(study.models)}
     keys = [k for k in groups if k.regime == regime]
     return sorted(keys, key=lambda k: (models.get(k.model, -1), order.get(k.pruning, 99), k.round or 0,
-                                       k.sparsity or 0.0, ADJUST_ORDER.get(k.adjust, 0), k.finetune_epochs))
+                                       k.sparsity or 0.0, ADJUST_ORDER.get(k.adjust, 0), k.finetune_epochs,
+                                       k.iteration or 0))
 
 
 def setting_label(key: Setting) -> str:
@@ -109,7 +111,8 @@ def setting_label(key: Setting) -> str:
         return f"{model}{key.pruning} round {key.round}"
     if key.adjust:
         return f"{model}{key.pruning} s={key.sparsity:g}, {ADJUST_LABELS.get(key.adjust, key.adjust)}"
-    return f"{model}{key.pruning} s={key.sparsity:g}" + (f", FT {key.finetune_epochs} ep" if key.finetune_epochs else ", no FT")
+    text = f"{model}{key.pruning} s={key.sparsity:g}" + (f", FT {key.finetune_epochs} ep" if key.finetune_epochs else ", no FT")
+    return text + (f", iteration {key.iteration}" if key.iteration else "")
 
 
 def show(cells: list[dict], metric: str, key: tuple, flags: set) -> str:
@@ -222,9 +225,10 @@ def failed_cells_table(cells: list[dict]) -> Table | None:
 
 
 def all_tables(study: StudyConfig, cells: list[dict]) -> list[Table]:
-    """Table 1; per regime the robustness summary, the core sweep and the detailed robustness
-    tables; then the gradient-masking checks and the failed cells."""
+    """Table 1; per regime the robustness summary, the core sweep, the detailed robustness
+    tables, the training dynamics and the per-layer widths; then the gradient-masking checks and the failed cells."""
     from robustprune.report import robustness as rb  # robustness.py builds on this module
+    from robustprune.report import training
 
     flags = rb.masking_flags(study, cells)
     tables = [table1(study, cells, flags)]
@@ -232,7 +236,8 @@ def all_tables(study: StudyConfig, cells: list[dict]) -> list[Table]:
         tables += [rb.summary_table(study, cells, regime, flags), rb.gains_table(study, cells, regime, flags),
                    rb.correlation_table(study, cells, regime), rb.single_element_table(study, cells, regime),
                    sweep_table(study, cells, regime, flags),
-                   *rb.detail_tables(study, cells, regime, flags)]
+                   *rb.detail_tables(study, cells, regime, flags),
+                   *training.dynamics_tables(study, cells, regime), *training.widths_tables(study, cells, regime)]
     tables += [rb.masking_table(study, cells), failed_cells_table(cells)]
     return [t for t in tables if t]
 

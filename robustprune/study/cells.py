@@ -26,7 +26,8 @@ def dump(model: BaseModel, full: bool) -> dict:
 @dataclass(frozen=True)
 class Cell:
     study: str
-    axes: dict[str, Any]            # what tables group by: [model,] regime, pruning, sparsity, finetune_epochs, round, seed
+    axes: dict[str, Any]            # what tables group by: [model,] regime, pruning, sparsity, finetune_epochs, round,
+                                    # seed [, adjust] [, iteration]
     config: dict[str, Any]          # every setting, defaults included (stored with each row)
     hash: str                       # hash of the non-default settings
     dense_key: dict[str, Any] = field(repr=False)  # what the dense model depends on
@@ -42,6 +43,8 @@ class Cell:
             what = f"{a['pruning']} s={a['sparsity']:g} {a['adjust']}"
         else:
             what = f"{a['pruning']} s={a['sparsity']:g} ft={a['finetune_epochs']}"
+            if a.get("iteration"):
+                what += f" it={a['iteration']}"
         model = f"{a['model']} / " if a.get("model") else ""
         return f"{model}{a['regime']} / {what} / seed {a['seed']}"
 
@@ -86,6 +89,8 @@ def _setting_cells(study: StudyConfig, seed: int, regime: str, model_label: str 
         axes0 = {"model": model_label} | axes0
     settings = [(axes0, None, None)]
     for label, p in study.pruning.items():
+        if p.models is not None and model_label not in p.models:
+            continue
         method = PRUNING_METHODS.get(p.method)
         params = method.Params(**p.params)
         if method.iterative:
@@ -104,13 +109,17 @@ def _setting_cells(study: StudyConfig, seed: int, regime: str, model_label: str 
                 if scheme == "winning_ticket":
                     pr["rewind_epoch"] = p.rewind_epoch
                 settings.append((axes, pr | {"params": dump(params, True)}, pr | {"params": dump(params, False)}))
+            rounds = getattr(params, "rounds", 1)  # Algorithm 1: every iteration's model is a cell
             for ft in (p.finetune_epochs if "finetune" in p.adjust else []):
-                axes = axes0 | {"pruning": label, "method": p.method, "sparsity": s, "finetune_epochs": ft}
-                pr = {"method": p.method, "sparsity": s}
                 ft_full = dump(study.finetune.model_copy(update={"epochs": ft}), True) if ft else None
                 ft_key = dump(study.finetune.model_copy(update={"epochs": ft}), False) if ft else None
-                settings.append((axes, pr | {"params": dump(params, True), "finetune": ft_full},
-                                 pr | {"params": dump(params, False), "finetune": ft_key}))
+                for it in (range(1, rounds + 1) if rounds > 1 else [None]):
+                    axes = axes0 | {"pruning": label, "method": p.method, "sparsity": s, "finetune_epochs": ft}
+                    pr = {"method": p.method, "sparsity": s}
+                    if it is not None:
+                        axes, pr = axes | {"iteration": it}, pr | {"iteration": it}
+                    settings.append((axes, pr | {"params": dump(params, True), "finetune": ft_full},
+                                     pr | {"params": dump(params, False), "finetune": ft_key}))
     for axes, pr_full, pr_key in settings:
         config = base_full | {"pruning": pr_full}
         key = base_key | {"pruning": pr_key}

@@ -62,13 +62,15 @@ def plan_jobs(cells: list[Cell], transfer_models=None) -> list[Job]:
         pr = cell.config["pruning"]
         if pr is None:
             jobs.append(Job(len(jobs), [cell], [], 1e9, group=group))
-        elif a["round"] is not None:
-            key = (*group, a["pruning"])
+        elif a["round"] is not None or a.get("iteration") is not None:
+            # a chain: each lottery round / pruning iteration starts from the previous one's model
+            key = (*group, a["pruning"], a["sparsity"], a["finetune_epochs"])
             if key not in chains:
                 chains[key] = Job(len(jobs), [], [], 0.0, group=group)
                 jobs.append(chains[key])
             chains[key].cells.append(cell)
-            chains[key].cost += (pr["params"].get("epochs") or 3) + 0.3
+            epochs = pr["params"].get("epochs") if a["round"] is not None else a["finetune_epochs"]
+            chains[key].cost += (epochs or 3) + 0.3
         else:
             ft = (pr.get("finetune") or {}).get("epochs", 0)
             jobs.append(Job(len(jobs), [cell], [], ft * (1.0 - 0.5 * pr["sparsity"]) + 0.3, group=group))
@@ -78,7 +80,7 @@ def plan_jobs(cells: list[Cell], transfer_models=None) -> list[Job]:
     for job in jobs:
         needs = {dense_job.get(_group(c)) for c in job.cells if c.config["pruning"] is not None}
         job.after = sorted(needs - {None, job.id})
-        job.cells.sort(key=lambda c: (c.config["pruning"] is not None, c.axes["round"] or 0))
+        job.cells.sort(key=lambda c: (c.config["pruning"] is not None, c.axes["round"] or 0, c.axes.get("iteration") or 0))
     return jobs
 
 
@@ -162,9 +164,11 @@ def _init_worker(threads: int, q) -> None:
     _STATE["queue"] = q
 
 
-def _run_job(study_dump: dict, cells: list[Cell], out_dir: str, data_dir, device: str) -> list[tuple[str, str, float]]:
+def _run_job(study_dump: dict, cells: list[Cell], out_dir: str, data_dir, device: str,
+             threads: int) -> list[tuple[str, str, float]]:
     from robustprune.device import pick_device
 
+    torch.set_num_threads(threads)
     key = (str(study_dump), out_dir, str(data_dir), device)
     if _STATE.get("key") != key:  # one workspace per worker: the data set is loaded once
         progress = QueueProgress(_STATE["queue"])
@@ -198,6 +202,11 @@ def run_parallel(study: StudyConfig, cells: list[Cell], store: Store, out_dir: P
     jobs = plan_jobs([c for c in cells if c.hash not in done],
                      study.evaluation.transfer.models if study.evaluation.transfer else None)
     finished_count = counts["skipped"]
+    # Every other job waits for the dense models: when there are fewer of them than workers, their
+    # jobs get the idle workers' threads. Decided from the whole study, not from what is left, so
+    # a resumed study computes every cell with the same thread count (float results depend on it).
+    n_dense = len({_group(c) for c in cells if c.config["pruning"] is None})
+    dense_threads = max(threads, workers * threads // max(1, min(workers, n_dense)))
     ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
     with ctx.Manager() as manager:
         q = manager.Queue()
@@ -231,7 +240,9 @@ def run_parallel(study: StudyConfig, cells: list[Cell], store: Store, out_dir: P
                          and all(jobs[d].done for d in j.after)]
                 ready.sort(key=lambda j: -j.cost)
                 for job in ready[: max(0, workers - len(running))]:
-                    fut = pool.submit(_run_job, study_dump, job.cells, str(out_dir), data_dir, device)
+                    dense_job = all(c.config["pruning"] is None for c in job.cells)
+                    fut = pool.submit(_run_job, study_dump, job.cells, str(out_dir), data_dir, device,
+                                      dense_threads if dense_job else threads)
                     running[fut] = job.id
                 if not running:
                     break

@@ -16,7 +16,7 @@ from robustprune.attacks.corruptions import corrupt
 from robustprune.data import REGIMES, ImageDataset, load_dataset
 from robustprune.device import pick_device
 from robustprune.metrics.latency import measure_latency
-from robustprune.metrics.size import size_metrics
+from robustprune.metrics.size import layer_widths, size_metrics
 from robustprune.models import build_model, to_device
 from robustprune.prune import PRUNING_METHODS
 from robustprune.prune.criteria.replay import Recording, Replay
@@ -36,6 +36,7 @@ from robustprune.train import TrainConfig, TrainingDiverged, accuracy, to_float,
 FINETUNE_SEED_OFFSET = 1
 REGIME_SEED_OFFSET = 7
 ADJUST_SEED_OFFSET = 101  # scratch initialisation and retraining after Scratch-E/B or winning ticket
+ROUND_SEED_STRIDE = 1000  # fine-tuning after iteration k of iterative pruning: + (k - 1) * this
 CRITERION_IMAGES = 512  # training images a data-driven pruning criterion sees
 
 
@@ -168,28 +169,62 @@ class Workspace:
         return out
 
     def pruned(self, key: dict, pr: dict, method, params) -> tuple[torch.nn.Module, list]:
-        """The dense model pruned one-shot, then fine-tuned. Fine-tuned weights are cached (keyed
-        without the evaluation settings), so changing what is evaluated never retrains; the pruned
-        architecture is rebuilt by pruning again, which is deterministic and cheap."""
+        """The dense model pruned one-shot, then fine-tuned; or iteration k of Jordão & Pedrini's
+        Algorithm 1 (rounds > 1): iteration k-1's fine-tuned model loses the share `sparsity` of
+        what remains, scored on that model, and is fine-tuned again. Fine-tuned weights are cached
+        (keyed without the evaluation settings), so changing what is evaluated never retrains. The
+        checkpoint also holds every score the criterion gave, so the pruned architecture is
+        rebuilt by replaying them rather than by running the criterion again."""
+        model, history, _ = self._pruned(key, pr, method, params)
+        return model, history
+
+    def _pruned(self, key: dict, pr: dict, method, params) -> tuple[torch.nn.Module, list, list]:
         dense = self.dense(key)
-        model = copy.deepcopy(dense.model)
-        self.progress.stage(f"prune {pr['method']} s={pr['sparsity']:g}", 1)
+        it = pr.get("iteration") or 1
+        ft = TrainConfig(**pr["finetune"]) if pr["finetune"] else None
+        path = self._cache_path("pruned", key, pr)
+        cached = checkpoint.load(path) if ft is not None and path.exists() else None
+        if cached is not None and "recordings" in cached:
+            model = copy.deepcopy(dense.model)
+            for recording in cached["recordings"]:
+                method.prune(model, pr["sparsity"], self.example_input(), params, None, criterion=Replay(recording))
+            return (*self._load_cached(model, cached, path), cached["recordings"])
+        if it > 1:
+            model, history, recordings = self._pruned(key, pr | {"iteration": it - 1}, method, params)
+            history, recordings = list(history), list(recordings)
+        else:
+            model, history, recordings = copy.deepcopy(dense.model), [], []
+        self.progress.stage(f"prune {pr['method']} s={pr['sparsity']:g}" + (f" iteration {it}" if it > 1 else ""), 1)
+        recording = Recording(method.criterion(params)) if isinstance(method, Structured) else None
         masks = method.prune(model, pr["sparsity"], self.example_input(), params,
-                             self.criterion_batch(key) if method.needs_data(params) else None)
+                             self.criterion_batch(key) if method.needs_data(params) else None,
+                             **({"criterion": recording} if recording else {}))
         model = to_device(model, self.device)  # pruning makes new, plain-layout tensors
-        if not pr["finetune"]:
-            return model.eval(), []
-        ft = TrainConfig(**pr["finetune"])
-        return self._trained_or_cached("pruned", key, pr, model, lambda: self._train(
-            model, self.regime_data(key), ft, key["seed"] + FINETUNE_SEED_OFFSET, f"fine-tune {ft.epochs} epochs", masks))
+        if recording is not None:
+            recordings.append(recording.state())
+        if ft is None:
+            return model.eval(), history, recordings
+        if cached is not None:  # a one-shot checkpoint written before the scores were stored
+            return (*self._load_cached(model, cached, path), recordings)
+        seed = key["seed"] + FINETUNE_SEED_OFFSET + (it - 1) * ROUND_SEED_STRIDE
+        what = f"fine-tune {ft.epochs} epochs" + (f" (iteration {it})" if "iteration" in pr else "")
+        fit = self._train(model, self.regime_data(key), ft, seed, what, masks)
+        history += [dict(h, iteration=it) for h in fit] if "iteration" in pr else fit
+        checkpoint.save({"state": model.state_dict(), "history": history, "recordings": recordings}, path)
+        return model.eval(), history, recordings
+
+    def _cache_path(self, kind: str, key: dict, pr: dict) -> Path:
+        return self.ckpt_dir / f"{kind}-{config_hash({'dense': key, 'pruning': pr})}.pt"
+
+    def _load_cached(self, model, state: dict, path: Path) -> tuple[torch.nn.Module, list]:
+        checkpoint.load_state_into(model, state["state"], str(path))
+        return to_device(model, self.device).eval(), state["history"]
 
     def _trained_or_cached(self, kind: str, key: dict, pr: dict, model, train_now) -> tuple[torch.nn.Module, list]:
         """The weights of (dense model, pruning setting) from the cache, or train_now() and cache them."""
-        path = self.ckpt_dir / f"{kind}-{config_hash({'dense': key, 'pruning': pr})}.pt"
+        path = self._cache_path(kind, key, pr)
         if path.exists():
-            state = checkpoint.load(path)
-            checkpoint.load_state_into(model, state["state"], str(path))
-            return to_device(model, self.device).eval(), state["history"]
+            return self._load_cached(model, checkpoint.load(path), path)
         history = train_now()
         checkpoint.save({"state": model.state_dict(), "history": history}, path)
         return model.eval(), history
@@ -386,6 +421,7 @@ def evaluate(model: torch.nn.Module, cell: Cell, data: ImageDataset, ws: Workspa
         model, x_test, y_test, ev, ws.progress, corrupted=ws.corrupted, transfer_sets=ws.transfer_sets(cell),
         regime_tests=data.extra_tests, regime_transfer=regime.transfer_tests(regime.Params(**study.regimes[regime_name]))))
     out.update(size_metrics(model, ws.example_input(), dense_weights))
+    out.update(layer_widths(model))
     if ev.single_element and cell.config["pruning"] is None:
         out.update(single_element_metrics(model, x_test, y_test, ev, ws.progress))
     if ev.latency_batch:  # the real speed-up of a pruned model, not only its FLOPs

@@ -56,6 +56,7 @@ class PruningConfig(Strict):
         default_factory=lambda: ["finetune"],
         description="parameter adjustment after pruning (Jordão & Pedrini Table 3); finetune uses finetune_epochs")
     rewind_epoch: int = Field(1, ge=0, description="winning_ticket: rewind to the dense weights after this epoch")
+    models: list[str] | None = Field(None, description="labels of `models` this entry prunes (default: every one)")
 
     @field_validator("adjust")
     @classmethod
@@ -152,12 +153,13 @@ class ModelSelector(Strict):
     sparsity: float | None = None
     finetune_epochs: int | None = None
     round: int | None = None
+    iteration: int | None = Field(None, description="an iterative structured entry's iteration (rounds > 1)")
 
     def matches(self, axes: dict) -> bool:
         """Whether a cell with these axes is the model this selector names."""
         if self.pruning != axes["pruning"] or (self.model is not None and self.model != axes.get("model")):
             return False
-        if self.adjust != axes.get("adjust"):
+        if self.adjust != axes.get("adjust") or self.iteration != axes.get("iteration"):
             return False
         if self.pruning == "dense":
             return True
@@ -349,8 +351,17 @@ class StudyConfig(Strict):
                 method().validate(method.Params(**p.params))
             except ValueError as e:
                 raise ValueError(f"pruning.{label}.params: {e}") from None
+            if p.models is not None:
+                if not self.models:
+                    raise ValueError(f"pruning '{label}' lists models, but the study has one model; remove 'models'")
+                if not p.models:
+                    raise ValueError(f"pruning '{label}': models lists no architecture; remove it or name some")
+                for m in p.models:
+                    if m not in self.models:
+                        raise ValueError(f"pruning '{label}' names model '{m}', which is not a label of 'models' "
+                                         f"({', '.join(self.models)})")
             if getattr(method.Params(**p.params), "target", None) in ("blocks", "both"):
-                self._check_blocks(label)
+                self._check_blocks(label, p.models)
             if not method.iterative and not p.sparsities:
                 raise ValueError(f"pruning '{label}' lists no sparsities")
             if method.iterative and p.adjust != ["finetune"]:
@@ -358,6 +369,10 @@ class StudyConfig(Strict):
             if not method.adjustable and p.adjust != ["finetune"]:
                 raise ValueError(f"pruning '{label}': {p.method} supports only adjust: [finetune]; use method "
                                  f"'structured' (criterion l1) for Scratch-E/B and winning tickets")
+            if getattr(method.Params(**p.params), "rounds", 1) > 1 and p.adjust != ["finetune"]:
+                raise ValueError(f"pruning '{label}': iterative pruning (rounds > 1) fine-tunes after every round, "
+                                 f"so it takes only adjust: [finetune]; put Scratch-E/B and winning tickets in a "
+                                 f"one-shot entry")
             if "winning_ticket" in p.adjust and p.rewind_epoch > self.train.epochs:
                 raise ValueError(f"pruning '{label}': rewind_epoch {p.rewind_epoch} is after the last of the "
                                  f"{self.train.epochs} training epochs; use 0 to {self.train.epochs}")
@@ -377,15 +392,18 @@ class StudyConfig(Strict):
         return self
 
 
-    def _check_blocks(self, label: str) -> None:
-        """Layer pruning needs residual blocks with identity shortcuts in every architecture."""
+    def _check_blocks(self, label: str, only: list[str] | None) -> None:
+        """Layer pruning needs residual blocks with identity shortcuts in every architecture it prunes."""
         from robustprune.models import MODELS
         from robustprune.models.blocks import residual_blocks
 
-        for _, model in self.model_items():
+        for model_label, model in self.model_items():
+            if only is not None and model_label not in only:
+                continue
             if not any(b.removable for _, b in residual_blocks(MODELS.get(model.name)(**model.args))):
+                hint = " or list the other architectures under the entry's 'models'" if self.models else ""
                 raise ValueError(f"pruning '{label}' removes residual blocks, but model '{model.name}' has no "
-                                 f"residual block with an identity shortcut; use target: filters")
+                                 f"residual block with an identity shortcut; use target: filters{hint}")
 
     def model_items(self) -> list[tuple[str | None, ModelConfig]]:
         """The architectures of the grid: (None, model) for a one-model study, else (label, config)."""
@@ -399,7 +417,7 @@ class StudyConfig(Strict):
             raise ValueError(f"{where} names model '{m.model}', which is not a label of 'models' "
                              f"({', '.join(self.models) or 'the study has one model; leave model out'})")
         if m.pruning == "dense":
-            if (m.sparsity, m.finetune_epochs, m.round) != (None, None, None):
+            if (m.sparsity, m.finetune_epochs, m.round, m.iteration) != (None, None, None, None):
                 raise ValueError(f"{where}: the dense model takes no sparsity, finetune_epochs or round")
             return
         if m.pruning not in self.pruning:
@@ -414,6 +432,11 @@ class StudyConfig(Strict):
             return
         if m.sparsity not in entry.sparsities:
             raise ValueError(f"{where} needs a sparsity the study runs ({entry.sparsities})")
+        rounds = getattr(method.Params(**entry.params), "rounds", 1)
+        if rounds > 1 and m.adjust is None and (m.iteration is None or not 1 <= m.iteration <= rounds):
+            raise ValueError(f"{where} needs an iteration between 1 and {rounds} (the entry prunes iteratively)")
+        if (rounds == 1 or m.adjust is not None) and m.iteration is not None:
+            raise ValueError(f"{where}: iteration applies only to an entry with rounds > 1; remove it")
         if m.finetune_epochs not in entry.finetune_epochs:
             raise ValueError(f"{where} needs finetune_epochs the study runs ({entry.finetune_epochs})")
 

@@ -71,7 +71,9 @@ class Store:
     def versions(self) -> dict:
         if self._versions is None:
             self._versions = library_versions()
-        return self._versions
+        import torch
+
+        return {**self._versions, "torch_threads": str(torch.get_num_threads())}  # a worker's may change
 
     def put(self, cell, metrics: dict[str, float], wall_time_s: float, history: Any = None,
             status: str = "done", error: str | None = None) -> bool:

@@ -2,7 +2,8 @@
 every score it gives (in call order); Replay hands the same scores back. The engine is
 deterministic given the scores, so replaying on a model of the same architecture removes the
 same filters and blocks; this is how a winning ticket gets the pruned structure onto rewound
-weights without index bookkeeping."""
+weights without index bookkeeping, and how a cached pruned model is rebuilt without running its
+criterion again (`Recording.state()` is plain tensors, so it is stored in the checkpoint)."""
 from __future__ import annotations
 
 import torch
@@ -31,13 +32,21 @@ class Recording(Criterion):
         self.block_score_list.append(scores.detach().clone())
         return scores
 
+    def state(self) -> dict:
+        """Everything Replay needs, as tensors and plain values (safe for weights-only checkpoints)."""
+        return {"name": self.name, "normalized": bool(self.normalized),
+                "groups": [s.cpu() for s in self.group_scores], "blocks": [s.cpu() for s in self.block_score_list]}
+
 
 class Replay(Criterion):
-    def __init__(self, recording: Recording):
-        self.name = recording.name
-        self.normalized = recording.normalized
-        self._groups = list(recording.group_scores)
-        self._blocks = list(recording.block_score_list)
+    def __init__(self, recording: Recording | dict):
+        """From a Recording, or from its state() as stored in a checkpoint."""
+        if isinstance(recording, Recording):
+            recording = recording.state()
+        self.name = recording["name"]
+        self.normalized = recording["normalized"]
+        self._groups = list(recording["groups"])
+        self._blocks = list(recording["blocks"])
 
     def prepare(self, model, x=None, y=None):
         pass  # the scores were computed on the model the recording saw

@@ -1,0 +1,117 @@
+"""What a study records besides accuracy: training dynamics per epoch (TrainConfig.dynamics),
+per-layer widths, the criterion scores that rebuild a cached pruned model, and the report tables
+built from them."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from robustprune import checkpoint
+from robustprune.metrics.size import layer_widths
+from robustprune.prune.criteria import build_criterion
+from robustprune.prune.criteria.replay import Recording, Replay
+from robustprune.prune.structured import prune_structured_
+from robustprune.report.training import dynamics_tables, shown_epochs, widths_tables
+from robustprune.study.schema import resolve_study
+from robustprune.train import TrainConfig, train
+
+
+def tiny_data(n=96):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_dynamics_are_recorded_per_epoch_without_changing_training(tiny_cnn):
+    x, y = tiny_data()
+    plain, probed = copy.deepcopy(tiny_cnn), copy.deepcopy(tiny_cnn)
+    h0 = train(plain, x, y, TrainConfig(epochs=2, batch_size=32), seed=3)
+    h1 = train(probed, x, y, TrainConfig(epochs=2, batch_size=32, dynamics=True), seed=3)
+    assert [e["loss"] for e in h0] == [e["loss"] for e in h1]
+    for p0, p1 in zip(plain.state_dict().values(), probed.state_dict().values()):
+        assert torch.equal(p0, p1)  # the probe has no side effect on weights, BN statistics or RNG streams
+    assert "grad_confusion" not in h0[0]
+    for e in h1:
+        assert 0.0 <= e["grad_confusion"] <= 2.0 and -1.0 <= e["grad_cos_min"] <= 1.0
+        assert 0.0 < e["layer_rotation"] <= 2.0  # the weights moved away from where training started
+    assert h1[1]["layer_rotation"] > h1[0]["layer_rotation"]  # and keep moving
+
+
+def test_layer_widths_follow_structured_pruning(tiny_cnn):
+    before = layer_widths(tiny_cnn)
+    assert before == {"width:conv1": 4.0, "width:conv2": 6.0, "width:fc1": 8.0,
+                      "width:fc2": 10.0}
+    prune_structured_(tiny_cnn, build_criterion("l1"), 0.5, torch.zeros(1, 1, 28, 28))
+    after = layer_widths(tiny_cnn)
+    assert after["width:conv1"] == 2.0 and after["width:conv2"] == 3.0
+    assert after["width:fc2"] == 10.0  # the classifier is never pruned
+
+
+def test_recorded_scores_survive_a_weights_only_checkpoint_and_replay_exactly(tmp_path, tiny_cnn):
+    x, y = tiny_data(64)
+    xf = x.float() / 255
+    first, second = copy.deepcopy(tiny_cnn), copy.deepcopy(tiny_cnn)
+    recording = Recording(build_criterion("pls"))
+    prune_structured_(first, recording, 0.5, xf[:1], x=xf, y=y)
+    checkpoint.save({"recordings": [recording.state()]}, tmp_path / "r.pt")
+    state = checkpoint.load(tmp_path / "r.pt")["recordings"][0]  # torch.load(weights_only=True)
+    prune_structured_(second, Replay(state), 0.5, xf[:1])  # no data: the criterion does not run again
+    assert layer_widths(first) == layer_widths(second)
+    for (k, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), k  # the same filters went
+
+
+@pytest.mark.parametrize("n, expected", [(1, [1]), (8, list(range(1, 9))), (15, [1, 3, 5, 7, 9, 11, 13, 15]),
+                                         (200, [1, 29, 58, 86, 115, 143, 172, 200])])
+def test_shown_epochs(n, expected):
+    assert shown_epochs(n) == expected
+
+
+STUDY = {"name": "t", "dataset": "cifar10", "model": {"name": "resnet20"},
+         "pruning": {"l1": {"method": "structured", "sparsities": [0.5], "finetune_epochs": [2]},
+                     "mag": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [2]}}}
+
+
+def cell(pruning: str, seed: int, history: list[dict], widths: dict[str, float]) -> dict:
+    axes = {"regime": "clean", "pruning": pruning, "method": None, "sparsity": 0.0 if pruning == "dense" else 0.5,
+            "finetune_epochs": 0 if pruning == "dense" else 2, "round": None, "seed": seed}
+    return {"axes": axes, "metrics": {"acc_clean": 0.9, **{f"width:{k}": v for k, v in widths.items()}},
+            "status": "done", "error": None, "hash": f"{pruning}{seed}", "history": history}
+
+
+def hist(*losses, dyn=True):
+    return [{"epoch": i + 1, "loss": v, **({"grad_confusion": v / 10, "layer_rotation": 0.1 * (i + 1)} if dyn else {})}
+            for i, v in enumerate(losses)]
+
+
+DENSE_W = {"stem.conv": 16, "layer1.0.body.conv1": 16, "fc": 10}
+
+
+def test_dynamics_tables_rows_columns_and_seed_statistics():
+    study = resolve_study(STUDY, "t")
+    cells = [cell("dense", 0, hist(2.0, 1.0, 0.5), DENSE_W), cell("dense", 1, hist(2.2, 1.2, 0.7), DENSE_W),
+             cell("l1", 0, hist(0.6, 0.4), {"stem.conv": 8, "fc": 10}),
+             cell("mag", 0, hist(0.5, 0.3), DENSE_W)]
+    loss, confusion, rotation = dynamics_tables(study, cells, "clean")
+    assert loss.title == "Training dynamics: Training loss (regime 'clean')"
+    assert loss.headers == ["Setting", "Ep 1", "Ep 2", "Ep 3"]
+    assert loss.rows[0] == ["Dense", "2.100 ± 0.141", "1.100 ± 0.141", "0.600 ± 0.141"]
+    assert loss.rows[1] == ["l1 s=0.5, FT 2 ep", "0.600", "0.400", "—"]  # fine-tuning ran 2 epochs
+    assert confusion.rows[0][1] == "0.210 ± 0.014" and rotation.rows[2][2] == "0.200"
+    assert "Fig. 2" in loss.caption and "2 seeds" in loss.caption
+
+
+def test_no_dynamics_table_when_the_study_did_not_ask_for_them():
+    study = resolve_study(STUDY, "t")
+    assert dynamics_tables(study, [cell("dense", 0, hist(2.0, 1.0, dyn=False), DENSE_W)], "clean") == []
+
+
+def test_widths_table_shows_layers_and_only_settings_that_changed_them():
+    study = resolve_study(STUDY, "t")
+    cells = [cell("dense", 0, [], DENSE_W), cell("l1", 0, [], {"stem.conv": 8, "fc": 10}),
+             cell("mag", 0, [], DENSE_W)]
+    (t,) = widths_tables(study, cells, "clean")
+    assert t.headers == ["Layer", "Dense", "l1 s=0.5"]  # magnitude pruning leaves every width
+    assert t.rows == [["stem.conv", "16", "8"], ["layer1.0.body.conv1", "16", "—"], ["fc", "10", "10"]]
+    assert widths_tables(study, [cells[0], cells[2]], "clean") == []  # nothing structural to show
