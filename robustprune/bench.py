@@ -6,7 +6,9 @@ compared with the peak; also white-box FGSM evaluation.
 
 Evaluation section: PGD-20 (eps 0.1) on the MNIST test images against the study's CNN trained for
 one epoch, robustprune's PGD and torchattacks' on the same inputs in the same run (images/s of
-both and their ratio), then the 15 x 5 corruption suite on CIFAR-sized images."""
+both and their ratio), then the 15 x 5 corruption suite on CIFAR-sized images.
+
+CIFAR section and the ResNet-20 fast-trainer run: bench_cifar.py."""
 from __future__ import annotations
 
 import json
@@ -252,6 +254,10 @@ def run_bench(console, args) -> dict:
         out.update(_training_section(console, device, args))
     if data is not None:
         out["evaluation"] = _evaluation_section(console, device, args, data)
+    if section in ("all", "cifar"):
+        from robustprune.bench_cifar import cifar_section
+
+        out["cifar"] = cifar_section(console, device, args.batch_size)
     if section == "resnet20":  # not part of `all`: it trains for about 20 minutes
         from robustprune.bench_cifar import fast_resnet20
 

@@ -1,4 +1,5 @@
-"""`robustprune bench --section resnet20`: the fast trainer on real CIFAR-10.
+"""`robustprune bench --section resnet20`: the fast trainer on real CIFAR-10; `--section cifar`:
+pruning speed of ResNet-56 and training throughput of the CIFAR models (bottom of this file).
 
 ResNet-20 trained from scratch with the recipe below, then scored on the 10 000 test images.
 The recipe is the project's fast CPU trainer: one-cycle SGD-Nesterov with label smoothing and
@@ -64,3 +65,84 @@ def fast_resnet20(console, device, data_dir, epochs: int | None = None, train_im
     console.print(f"ResNet-20: {acc:.2%} test accuracy after {wall / 60:.1f} min "
                   f"({result['images_per_s']:,.0f} training images/s)")
     return result
+
+
+# ---- `--section cifar`: pruning speed and training throughput of the CIFAR models ---------------------
+
+CIFAR_MODELS = ("resnet20", "resnet56", "vgg16_bn", "mobilenetv2", "resnet18")
+SHAPE = (3, 32, 32)
+STATS = dict(num_classes=10, image_shape=SHAPE, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
+
+
+def pruning_speed(repeats: int = 7, ratio: float = 0.3) -> dict[str, float]:
+    """Best-of-`repeats` milliseconds to prune `ratio` of ResNet-56 with L1 (dependency graph and
+    physical removal included, model copy excluded) for filters, blocks and both."""
+    import copy
+
+    from robustprune.prune.criteria import build_criterion
+    from robustprune.prune.structured import prune_structured_
+
+    torch.manual_seed(0)
+    base = build_model("resnet56", **STATS)
+    example = torch.zeros(1, *SHAPE)
+    out = {}
+    for target in ("filters", "blocks", "both"):
+        best = float("inf")
+        for _ in range(repeats):
+            model = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            prune_structured_(model, build_criterion("l1"), ratio, example, target=target)
+            best = min(best, time.perf_counter() - t0)
+        out[target] = best * 1000
+    return out
+
+
+def step_throughput(name: str, precision: str, device, batch_size: int, steps: int) -> float:
+    """Training images/s of one model: median time of `steps` SGD steps on random CIFAR-shaped
+    batches, after two warm-up steps."""
+    import statistics
+
+    import torch.nn.functional as F
+
+    from robustprune.device import use_bf16
+    from robustprune.train import TrainConfig, make_optimizer
+
+    torch.manual_seed(0)
+    model = to_device(build_model(name, **STATS), device).to(memory_format=torch.channels_last).train()
+    opt = make_optimizer(model, TrainConfig())
+    x = torch.rand(batch_size, *SHAPE, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    bf16 = use_bf16(precision, device)
+    times = []
+    for i in range(steps + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return batch_size / statistics.median(times)
+
+
+def cifar_section(console, device, batch_size: int, steps: int = 5) -> dict:
+    from rich.table import Table
+
+    speed = pruning_speed()
+    throughput = {name: {p: step_throughput(name, p, device, batch_size, steps) for p in ("fp32", "bf16")}
+                  for name in CIFAR_MODELS}
+    t = Table(title="robustprune bench: CIFAR models", title_justify="left")
+    t.add_column("measurement")
+    t.add_column("value", justify="right")
+    t.add_row("prune 30 % of ResNet-56 (L1): filters / blocks / both",
+              " / ".join(f"{speed[k]:.0f}" for k in ("filters", "blocks", "both")) + " ms")
+    for name, tp in throughput.items():
+        t.add_row(f"training {name}, batch {batch_size}, fp32 / bf16 autocast",
+                  f"{tp['fp32']:,.0f} / {tp['bf16']:,.0f} images/s")
+    console.print(t)
+    return {"pruning_ms": speed, "train_images_per_s": throughput}

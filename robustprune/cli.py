@@ -127,9 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="registered datasets, models, regimes, pruning methods, attacks")
     ls.set_defaults(func=cmd_list)
     b = sub.add_parser("bench", help="training throughput vs the matrix-multiply peak; attack and corruption speed")
-    b.add_argument("--section", choices=["all", "training", "evaluation", "resnet20"], default="all",
+    b.add_argument("--section", choices=["all", "training", "evaluation", "cifar", "resnet20"], default="all",
                    help="training (matmul peak, training, FGSM), evaluation (PGD-20 vs torchattacks on MNIST, "
-                        "corruption suite), all (default: both), or resnet20 (the fast trainer on real CIFAR-10, "
+                        "corruption suite), cifar (pruning speed of ResNet-56, training throughput of the CIFAR "
+                        "models), all (default: those three), or resnet20 (the fast trainer on real CIFAR-10, "
                         "about 20 minutes)")
     b.add_argument("--seconds", type=float, default=5.0, help="time spent on each training measurement")
     b.add_argument("--batch-size", type=int, default=128)

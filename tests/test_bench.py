@@ -5,6 +5,7 @@ import json
 import sys
 
 import pytest
+import torch
 import yaml
 
 from robustprune.bench import STUDY_CNN_ARGS
@@ -101,3 +102,11 @@ def test_resnet20_section_bad_input(args, expected, tmp_path, data_dir, capsys):
     code = main(["bench", "--section", "resnet20", "--data-dir", str(data_dir), *args])
     err = capsys.readouterr().err
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+
+
+def test_pruning_speed_and_step_throughput_measure_real_work():
+    from robustprune.bench_cifar import pruning_speed, step_throughput
+
+    speed = pruning_speed(repeats=1)
+    assert set(speed) == {"filters", "blocks", "both"} and all(0 < v < 60_000 for v in speed.values())
+    assert step_throughput("resnet20", "fp32", torch.device("cpu"), batch_size=8, steps=1) > 0

@@ -111,7 +111,7 @@ def test_two_architecture_study_through_the_cli(tmp_path, data_dir):
 
 def test_a_pruning_entry_can_name_the_architectures_it_prunes():
     raw = TWO_MODELS | {"pruning": {
-        "magnitude": {"method": "global_magnitude", "sparsities": [0.5], "models": ["wide"]},
+        "magnitude": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [1], "models": ["wide"]},
         "l1": {"method": "structured", "sparsities": [0.5]}}}
     cells = expand(resolve_study(raw, "test"))
     assert sorted((c.axes["model"], c.axes["pruning"]) for c in cells) == [
@@ -124,10 +124,14 @@ def test_a_pruning_entry_can_name_the_architectures_it_prunes():
 
 @pytest.mark.parametrize("models, expected", [
     (["huge"], "names model 'huge', which is not a label of 'models' (narrow, wide)"),
+    (["narrow"], "names model 'wide', which pruning 'm' does not prune (its models: narrow)"),
     ([], "models lists no architecture"),
 ])
 def test_bad_entry_models(models, expected):
-    raw = TWO_MODELS | {"pruning": {"m": {"method": "global_magnitude", "sparsities": [0.5], "models": models}}}
+    raw = TWO_MODELS | {"pruning": {"m": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [1],
+                                          "models": models}}}
+    raw["evaluation"] = raw["evaluation"] | {"transfer": {"attack": "fgsm", "models": [
+        "dense", {"pruning": "m", "sparsity": 0.5, "finetune_epochs": 1, "model": "wide"}]}}
     with pytest.raises(UserError) as e:
         resolve_study(raw, "test")
     assert expected in str(e.value)

@@ -59,7 +59,8 @@ def test_iterative_entries_take_only_finetuning():
     assert "iterative pruning (rounds > 1) fine-tunes after every round, so it takes only adjust: [finetune]" in str(e.value)
     raw["pruning"]["x"]["adjust"] = ["finetune"]
     cells = expand(resolve_study(raw, "test"))
-    assert [c.config["pruning"]["params"]["rounds"] for c in cells if c.axes["pruning"] == "x"] == [3]
+    assert [(c.axes["iteration"], c.config["pruning"]["params"]["rounds"]) for c in cells
+            if c.axes["pruning"] == "x"] == [(1, 3), (2, 3), (3, 3)]
 
 
 def test_block_pruning_of_a_model_without_blocks_is_refused_before_running():
@@ -116,7 +117,7 @@ def test_cifar_study_smoke_budget_through_the_cli(tmp_path, data_dir):
                   "resnet20: pls_filters s=0.1, Scratch-B", "resnet20: pls_filters s=0.1, W-ticket",
                   "Source ↓ / target →", "Attack strength: FGSM",
                   "resnet20: pls_filters_iterative s=0.1, FT 1 ep, iteration 2",
-                  "Training dynamics: Gradient confusion", "Per-layer widths (resnet20, regime 'clean')"):
+                  "Training dynamics: Gradient confusion", "Per-layer widths (resnet20, regime 'clean', part 1 of 2)"):
         assert label in text, label
     with sqlite3.connect(out / "results.sqlite") as db:
         # dense + pls_filters x (no FT, FT, Scratch-E, Scratch-B, W-ticket) + 6 other entries with FT
@@ -171,7 +172,7 @@ def test_iterations_are_cells_chained_in_one_job():
     its = [c for c in cells if c.axes["pruning"] == "it"]
     assert sorted((c.axes["finetune_epochs"], c.axes["iteration"]) for c in its) == [
         (0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
-    assert "it s=0.2 ft=1 it=2" in {c.label for c in its}
+    assert "clean / it s=0.2 ft=1 it=2 / seed 0" in {c.label for c in its}
     jobs = [j for j in plan_jobs(cells) if j.cells[0].axes["pruning"] == "it"]
     assert len(jobs) == 2  # one chain per fine-tuning setting, iterations in order
     for j in jobs:
@@ -199,9 +200,12 @@ def test_iterative_pruning_dynamics_and_widths_through_the_cli(tmp_path, data_di
     cmd = [sys.executable, "-m", "robustprune", "run", str(study_file), "--data-dir", str(data_dir), "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
+    report = subprocess.run([sys.executable, "-m", "robustprune", "report", str(out), "--format", "markdown"],
+                            capture_output=True, text=True, timeout=600).stdout
     for label in ("it s=0.2, FT 1 ep, iteration 2", "Training dynamics: Gradient confusion (regime 'clean')",
-                  "Training dynamics: Layer rotation", "Per-layer widths (regime 'clean')"):
-        assert label in proc.stdout, label
+                  "Training dynamics: Layer rotation (regime 'clean')", "Per-layer widths (regime 'clean')",
+                  "| Layer | Dense | it s=0.2 it1 | it s=0.2 it2 |", "| stem.conv | 16 | 13 | 10 |"):
+        assert label in report, label
 
     def stored():
         with sqlite3.connect(out / "results.sqlite") as db:

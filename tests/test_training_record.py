@@ -96,9 +96,9 @@ def test_dynamics_tables_rows_columns_and_seed_statistics():
     loss, confusion, rotation = dynamics_tables(study, cells, "clean")
     assert loss.title == "Training dynamics: Training loss (regime 'clean')"
     assert loss.headers == ["Setting", "Ep 1", "Ep 2", "Ep 3"]
-    assert loss.rows[0] == ["Dense", "2.100 ± 0.141", "1.100 ± 0.141", "0.600 ± 0.141"]
-    assert loss.rows[1] == ["l1 s=0.5, FT 2 ep", "0.600", "0.400", "—"]  # fine-tuning ran 2 epochs
-    assert confusion.rows[0][1] == "0.210 ± 0.014" and rotation.rows[2][2] == "0.200"
+    assert loss.rows[0] == ["Dense", "2.1000 ± 0.1414", "1.1000 ± 0.1414", "0.6000 ± 0.1414"]
+    assert loss.rows[1] == ["l1 s=0.5, FT 2 ep", "0.6000", "0.4000", "—"]  # fine-tuning ran 2 epochs
+    assert confusion.rows[0][1] == "0.2100 ± 0.0141" and rotation.rows[2][2] == "0.2000"
     assert "Fig. 2" in loss.caption and "2 seeds" in loss.caption
 
 
@@ -115,3 +115,22 @@ def test_widths_table_shows_layers_and_only_settings_that_changed_them():
     assert t.headers == ["Layer", "Dense", "l1 s=0.5"]  # magnitude pruning leaves every width
     assert t.rows == [["stem.conv", "16", "8"], ["layer1.0.body.conv1", "16", "—"], ["fc", "10", "10"]]
     assert widths_tables(study, [cells[0], cells[2]], "clean") == []  # nothing structural to show
+
+
+def test_widths_tables_split_many_settings_and_keep_iterations_apart():
+    raw = dict(STUDY, pruning={f"e{i}": {"method": "structured", "sparsities": [0.5], "finetune_epochs": [2]}
+                               for i in range(7)} | {"it": {"method": "structured", "sparsities": [0.5],
+                                                            "finetune_epochs": [2], "params": {"rounds": 2}}})
+    study = resolve_study(raw, "t")
+    cells = [cell("dense", 0, [], DENSE_W)]
+    for i in range(7):
+        cells.append(cell(f"e{i}", 0, [], {"stem.conv": 8 + i, "fc": 10}))
+    for it, w in ((1, 12), (2, 9)):
+        c = cell("it", 0, [], {"stem.conv": w, "fc": 10})
+        c["axes"]["iteration"] = it
+        cells.append(c)
+    first, second = widths_tables(study, cells, "clean")
+    assert first.title.endswith("part 1 of 2)") and second.title.endswith("part 2 of 2)")
+    assert first.headers == ["Layer", "Dense", "e0 s=0.5", "e1 s=0.5", "e2 s=0.5", "e3 s=0.5", "e4 s=0.5", "e5 s=0.5"]
+    assert second.headers == ["Layer", "Dense", "e6 s=0.5", "it s=0.5 it1", "it s=0.5 it2"]
+    assert second.rows[0] == ["stem.conv", "16", "14", "12", "9"]

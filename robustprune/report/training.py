@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 
 from robustprune.report.robustness import regime_view
-from robustprune.report.tables import Table, seeds_text, setting_label
+from robustprune.report.tables import Table, setting_label
 from robustprune.study.schema import StudyConfig
 
 DYNAMICS = {  # history key -> (title, what the caption says about it)
@@ -17,6 +17,7 @@ DYNAMICS = {  # history key -> (title, what the caption says about it)
                                          "started (higher = better, as the paper reads it)"),
 }
 MAX_EPOCH_COLUMNS = 8
+MAX_WIDTH_COLUMNS = 6  # pruned settings per widths table, so that a terminal shows every column
 
 
 def shown_epochs(n: int) -> list[int]:
@@ -28,7 +29,7 @@ def shown_epochs(n: int) -> list[int]:
     return sorted({1 + round(i * step) for i in range(MAX_EPOCH_COLUMNS)})
 
 
-def _mean_std(values: list[float], spec: str = ".3f") -> str:
+def _mean_std(values: list[float], spec: str = ".4f") -> str:
     values = [v for v in values if v is not None and v == v]
     if not values:
         return "—"
@@ -45,7 +46,7 @@ def dynamics_tables(study: StudyConfig, cells: list[dict], regime: str) -> list[
     tables = []
     for metric, (title, what) in DYNAMICS.items():
         histories = {k: [c["history"] for c in view.groups[k]
-                         if c["history"] and any(metric in e for e in c["history"])] for k in view.keys}
+                         if c.get("history") and any(metric in e for e in c["history"])] for k in view.keys}
         histories = {k: h for k, h in histories.items() if h}
         if not histories or (metric == "loss" and not any("grad_confusion" in e for hs in histories.values()
                                                           for h in hs for e in h)):
@@ -77,16 +78,29 @@ def widths_tables(study: StudyConfig, cells: list[dict], regime: str) -> list[Ta
         dense_widths = None
         for k in keys:
             widths = [_mean_std([c["metrics"].get(f"width:{layer}") for c in view.groups[k]], ",.0f") for layer in layers]
-            label = "Dense" if k.pruning == "dense" else setting_label(k._replace(model=None)).split(",")[0]
+            label = "Dense" if k.pruning == "dense" else structure_label(k)
             if k.pruning == "dense":
                 dense_widths = widths
             if label not in columns and (widths != dense_widths or k.pruning == "dense"):
                 columns[label] = widths
-        if len(columns) < 2:
+        pruned = [label for label in columns if label != "Dense"]
+        if not pruned:
             continue  # nothing was pruned structurally
-        rows = [[layer, *[col[i] for col in columns.values()]] for i, layer in enumerate(layers)]
-        name = f"{model}, " if model else ""
-        tables.append(Table(f"Per-layer widths ({name}regime '{view.name}')", ["Layer", *columns], rows,
-                            f"Output channels (conv) or features (linear) of every layer; — = removed with its "
-                            f"residual block; mean over {view.seeds()} where criteria differ by seed."))
+        chunks = [pruned[i:i + MAX_WIDTH_COLUMNS] for i in range(0, len(pruned), MAX_WIDTH_COLUMNS)]
+        for n, chunk in enumerate(chunks, start=1):
+            shown = ["Dense", *chunk]
+            rows = [[layer, *[columns[c][i] for c in shown]] for i, layer in enumerate(layers)]
+            name = f"{model}, " if model else ""
+            part = f", part {n} of {len(chunks)}" if len(chunks) > 1 else ""
+            tables.append(Table(f"Per-layer widths ({name}regime '{view.name}'{part})", ["Layer", *shown], rows,
+                                f"Output channels (conv) or features (linear) of every layer; — = removed with its "
+                                f"residual block; mean over {view.seeds()} where criteria differ by seed."))
     return tables
+
+
+def structure_label(k) -> str:
+    """What decides a pruned structure: the entry, its sparsity and the iteration (fine-tuning and
+    Scratch/winning-ticket adjustment keep the structure, so they share a column)."""
+    if k.round is not None:
+        return f"{k.pruning} round {k.round}"
+    return f"{k.pruning} s={k.sparsity:g}" + (f" it{k.iteration}" if k.iteration else "")

@@ -184,7 +184,7 @@ class Workspace:
         ft = TrainConfig(**pr["finetune"]) if pr["finetune"] else None
         path = self._cache_path("pruned", key, pr)
         cached = checkpoint.load(path) if ft is not None and path.exists() else None
-        if cached is not None and "recordings" in cached:
+        if cached is not None and cached.get("recordings"):  # structured: replay the stored scores
             model = copy.deepcopy(dense.model)
             for recording in cached["recordings"]:
                 method.prune(model, pr["sparsity"], self.example_input(), params, None, criterion=Replay(recording))
@@ -204,7 +204,7 @@ class Workspace:
             recordings.append(recording.state())
         if ft is None:
             return model.eval(), history, recordings
-        if cached is not None:  # a one-shot checkpoint written before the scores were stored
+        if cached is not None:  # pruned again (masks, channel_l1, or a checkpoint from before scores were kept)
             return (*self._load_cached(model, cached, path), recordings)
         seed = key["seed"] + FINETUNE_SEED_OFFSET + (it - 1) * ROUND_SEED_STRIDE
         what = f"fine-tune {ft.epochs} epochs" + (f" (iteration {it})" if "iteration" in pr else "")

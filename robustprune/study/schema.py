@@ -424,6 +424,9 @@ class StudyConfig(Strict):
             raise ValueError(f"{where} names pruning '{m.pruning}', which the study does not run "
                              f"(known: dense, {', '.join(self.pruning)})")
         entry = self.pruning[m.pruning]
+        if m.model is not None and entry.models is not None and m.model not in entry.models:
+            raise ValueError(f"{where} names model '{m.model}', which pruning '{m.pruning}' does not prune "
+                             f"(its models: {', '.join(entry.models)})")
         method = PRUNING_METHODS.get(entry.method)
         if method.iterative:
             rounds = method.Params(**entry.params).rounds
