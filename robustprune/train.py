@@ -7,7 +7,7 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from robustprune.data.augment import BATCH_TRANSFORMS, crop_flip
@@ -15,6 +15,34 @@ from robustprune.device import use_bf16
 
 # The augmentation generator's seed is the training seed plus this (random choices never share a stream).
 AUGMENT_SEED_OFFSET = 1 << 32
+
+
+class AdversarialTraining(BaseModel):
+    """Adversarial (fine-)tuning as MRPF does it (Bai et al. Eq. 12): each batch of clean images gets
+    adversarial versions of a `ratio` share of its images appended, crafted on the current model
+    with a registry attack, so an epoch trains on D plus ratio x AE' regenerated as the model moves."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    attack: str = Field("fgsm", description="a registered attack (fgsm, pgd, ni_fgsm, vmi_fgsm, ...)")
+    eps: float = Field(2 / 255, ge=0, le=1, description="L-inf radius, pixel scale")
+    ratio: float = Field(0.2, gt=0, le=1, description="adversarial images per clean image (r_AT)")
+    params: dict = Field(default_factory=dict, description="the attack's other arguments")
+
+    @model_validator(mode="after")
+    def _builds(self):
+        self.build()  # an unknown attack or a bad argument is refused when the config is read
+        return self
+
+    def build(self):
+        from robustprune.attacks import ATTACKS
+        from robustprune.errors import UserError
+
+        try:
+            return ATTACKS.get(self.attack)(eps=self.eps, **self.params)
+        except TypeError as e:
+            raise ValueError(f"attack '{self.attack}' does not accept params {self.params} ({e})") from None
+        except UserError as e:
+            raise ValueError(str(e)) from None
 
 
 class TrainConfig(BaseModel):
@@ -28,8 +56,12 @@ class TrainConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0)
-    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    schedule: Literal["onecycle", "cosine", "step", "constant"] = "onecycle"
     warmup: float = Field(0.2, ge=0, le=1, description="share of steps spent warming up (onecycle)")
+    min_lr: float = Field(0.0, ge=0, description="the learning rate cosine decays to (MRPF: 1e-4)")
+    step_every: float = Field(1 / 3, gt=0, le=1, description="step schedule: multiply the lr by step_gamma "
+                                                             "after every such share of the steps")
+    step_gamma: float = Field(0.1, gt=0, le=1, description="step schedule: the factor (MRPF: 10 % of the previous)")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     augment: Literal["none", "crop_flip"] = Field("none", description="per-image augmentation of each batch")
@@ -39,6 +71,7 @@ class TrainConfig(BaseModel):
     cutout_size: int = Field(16, ge=1, description="side of the cutout square in pixels")
     dynamics: bool = Field(False, description="record gradient confusion and layer rotation after every epoch "
                                               "(Jordão & Pedrini Fig. 2; 8 fixed batches of 64 training images)")
+    adversarial: AdversarialTraining | None = Field(None, description="append adversarial examples to every batch")
 
 
 class TrainingDiverged(RuntimeError):
@@ -65,7 +98,10 @@ def make_schedule(opt, cfg: TrainConfig, total_steps: int):
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps,
                                                    pct_start=pct, anneal_strategy="linear")
     if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=cfg.min_lr)
+    if cfg.schedule == "step":
+        every = max(1, round(cfg.step_every * total_steps))
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=every, gamma=cfg.step_gamma)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
@@ -100,6 +136,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, 
     # augmentation draws from its own stream, so the batch order does not depend on it
     aug_g = torch.Generator(device="cpu").manual_seed(seed + AUGMENT_SEED_OFFSET)
     mix = BATCH_TRANSFORMS.get(cfg.mix) if cfg.mix != "none" else None
+    adversary = cfg.adversarial.build() if cfg.adversarial else None
     bf16 = use_bf16(cfg.precision, device)
     probe = None
     if cfg.dynamics:  # fixed probe batches and the weights this training starts from
@@ -117,6 +154,11 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, 
             if cfg.augment == "crop_flip":
                 xb = crop_flip(xb, aug_g, cfg.crop_padding)
             xb = to_float(xb)
+            if adversary is not None:  # the first ratio x B images of the (shuffled) batch, attacked now
+                n_adv = int(round(cfg.adversarial.ratio * len(idx)))
+                if n_adv:
+                    xb = torch.cat([xb, adversary(model, xb[:n_adv], yb[:n_adv])])
+                    yb = torch.cat([yb, yb[:n_adv]])
             yb2, lam = yb, 1.0
             if mix is not None:
                 xb, yb, yb2, lam = mix(xb, yb, aug_g, alpha=cfg.mix_alpha, size=cfg.cutout_size)
@@ -131,7 +173,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, 
             opt.step()
             sched.step()
             apply_masks(model, masks)
-            loss_sum += loss.detach() * len(idx)
+            loss_sum += loss.detach() * len(yb)
             pred = logits.detach().argmax(1)
             correct += (pred == yb).sum() if lam == 1.0 else lam * (pred == yb).sum() + (1.0 - lam) * (pred == yb2).sum()
             if on_step is not None and (step % 20 == 0 or step == steps_per_epoch - 1):
@@ -139,10 +181,12 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, 
                 if not math.isfinite(value):
                     raise TrainingDiverged(f"loss became {value} in epoch {epoch + 1}, step {step + 1}")
                 on_step(epoch, step + 1, steps_per_epoch, value)
-        mean_loss = float(loss_sum) / len(x)
+        seen = len(x) if adversary is None else len(x) + sum(  # clean images plus the adversarial ones
+            int(round(cfg.adversarial.ratio * min(cfg.batch_size, len(x) - i))) for i in range(0, len(x), cfg.batch_size))
+        mean_loss = float(loss_sum) / seen
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(f"loss became {mean_loss} in epoch {epoch + 1}")
-        entry = {"epoch": epoch + 1, "loss": mean_loss, "train_acc": float(correct) / len(x)}
+        entry = {"epoch": epoch + 1, "loss": mean_loss, "train_acc": float(correct) / seen}
         if probe is not None:
             entry.update(probe(epoch + 1, model))
             model.train()

@@ -1,0 +1,161 @@
+"""MRPF (Bai et al.): the projection of the weight perturbation, Module Robust Sensitivity, and the
+per-layer ratio formulas on hand-computed examples."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from robustprune.errors import UserError
+from robustprune.prune.mrpf import (adaptive_ratios, adversarial_loss, inverse_mrs_ratios, module_robust_sensitivity,
+                                    perturbed_copy, project_relative_)
+
+
+def test_projection_onto_the_relative_ball():
+    w0 = torch.tensor([3.0, 4.0])  # norm 5, eps 0.1: radius 0.5
+    w = torch.tensor([6.0, 4.0])
+    assert torch.allclose(project_relative_(w, w0, 0.1), torch.tensor([3.5, 4.0]))
+    inside = torch.tensor([3.2, 4.1])
+    assert torch.equal(project_relative_(inside.clone(), w0, 0.1), inside)
+
+
+def test_adaptive_ratios_hand_example():
+    # mean 2, deviations -1, 0, 1 (already in [-1, 1]); p = 0.5 - dev * 0.6 = 1.1, 0.5, -0.1 -> clipped
+    got = adaptive_ratios({"a": 1.0, "b": 2.0, "c": 3.0}, r_global=0.5, r_min=0.2, r_max=0.8)
+    assert got == pytest.approx({"a": 0.8, "b": 0.5, "c": 0.2})
+
+
+def test_adaptive_ratios_clip_replace_non_positive_and_rescale():
+    # a's 0 becomes delta; deviations / 7 -> -3/7, -2/7, -2/7, 1; p = 0.3 - dev * 0.5 = 0.514, 0.443, 0.443, -0.2
+    # clipped to 0.1; their mean 0.375 is rescaled to 0.3 (x 0.8)
+    got = adaptive_ratios({"a": 0.0, "b": 1.0, "c": 1.0, "d": 10.0}, r_global=0.3, r_min=0.1, r_max=0.6)
+    assert got == pytest.approx({"a": 0.8 * (0.3 + 1.5 / 7), "b": 0.8 * (0.3 + 1 / 7), "c": 0.8 * (0.3 + 1 / 7),
+                                 "d": 0.08}, abs=1e-6)
+    assert sum(got.values()) / 4 == pytest.approx(0.3)
+    assert adaptive_ratios({"a": -1.0, "b": -5.0}, 0.3, 0.1, 0.6) == pytest.approx({"a": 0.3, "b": 0.3})
+
+
+def test_inverse_mrs_ratios_eq_8_to_10():
+    # InvMRS 1, 1/3 -> w 0.75, 0.25; "mean" scales by the 2 layers so the ratios average r_g
+    assert inverse_mrs_ratios({"a": 1.0, "b": 3.0}, 0.4, 0.9, delta=0.0) == pytest.approx({"a": 0.6, "b": 0.2})
+    assert inverse_mrs_ratios({"a": 1.0, "b": 3.0}, 0.4, 0.5, delta=0.0) == pytest.approx({"a": 0.5, "b": 0.2})
+    assert inverse_mrs_ratios({"a": 1.0, "b": 3.0}, 0.4, 0.9, delta=0.0, scale="literal") == pytest.approx(
+        {"a": 0.3, "b": 0.1})
+
+
+@pytest.mark.parametrize("r", [(0.5, 0.6, 0.8), (0.5, 0.2, 0.4), (0.5, 0.2, 1.0)])
+def test_bad_ratio_ranges(r):
+    with pytest.raises(UserError, match="r_min <= r_global <= r_max < 1"):
+        adaptive_ratios({"a": 1.0}, r_global=r[0], r_min=r[1], r_max=r[2])
+
+
+class TwoPaths(nn.Module):
+    """Two linear layers whose outputs add: `big` carries almost all of the logit, `small` little."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.big, self.small = nn.Linear(8, 3), nn.Linear(8, 3)
+        with torch.no_grad():
+            self.small.weight.mul_(0.01)
+            self.small.bias.zero_()
+
+    def forward(self, x):
+        return self.big(x) + self.small(x)
+
+
+def test_mrs_is_positive_bounded_and_ranks_the_layer_that_matters():
+    model = TwoPaths()
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    before = copy.deepcopy(model.state_dict())
+    mrs = module_robust_sensitivity(model, ["big", "small"], x, y, lr=0.5, epochs=3, eps=0.1, batch_size=16)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is untouched
+    assert mrs["big"] > mrs["small"] > 0  # ascent raises the loss, most through the layer that carries the logit
+    ratios = adaptive_ratios(mrs, r_global=0.5, r_min=0.2, r_max=0.8)
+    assert ratios["big"] < ratios["small"]  # the more sensitive layer is pruned less
+    clone = perturbed_copy(model, "big", x, y, lr=0.5, epochs=3, eps=0.1, batch_size=16)
+    moved = float((clone.big.weight - model.big.weight).detach().norm())
+    assert 0 < moved <= 0.1 * float(model.big.weight.detach().norm()) + 1e-6  # projected onto the relative ball
+    assert torch.equal(clone.small.weight, model.small.weight) and torch.equal(clone.big.bias, model.big.bias)
+    assert adversarial_loss(clone, x, y) == pytest.approx(adversarial_loss(model, x, y) + mrs["big"])
+
+
+def test_unknown_layer_is_one_sentence():
+    with pytest.raises(UserError, match="has no layer 'nope' with a weight"):
+        module_robust_sensitivity(TwoPaths(), ["nope"], torch.randn(4, 8), torch.zeros(4, dtype=torch.long))
+
+
+# ---- the training choices MRPF studies: step / cosine schedules, adversarial fine-tuning ------------
+
+from pydantic import ValidationError  # noqa: E402
+
+from robustprune.train import AdversarialTraining, TrainConfig, make_optimizer, make_schedule, train  # noqa: E402
+
+
+def lrs(cfg: TrainConfig, steps: int) -> list[float]:
+    opt = make_optimizer(nn.Linear(2, 2), cfg)
+    sched = make_schedule(opt, cfg, steps)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_step_schedule_divides_by_ten_at_fixed_intervals():
+    got = lrs(TrainConfig(lr=0.1, schedule="step"), 12)  # every third of the 12 steps
+    assert got == pytest.approx([0.1] * 4 + [0.01] * 4 + [0.001] * 4)
+
+
+def test_cosine_decays_to_min_lr():
+    got = lrs(TrainConfig(lr=0.02, schedule="cosine", min_lr=1e-4), 50)
+    assert got[0] == pytest.approx(0.02) and got[-1] == pytest.approx(1e-4, abs=1e-4)
+    assert all(a >= b for a, b in zip(got, got[1:]))
+
+
+def mnist_like(n=64):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_adversarial_batches_at_eps_zero_are_duplicates_and_train_like_clean(tiny_cnn):
+    x, y = mnist_like()
+    clean, dup = copy.deepcopy(tiny_cnn), copy.deepcopy(tiny_cnn)
+    train(clean, x, y, TrainConfig(epochs=1, batch_size=16), seed=0)
+    train(dup, x, y, TrainConfig(epochs=1, batch_size=16, adversarial={"eps": 0.0, "ratio": 1.0}), seed=0)
+    for a, b in zip(clean.parameters(), dup.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)  # the same mean loss and gradient on a doubled batch
+
+
+def test_adversarial_finetuning_attacks_a_share_of_each_batch(tiny_cnn, monkeypatch):
+    from robustprune.attacks.fgsm import FGSM
+
+    sizes = []
+    real = FGSM.__call__
+
+    def spy(self, model, xb, yb):
+        sizes.append(len(xb))
+        return real(self, model, xb, yb)
+
+    monkeypatch.setattr(FGSM, "__call__", spy)
+    x, y = mnist_like(50)
+    before = copy.deepcopy(tiny_cnn)
+    h = train(tiny_cnn, x, y, TrainConfig(epochs=1, batch_size=20, adversarial={"ratio": 0.2}), seed=0)
+    assert sizes == [4, 4, 2]  # round(0.2 x 20), round(0.2 x 20), round(0.2 x 10)
+    assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), tiny_cnn.parameters()))
+    assert 0.0 <= h[0]["train_acc"] <= 1.0
+
+
+@pytest.mark.parametrize("adv, expected", [
+    ({"attack": "fgsn"}, "unknown attack 'fgsn'"),
+    ({"eps": 1.5}, "less than or equal to 1"),
+    ({"ratio": 0}, "greater than 0"),
+    ({"attack": "pgd", "params": {"steps": 0}}, "PGD steps must be an integer >= 1"),
+])
+def test_bad_adversarial_training_settings(adv, expected):
+    with pytest.raises((ValidationError, UserError)) as e:
+        AdversarialTraining(**adv)
+    assert expected in str(e.value)
