@@ -157,7 +157,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, 
             if adversary is not None:  # the first ratio x B images of the (shuffled) batch, attacked now
                 n_adv = int(round(cfg.adversarial.ratio * len(idx)))
                 if n_adv:
-                    xb = torch.cat([xb, adversary(model, xb[:n_adv], yb[:n_adv])])
+                    xb = torch.cat([xb, adversary(model, xb[:n_adv], yb[:n_adv])]).contiguous(
+                        memory_format=torch.channels_last)
                     yb = torch.cat([yb, yb[:n_adv]])
             yb2, lam = yb, 1.0
             if mix is not None:

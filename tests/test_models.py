@@ -211,3 +211,38 @@ def test_block_with_zeroed_last_bn_is_exactly_removable(name):
         replace_with_identity(model, target)
         without_block = model(x)
     torch.testing.assert_close(without_block, with_block, rtol=0, atol=0)
+
+
+def test_strided_pointwise_conv_equals_a_strided_1x1_conv():
+    from robustprune.models.blocks import StridedPointwiseConv
+
+    torch.manual_seed(0)
+    ours, ref = StridedPointwiseConv(6, 10, 2), torch.nn.Conv2d(6, 10, 1, stride=2, bias=False)
+    ref.weight.data.copy_(ours.weight.data)
+    x = torch.randn(3, 6, 9, 9, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    out, expected = ours(x), ref(x2)
+    assert out.shape == expected.shape == (3, 10, 5, 5) and torch.allclose(out, expected, atol=1e-6)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5) and torch.allclose(ours.weight.grad, ref.weight.grad, atol=1e-4)
+
+
+def test_narrow_resnet_trains_on_an_odd_batch_with_two_threads():
+    """oneDNN's strided 1x1 backward-weights kernel crashed the process here (channels-last, 8
+    input channels, batch 125, 2 threads); the projection shortcut no longer uses it. Run in a
+    subprocess, so that a crash fails this test instead of killing the test run."""
+    import subprocess
+    import sys
+
+    code = ("import torch, torch.nn.functional as F\n"
+            "from robustprune.models import build_model, to_device\n"
+            "torch.set_num_threads(2)\n"
+            "m = to_device(build_model('resnet20', num_classes=10, image_shape=(3, 32, 32), mean=(0.5,) * 3, "
+            "std=(0.25,) * 3, width=8), 'cpu').train()\n"
+            "for bs in (125, 101):\n"
+            "    x = torch.rand(bs, 3, 32, 32).contiguous(memory_format=torch.channels_last)\n"
+            "    F.cross_entropy(m(x), torch.randint(0, 10, (bs,))).backward()\n"
+            "print('trained')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "trained" in proc.stdout, proc.stderr[-2000:]

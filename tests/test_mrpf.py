@@ -159,3 +159,83 @@ def test_bad_adversarial_training_settings(adv, expected):
     with pytest.raises((ValidationError, UserError)) as e:
         AdversarialTraining(**adv)
     assert expected in str(e.value)
+
+
+def test_filter_groups_of_a_resnet_couple_the_residual_stream():
+    from robustprune.models import build_model
+    from robustprune.prune.structured import filter_groups
+
+    model = build_model("resnet20", num_classes=10, image_shape=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3)
+    groups = filter_groups(model, torch.zeros(1, 3, 32, 32))
+    stage1 = next(g for g in groups if "stem.conv" in g)
+    assert set(stage1) == {"stem.conv", "layer1.0.body.conv2", "layer1.1.body.conv2", "layer1.2.body.conv2"}
+    assert ["layer1.0.body.conv1"] in groups  # a conv inside a block is its own group
+    assert not any("classifier" in n for g in groups for n in g)  # the classifier is never pruned
+    assert len(groups) == 3 + 9  # three residual streams, nine inner convs
+
+
+def test_a_module_of_several_layers_is_perturbed_together_each_within_its_ball():
+    model = TwoPaths()
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    clone = perturbed_copy(model, ["big", "small"], x, y, lr=1.0, epochs=2, eps=0.05, batch_size=8)
+    for name in ("big", "small"):
+        w, w0 = getattr(clone, name).weight.detach(), getattr(model, name).weight.detach()
+        assert 0 < float((w - w0).norm()) <= 0.05 * float(w0.norm()) + 1e-6
+    mrs = module_robust_sensitivity(model, [["big", "small"], "small"], x, y, lr=1.0, epochs=2, eps=0.05, batch_size=8)
+    assert set(mrs) == {"big", "small"} and mrs["big"] > mrs["small"]
+
+
+# ---- the `mrpf` pruning method -------------------------------------------------------------------
+
+def tiny_resnet():
+    from robustprune.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("resnet20", num_classes=10, image_shape=(3, 16, 16), mean=(0.5,) * 3, std=(0.25,) * 3,
+                       width=8).eval()
+
+
+def test_mrpf_method_prunes_each_group_at_its_ratio_and_replays_from_the_plan():
+    from robustprune.metrics.size import layer_widths
+    from robustprune.prune import PRUNING_METHODS
+    from robustprune.prune.criteria.replay import Recording, Replay
+    from robustprune.prune.structured import filter_groups
+
+    method = PRUNING_METHODS.get("mrpf")()
+    params = method.Params(criterion="l1", r_min=0.1, r_max=0.6, mrs_lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 3, 16, 16, generator=g), torch.randint(0, 10, (64,), generator=g)
+    example = x[:1]
+    model, again = tiny_resnet(), tiny_resnet()
+    groups = filter_groups(model, example)
+    recording = Recording(method.criterion(params))
+    method.prune(model, 0.3, example, params, (x, y), criterion=recording)
+    plan = method.last_plan
+    assert set(plan["mrs"]) == set(plan["ratios"]) == {grp[0] for grp in groups}
+    assert sum(plan["ratios"].values()) / len(groups) == pytest.approx(0.3)
+    order = sorted(plan["mrs"], key=plan["mrs"].get)  # least sensitive first: pruned hardest
+    assert plan["ratios"][order[0]] >= plan["ratios"][order[-1]]
+    widths = layer_widths(model)
+    dense = layer_widths(tiny_resnet())
+    for grp in groups:
+        n = dense[f"width:{grp[0]}"]
+        assert widths[f"width:{grp[0]}"] == n - round(plan["ratios"][grp[0]] * n)
+    # the plan and the scores rebuild the same network without data or MRS
+    method.prune(again, 0.3, example, params, None, criterion=Replay(recording), plan=plan)
+    assert layer_widths(again) == widths
+
+
+@pytest.mark.parametrize("params, sparsity, expected", [
+    ({"target": "blocks"}, 0.3, "use target filters, rounds 1 and no layer_ratios"),
+    ({"r_min": 0.4}, 0.3, "sparsity 0.3 is outside [r_min, r_max] = [0.4, 0.8]"),
+    ({"attack": "fgsn"}, 0.3, "unknown attack 'fgsn'"),
+    ({"rule": "median"}, 0.3, "'pruning.m.params.rule'"),
+])
+def test_bad_mrpf_entries(params, sparsity, expected):
+    from robustprune.study.schema import resolve_study
+
+    raw = {"name": "t", "dataset": "cifar10", "model": {"name": "resnet20"},
+           "pruning": {"m": {"method": "mrpf", "sparsities": [sparsity], "params": params}}}
+    with pytest.raises(UserError) as e:
+        resolve_study(raw, "t")
+    assert expected in str(e.value)

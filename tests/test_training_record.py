@@ -134,3 +134,19 @@ def test_widths_tables_split_many_settings_and_keep_iterations_apart():
     assert first.headers == ["Layer", "Dense", "e0 s=0.5", "e1 s=0.5", "e2 s=0.5", "e3 s=0.5", "e4 s=0.5", "e5 s=0.5"]
     assert second.headers == ["Layer", "Dense", "e6 s=0.5", "it s=0.5 it1", "it s=0.5 it2"]
     assert second.rows[0] == ["stem.conv", "16", "14", "12", "9"]
+
+
+def test_plan_table_lists_mrs_and_ratios_per_group():
+    from robustprune.report.training import plan_tables
+
+    raw = dict(STUDY, pruning={"m": {"method": "mrpf", "sparsities": [0.5], "finetune_epochs": [2]}})
+    study = resolve_study(raw, "t")
+    cells = []
+    for seed, scale in ((0, 1.0), (1, 3.0)):
+        c = cell("m", seed, [], {"stem.conv": 8})
+        c["metrics"] |= {"mrs:stem.conv": 0.1 * scale, "ratio:stem.conv": 0.4, "mrs:layer1.0.body.conv1": 0.02,
+                         "ratio:layer1.0.body.conv1": 0.6}
+        cells.append(c)
+    (t,) = plan_tables(study, [cell("dense", 0, [], DENSE_W), *cells], "clean")
+    assert t.headers == ["Group (first layer)", "MRS m s=0.5", "ratio m s=0.5"]
+    assert t.rows == [["stem.conv", "0.2000 ± 0.1414", "0.400"], ["layer1.0.body.conv1", "0.0200", "0.600"]]

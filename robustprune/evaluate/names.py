@@ -14,6 +14,8 @@
     masking_violations                    number of checks above the tolerance
     images:attacks, images:shifts         how many test images the attacks / shifts used
     width:<layer>                         output channels (conv) or features (linear) of a layer
+    mrs:<group>, ratio:<group>            MRPF: Module Robust Sensitivity of a group of coupled filters
+                                          (named by its first layer) and the pruning ratio it was given
 
 Strengths are written with Python's :g format (0.1, 0.03137, 8)."""
 from __future__ import annotations
@@ -50,6 +52,11 @@ def eps_text(value: float) -> str:
 
 def width(layer: str) -> str:
     return f"width:{layer}"
+
+
+def plan_metric(kind: str, group: str) -> str:
+    assert kind in ("mrs", "ratio"), kind
+    return f"{kind}:{group}"
 
 
 def adv(attack: str, eps: float) -> str:

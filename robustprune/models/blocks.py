@@ -2,6 +2,7 @@
 builds its blocks from ResidualBlock, so the structured-pruning engine needs no per-model code."""
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -36,3 +37,18 @@ def residual_stages(model: nn.Module) -> dict[str, list[tuple[str, ResidualBlock
         parent = name.rsplit(".", 1)[0] if "." in name else ""
         stages.setdefault(parent, []).append((name, block))
     return stages
+
+
+class StridedPointwiseConv(nn.Conv2d):
+    """A 1x1 convolution with stride s (a projection shortcut), computed as a stride-1 1x1
+    convolution of every s-th pixel: the same numbers and parameters, but it avoids oneDNN's
+    strided 1x1 backward-weights kernel, which writes out of bounds (a segfault, or wrong weight
+    gradients) for channels-last inputs with fewer input channels than its block, e.g. a narrow
+    or pruned ResNet trained on an odd-sized batch with 2 threads (oneDNN issue 6035)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__(in_channels, out_channels, 1, stride=stride, bias=False)
+
+    def forward(self, x):
+        sh, sw = self.stride
+        return F.conv2d(x[:, :, ::sh, ::sw], self.weight, self.bias)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from robustprune.models import MODELS, Normalize
-from robustprune.models.blocks import ResidualBlock
+from robustprune.models.blocks import ResidualBlock, StridedPointwiseConv
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -54,7 +54,7 @@ class BasicBlock(ResidualBlock):
         ]))
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(OrderedDict([
-                ("conv", nn.Conv2d(cin, cout, 1, stride=stride, bias=False)),
+                ("conv", StridedPointwiseConv(cin, cout, stride)),
                 ("bn", nn.BatchNorm2d(cout)),
             ]))
         else:

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from robustprune.prune.criteria import build_criterion
-from robustprune.prune.structured import StructuredParams, filters_to_remove, prune_structured_, remove_filters_
+from robustprune.prune.structured import (StructuredParams, filters_to_remove, prune_filters_, prune_structured_,
+                                          remove_filters_)
 from robustprune.prune.unstructured import apply_masks_, global_magnitude_masks
 from robustprune.registry import Registry
 
@@ -35,6 +36,9 @@ class PruningMethod(ABC):
     def validate(self, params) -> None:
         """Raise ValueError for parameters that pass their types but cannot run (checked when the
         study file is read, before any work)."""
+
+    def validate_sparsity(self, params, sparsity: float) -> None:
+        """Raise ValueError for a sparsity these parameters cannot reach (checked with the study file)."""
 
     @abstractmethod
     def prune(self, model: nn.Module, sparsity: float, example_input: torch.Tensor, params,
@@ -110,4 +114,81 @@ class Structured(PruningMethod):
             if params.target == "both" else sparsity
         prune_structured_(model, criterion, ratio, example_input, target=params.target, scope=params.scope,
                           layer_ratios=params.layer_ratios, x=x, y=y)
+        return None
+
+
+class MRPFParams(StructuredParams):
+    """Structured filter pruning at MRS-based per-group ratios (Bai et al., Appendix A): adversarial
+    examples of the scoring images, MRS of every group of coupled filters, then the ratio rule."""
+
+    attack: str = Field("fgsm", description="the attack that makes AE from the scoring images")
+    attack_eps: float = Field(2 / 255, ge=0, le=1, description="its L-inf radius (the paper: 2/255)")
+    mrs_lr: float = Field(0.01, gt=0, description="step of the gradient ascent on a group's weights (η)")
+    mrs_epochs: int = Field(1, ge=1, description="passes of the ascent over AE (E)")
+    mrs_eps: float = Field(8 / 255, gt=0, description="relative L2 bound of the perturbation (ε, B.4.3)")
+    r_min: float = Field(0.0, ge=0, lt=1, description="smallest per-group ratio")
+    r_max: float = Field(0.8, gt=0, lt=1, description="largest per-group ratio")
+    rule: Literal["adaptive", "inverse"] = Field("adaptive", description="Appendix B.4.2, or the main text's Eq. 8-10")
+
+
+@PRUNING_METHODS.register("mrpf")
+class MRPF(Structured):
+    """Module Robust Pruning (Bai et al.): per-group ratios from Module Robust Sensitivity, filters
+    ranked within each group by any criterion. `last_plan` holds the MRS values and ratios of the
+    last call (stored with the cell), and passing them back as `plan` prunes the same way without
+    recomputing them."""
+
+    Params = MRPFParams
+
+    def needs_data(self, params) -> bool:
+        return True  # the adversarial examples are made from the scoring images
+
+    def validate(self, params) -> None:
+        super().validate(params)
+        if params.target != "filters" or params.rounds != 1 or params.layer_ratios:
+            raise ValueError("mrpf sets per-group filter ratios itself: use target filters, rounds 1 and no "
+                             "layer_ratios")
+        if params.r_min > params.r_max:
+            raise ValueError(f"r_min {params.r_min} is above r_max {params.r_max}")
+        self.attack(params)
+
+    def validate_sparsity(self, params, sparsity: float) -> None:
+        if not params.r_min <= sparsity <= params.r_max:
+            raise ValueError(f"sparsity {sparsity} is outside [r_min, r_max] = [{params.r_min}, {params.r_max}]; "
+                             f"widen r_min / r_max")
+
+    @staticmethod
+    def attack(params):
+        from robustprune.attacks import ATTACKS
+
+        try:
+            return ATTACKS.get(params.attack)(eps=params.attack_eps)
+        except TypeError as e:
+            raise ValueError(f"attack '{params.attack}' cannot be built with eps alone ({e})") from None
+
+    def mrs_plan(self, model, sparsity, example_input, params, x, y) -> dict:
+        from robustprune.prune.mrpf import adaptive_ratios, inverse_mrs_ratios, module_robust_sensitivity
+        from robustprune.prune.structured import filter_groups
+
+        attack = self.attack(params)
+        x_adv = torch.cat([attack(model, x[i:i + 256], y[i:i + 256]) for i in range(0, len(x), 256)])
+        mrs = module_robust_sensitivity(model, filter_groups(model, example_input), x_adv, y, lr=params.mrs_lr,
+                                        epochs=params.mrs_epochs, eps=params.mrs_eps)
+        if params.rule == "adaptive":
+            ratios = adaptive_ratios(mrs, sparsity, params.r_min, params.r_max)
+        else:
+            ratios = inverse_mrs_ratios(mrs, sparsity, params.r_max)
+        return {"mrs": mrs, "ratios": ratios}
+
+    def prune(self, model, sparsity, example_input, params, data=None, criterion=None, plan=None):
+        x, y = data if data is not None else (None, None)
+        if plan is None:
+            if x is None:
+                from robustprune.errors import UserError
+
+                raise UserError("mrpf needs training images to make adversarial examples from; pass data=(x, y)")
+            plan = self.mrs_plan(model, sparsity, example_input, params, x, y)
+        self.last_plan = plan
+        prune_filters_(model, criterion or self.criterion(params), 0.0, example_input, layer_ratios=plan["ratios"],
+                       x=x, y=y)
         return None

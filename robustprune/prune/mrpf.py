@@ -49,32 +49,40 @@ def adversarial_loss(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, bat
     return total / len(x_adv)
 
 
-def perturbed_copy(model: nn.Module, layer: str, x_adv: torch.Tensor, y: torch.Tensor, *, lr: float,
-                   epochs: int, eps: float, batch_size: int = 128) -> nn.Module:
-    """A copy of the model in which only `layer`'s weight took `epochs` passes of projected gradient
-    ascent (step lr) on the adversarial loss over batches of AE (Algorithm, lines 5-11). The model
-    itself is not changed; BatchNorm stays in eval mode, so only that weight moves."""
+def perturbed_copy(model: nn.Module, layer: str | Sequence[str], x_adv: torch.Tensor, y: torch.Tensor, *,
+                   lr: float, epochs: int, eps: float, batch_size: int = 128) -> nn.Module:
+    """A copy of the model in which only the weight of `layer` (or of each of several layers that
+    form one module, e.g. the convs sharing a residual stream's channels) took `epochs` passes of
+    projected gradient ascent (step lr) on the adversarial loss over batches of AE (Algorithm,
+    lines 5-11), each weight projected onto its own relative ball. The model itself is not
+    changed; BatchNorm stays in eval mode, so only those weights move."""
+    layers = [layer] if isinstance(layer, str) else list(layer)
     modules = dict(model.named_modules())
-    if layer not in modules or not isinstance(getattr(modules[layer], "weight", None), torch.Tensor):
-        raise UserError(f"the model has no layer '{layer}' with a weight; name a conv or linear layer")
+    for name in layers:
+        if name not in modules or not isinstance(getattr(modules[name], "weight", None), torch.Tensor):
+            raise UserError(f"the model has no layer '{name}' with a weight; name a conv or linear layer")
     clone = copy.deepcopy(model).eval()
     for p in clone.parameters():
         p.requires_grad_(False)
-    w = dict(clone.named_modules())[layer].weight
-    w_orig = w.detach().clone()
-    w.requires_grad_(True)
+    cloned = dict(clone.named_modules())
+    ws = [cloned[name].weight for name in layers]
+    origs = [w.detach().clone() for w in ws]
+    for w in ws:
+        w.requires_grad_(True)
     for _ in range(epochs):
         for i in range(0, len(x_adv), batch_size):
             loss = F.cross_entropy(clone(x_adv[i:i + batch_size]).float(), y[i:i + batch_size])
-            (grad,) = torch.autograd.grad(loss, w)
+            grads = torch.autograd.grad(loss, ws)
             with torch.no_grad():
-                w.add_(grad, alpha=lr)  # ascent: raise the adversarial loss
-                project_relative_(w, w_orig, eps)
-    w.requires_grad_(False)
+                for w, g, w0 in zip(ws, grads, origs):
+                    w.add_(g, alpha=lr)  # ascent: raise the adversarial loss
+                    project_relative_(w, w0, eps)
+    for w in ws:
+        w.requires_grad_(False)
     return clone
 
 
-def layer_sensitivity(model: nn.Module, layer: str, x_adv: torch.Tensor, y: torch.Tensor, *, lr: float,
+def layer_sensitivity(model: nn.Module, layer: str | Sequence[str], x_adv: torch.Tensor, y: torch.Tensor, *, lr: float,
                       epochs: int, eps: float, batch_size: int = 128, base_loss: float | None = None) -> float:
     """MRS of one layer (Algorithm, lines 12-13): perturbed minus original adversarial loss."""
     if base_loss is None:
@@ -83,15 +91,17 @@ def layer_sensitivity(model: nn.Module, layer: str, x_adv: torch.Tensor, y: torc
     return adversarial_loss(clone, x_adv, y) - base_loss
 
 
-def module_robust_sensitivity(model: nn.Module, layers: Sequence[str], x_adv: torch.Tensor, y: torch.Tensor, *,
-                              lr: float = 0.01, epochs: int = 1, eps: float = 8 / 255,
+def module_robust_sensitivity(model: nn.Module, modules: Sequence[str | Sequence[str]], x_adv: torch.Tensor,
+                              y: torch.Tensor, *, lr: float = 0.01, epochs: int = 1, eps: float = 8 / 255,
                               batch_size: int = 128) -> dict[str, float]:
-    """Raw MRS (perturbed - original adversarial loss) of every listed layer; non-positive values
+    """Raw MRS (perturbed - original adversarial loss) of every module: a layer name, or a list of
+    layers perturbed together (keyed by the first, as filter_groups lists them). Non-positive values
     are kept here and replaced by δ where ratios are computed, so the stored numbers are the
     measured ones."""
     base = adversarial_loss(model, x_adv, y)
-    return {name: layer_sensitivity(model, name, x_adv, y, lr=lr, epochs=epochs, eps=eps, batch_size=batch_size,
-                                    base_loss=base) for name in layers}
+    return {(m if isinstance(m, str) else m[0]): layer_sensitivity(model, m, x_adv, y, lr=lr, epochs=epochs, eps=eps,
+                                                                   batch_size=batch_size, base_loss=base)
+            for m in modules}
 
 
 def _check_range(r_global: float, r_min: float, r_max: float) -> None:

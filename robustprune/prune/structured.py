@@ -268,11 +268,7 @@ def prune_filters_(model: nn.Module, criterion, ratio: float, example_input: tor
     if param is not None:  # tracing runs the model: the example goes where the model is
         example_input = example_input.to(param.device)
     by_name = dict(zip(layer_ratios, _resolve_modules(model, layer_ratios, "layer")))
-    ignored = _resolve_modules(model, ignored_layers, "ignored layer")
-    head = output_layer(model, example_input)
-    if head is not None:
-        ignored.append(head)
-    ignored = [sub for m in ignored for sub in m.modules()]
+    ignored = _never_pruned(model, example_input, ignored_layers)
 
     _prepare(criterion, model, x, y)
 
@@ -311,6 +307,34 @@ def prune_filters_(model: nn.Module, criterion, ratio: float, example_input: tor
     finally:
         model.train(was_training)  # Torch-Pruning's tracing leaves the model in eval mode
     return model
+
+
+def _never_pruned(model: nn.Module, example_input: torch.Tensor, ignored_layers) -> list[nn.Module]:
+    """The classifier and the ignored layers, with all their submodules."""
+    ignored = _resolve_modules(model, ignored_layers, "ignored layer")
+    head = output_layer(model, example_input)
+    if head is not None:
+        ignored.append(head)
+    return [sub for m in ignored for sub in m.modules()]
+
+
+def filter_groups(model: nn.Module, example_input: torch.Tensor, ignored_layers=None) -> list[list[str]]:
+    """Every group of coupled filters prune_filters_ can remove, as the names of the conv and linear
+    layers whose output channels it removes (a residual stream's group lists every conv feeding its
+    additions); the first name is the one `layer_ratios` can use for the group."""
+    param = next(model.parameters(), None)
+    if param is not None:
+        example_input = example_input.to(param.device)
+    ignored = _never_pruned(model, example_input, ignored_layers)
+    was_training = model.training
+    try:
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+        units = _units(model, graph, lambda group: torch.zeros(len(group[0].idxs)), ignored)
+    finally:
+        model.train(was_training)
+    modules = dict(model.named_modules())
+    weighted = (nn.modules.conv._ConvNd, nn.Linear)
+    return [names for u in units if (names := [n for n in u.layers if isinstance(modules[n], weighted)])]
 
 
 def filter_count(model: nn.Module) -> int:

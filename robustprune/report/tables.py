@@ -237,7 +237,8 @@ def all_tables(study: StudyConfig, cells: list[dict]) -> list[Table]:
                    rb.correlation_table(study, cells, regime), rb.single_element_table(study, cells, regime),
                    sweep_table(study, cells, regime, flags),
                    *rb.detail_tables(study, cells, regime, flags),
-                   *training.dynamics_tables(study, cells, regime), *training.widths_tables(study, cells, regime)]
+                   *training.dynamics_tables(study, cells, regime), *training.widths_tables(study, cells, regime),
+                   *training.plan_tables(study, cells, regime)]
     tables += [rb.masking_table(study, cells), failed_cells_table(cells)]
     return [t for t in tables if t]
 

@@ -34,7 +34,8 @@ def _mean_std(values: list[float], spec: str = ".4f") -> str:
     if not values:
         return "—"
     text = f"{statistics.fmean(values):{spec}}"
-    return text + (f" ± {statistics.stdev(values):{spec}}" if len(values) > 1 else "")
+    varies = len(values) > 1 and max(values) != min(values)  # no "± 0" on values that cannot vary
+    return text + (f" ± {statistics.stdev(values):{spec}}" if varies else "")
 
 
 def dynamics_tables(study: StudyConfig, cells: list[dict], regime: str) -> list[Table]:
@@ -104,3 +105,35 @@ def structure_label(k) -> str:
     if k.round is not None:
         return f"{k.pruning} round {k.round}"
     return f"{k.pruning} s={k.sparsity:g}" + (f" it{k.iteration}" if k.iteration else "")
+
+
+def plan_tables(study: StudyConfig, cells: list[dict], regime: str) -> list[Table]:
+    """MRPF (Bai et al.): per architecture, rows = groups of coupled filters (named by their first
+    layer), columns = the MRS and the pruning ratio each MRPF setting gave them, mean ± std over seeds."""
+    view = regime_view(study, cells, regime, flags=set())
+    if view is None:
+        return []
+    tables = []
+    for model in dict.fromkeys(k.model for k in view.keys):
+        keys = [k for k in view.keys if k.model == model and any(m.startswith("mrs:") for c in view.groups[k]
+                                                                 for m in c["metrics"])]
+        columns: dict[str, list[str]] = {}
+        groups = list(dict.fromkeys(m[len("mrs:"):] for k in keys for c in view.groups[k] for m in c["metrics"]
+                                    if m.startswith("mrs:")))
+        for k in keys:
+            label = structure_label(k)
+            if f"MRS {label}" in columns:
+                continue  # fine-tuning variants share the plan
+            for kind, spec, head in (("mrs", ".4f", "MRS"), ("ratio", ".3f", "ratio")):
+                columns[f"{head} {label}"] = [_mean_std([c["metrics"].get(f"{kind}:{g}") for c in view.groups[k]], spec)
+                                              for g in groups]
+        if not columns:
+            continue
+        rows = [[g, *[col[i] for col in columns.values()]] for i, g in enumerate(groups)]
+        name = f"{model}, " if model else ""
+        tables.append(Table(f"Module Robust Sensitivity and pruning ratios ({name}regime '{view.name}')",
+                            ["Group (first layer)", *columns], rows,
+                            f"MRS = adversarial loss after projected gradient ascent on the group's weights minus "
+                            f"before (Bai et al. Eq. 7); ratio = share of the group's filters removed (Appendix "
+                            f"B.4.2); mean ± std over {view.seeds()}."))
+    return tables

@@ -111,8 +111,9 @@ def _setting_cells(study: StudyConfig, seed: int, regime: str, model_label: str 
                 settings.append((axes, pr | {"params": dump(params, True)}, pr | {"params": dump(params, False)}))
             rounds = getattr(params, "rounds", 1)  # Algorithm 1: every iteration's model is a cell
             for ft in (p.finetune_epochs if "finetune" in p.adjust else []):
-                ft_full = dump(study.finetune.model_copy(update={"epochs": ft}), True) if ft else None
-                ft_key = dump(study.finetune.model_copy(update={"epochs": ft}), False) if ft else None
+                entry_ft = study.entry_finetune(label).model_copy(update={"epochs": ft})
+                ft_full = dump(entry_ft, True) if ft else None
+                ft_key = dump(entry_ft, False) if ft else None
                 for it in (range(1, rounds + 1) if rounds > 1 else [None]):
                     axes = axes0 | {"pruning": label, "method": p.method, "sparsity": s, "finetune_epochs": ft}
                     pr = {"method": p.method, "sparsity": s}

@@ -69,6 +69,7 @@ class Workspace:
         self._base: ImageDataset | None = None
         self._regime_data: dict[str, ImageDataset] = {}
         self._dense: dict[str, DenseModel] = {}
+        self._plans: dict[str, dict] = {}  # per pruning setting: MRS and ratios of a method that chose them
         self._all_cells: list[Cell] | None = None
 
     # ---- data -------------------------------------------------------------------------------
@@ -187,7 +188,8 @@ class Workspace:
         if cached is not None and cached.get("recordings"):  # structured: replay the stored scores
             model = copy.deepcopy(dense.model)
             for recording in cached["recordings"]:
-                method.prune(model, pr["sparsity"], self.example_input(), params, None, criterion=Replay(recording))
+                self._replay(method, model, pr, params, recording)
+            self._keep_plan(key, pr, cached["recordings"][-1])
             return (*self._load_cached(model, cached, path), cached["recordings"])
         if it > 1:
             model, history, recordings = self._pruned(key, pr | {"iteration": it - 1}, method, params)
@@ -201,7 +203,8 @@ class Workspace:
                              **({"criterion": recording} if recording else {}))
         model = to_device(model, self.device)  # pruning makes new, plain-layout tensors
         if recording is not None:
-            recordings.append(recording.state())
+            recordings.append(self._recorded(method, recording))
+            self._keep_plan(key, pr, recordings[-1])
         if ft is None:
             return model.eval(), history, recordings
         if cached is not None:  # pruned again (masks, channel_l1, or a checkpoint from before scores were kept)
@@ -212,6 +215,31 @@ class Workspace:
         history += [dict(h, iteration=it) for h in fit] if "iteration" in pr else fit
         checkpoint.save({"state": model.state_dict(), "history": history, "recordings": recordings}, path)
         return model.eval(), history, recordings
+
+    @staticmethod
+    def _recorded(method, recording: Recording) -> dict:
+        """The recording's state, plus the per-group plan of a method that chose its ratios (mrpf)."""
+        plan = getattr(method, "last_plan", None)
+        return recording.state() | ({"plan": plan} if plan is not None else {})
+
+    def _replay(self, method, model, pr: dict, params, recording: dict) -> None:
+        plan = {"plan": recording["plan"]} if "plan" in recording else {}
+        method.prune(model, pr["sparsity"], self.example_input(), params, None, criterion=Replay(recording), **plan)
+
+    def _keep_plan(self, key: dict, pr: dict, recording: dict) -> None:
+        if "plan" in recording:
+            self._plans[config_hash({"dense": key, "pruning": pr})] = recording["plan"]
+
+    def plan_metrics(self, cell: Cell) -> dict[str, float]:
+        """mrs:<group> and ratio:<group> of a cell pruned by a method that set per-group ratios."""
+        from robustprune.evaluate.names import plan_metric
+
+        pr = cell.config["pruning"]
+        plan = self._plans.get(config_hash({"dense": cell.dense_key, "pruning": pr})) if pr else None
+        if plan is None:
+            return {}
+        return {plan_metric(kind, group): float(v) for kind, values in (("mrs", plan["mrs"]), ("ratio", plan["ratios"]))
+                for group, v in values.items()}
 
     def _cache_path(self, kind: str, key: dict, pr: dict) -> Path:
         return self.ckpt_dir / f"{kind}-{config_hash({'dense': key, 'pruning': pr})}.pt"
@@ -242,6 +270,8 @@ class Workspace:
         if isinstance(method, Structured):
             recording = Recording(method.criterion(params))
             method.prune(found, pr["sparsity"], self.example_input(), params, data, criterion=recording)
+            recording = self._recorded(method, recording)
+            self._keep_plan(key, pr, recording)
             masks = None
         else:
             masks = method.prune(found, pr["sparsity"], self.example_input(), params, data)
@@ -252,7 +282,7 @@ class Workspace:
             checkpoint.load_state_into(model, dense.init_state if k == 0 else dense.rewind[k], "rewind weights")
         model = to_device(model, self.device)
         if masks is None:
-            method.prune(model, pr["sparsity"], self.example_input(), params, None, criterion=Replay(recording))
+            self._replay(method, model, pr, params, recording)
             model = to_device(model, self.device)
         else:
             masks = {n: m.to(self.device) for n, m in masks.items()}
@@ -435,7 +465,7 @@ def single_element_metrics(model, x_test, y_test, ev, progress: Progress) -> dic
     se = ev.single_element
     x, y = to_float(x_test[:se.images]), y_test[:se.images]
     attacks = {names.adv(label, ev.shown_eps(label)): e.build(label, ev.shown_eps(label))
-               for label, e in ev.attacks.items()}
+               for label, e in ev.attacks.items() if se.attacks is None or label in se.attacks}
     evaluate_fn = make_evaluator(x, y, attacks, ev.batch_size)
     baseline = evaluate_fn(model)
 
@@ -458,7 +488,7 @@ def run_cell(cell: Cell, ws: Workspace) -> tuple[dict[str, float], list]:
     data = ws.regime_data(cell.dense_key)
     dense_weights = sum(w.numel() for w in prunable_weights(dense.model).values())
     model, history = ws.model_of(cell)
-    return evaluate(model, cell, data, ws, dense_weights), history
+    return evaluate(model, cell, data, ws, dense_weights) | ws.plan_metrics(cell), history
 
 
 def compute_and_store(cell: Cell, ws: Workspace, store: Store) -> tuple[str, float]:

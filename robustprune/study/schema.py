@@ -57,6 +57,8 @@ class PruningConfig(Strict):
         description="parameter adjustment after pruning (Jordão & Pedrini Table 3); finetune uses finetune_epochs")
     rewind_epoch: int = Field(1, ge=0, description="winning_ticket: rewind to the dense weights after this epoch")
     models: list[str] | None = Field(None, description="labels of `models` this entry prunes (default: every one)")
+    finetune: dict[str, Any] = Field(default_factory=dict, description="this entry's changes to the study's "
+                                     "finetune settings, e.g. {adversarial: {attack: fgsm, eps: 0.0078, ratio: 0.2}}")
 
     @field_validator("adjust")
     @classmethod
@@ -199,6 +201,8 @@ class SingleElementConfig(Strict):
     images: int = Field(500, ge=1, description="evaluate each removal on the first N test images")
     tolerances: list[float] = Field(default_factory=lambda: [0, 1, 2, 3, 4, 5], description="p.p.")
     seed: int = Field(0, ge=0)
+    attacks: list[str] | None = Field(None, description="labels of evaluation.attacks to count (default: all; "
+                                                        "each removal costs one run of each)")
 
 
 class EvaluationConfig(Strict):
@@ -248,6 +252,14 @@ class EvaluationConfig(Strict):
             for t in self.corruptions.types:
                 if t not in CORRUPTIONS:
                     raise UserError(f"unknown corruption '{t}'; {closest(t, CORRUPTIONS)}")
+        se = self.single_element
+        if se is not None and se.attacks is not None:
+            if not se.attacks:
+                raise ValueError("single_element.attacks lists no attack; leave it out to use every attack")
+            for label in se.attacks:
+                if label not in self.attacks:
+                    raise ValueError(f"single_element.attacks names '{label}', which is not an entry of "
+                                     f"evaluation.attacks ({', '.join(self.attacks) or 'none'})")
         if self.transfer:
             entry = self.attacks.get(self.transfer.attack)
             if entry is None:
@@ -349,8 +361,21 @@ class StudyConfig(Strict):
             _check_params(method.Params, p.params, f"pruning.{label}.params")
             try:
                 method().validate(method.Params(**p.params))
+                for sparsity in p.sparsities:
+                    method().validate_sparsity(method.Params(**p.params), sparsity)
             except ValueError as e:
                 raise ValueError(f"pruning.{label}.params: {e}") from None
+            if p.finetune:
+                if "epochs" in p.finetune:
+                    raise ValueError(f"pruning '{label}': fine-tuning epochs come from finetune_epochs; remove "
+                                     f"'finetune.epochs'")
+                try:
+                    self.entry_finetune(label)
+                except ValidationError as e:
+                    err = e.errors()[0]
+                    key = ".".join(str(x) for x in err["loc"])
+                    what = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+                    raise ValueError(f"pruning '{label}'.finetune.{key}: {what}") from None
             if p.models is not None:
                 if not self.models:
                     raise ValueError(f"pruning '{label}' lists models, but the study has one model; remove 'models'")
@@ -404,6 +429,11 @@ class StudyConfig(Strict):
                 hint = " or list the other architectures under the entry's 'models'" if self.models else ""
                 raise ValueError(f"pruning '{label}' removes residual blocks, but model '{model.name}' has no "
                                  f"residual block with an identity shortcut; use target: filters{hint}")
+
+    def entry_finetune(self, label: str) -> TrainConfig:
+        """The study's finetune settings with a pruning entry's own changes applied."""
+        changes = self.pruning[label].finetune
+        return TrainConfig(**(self.finetune.model_dump() | changes)) if changes else self.finetune
 
     def model_items(self) -> list[tuple[str | None, ModelConfig]]:
         """The architectures of the grid: (None, model) for a one-model study, else (label, config)."""
