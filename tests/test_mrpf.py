@@ -239,3 +239,84 @@ def test_bad_mrpf_entries(params, sparsity, expected):
     with pytest.raises(UserError) as e:
         resolve_study(raw, "t")
     assert expected in str(e.value)
+
+
+# ---- study files: per-entry fine-tuning, the mrpf method through the CLI -----------------------------
+
+STUDY = {"name": "mrpf_tiny", "dataset": "cifar10", "data": {"train_subset": 512, "test_subset": 200},
+         "model": {"name": "resnet20", "args": {"width": 8}},
+         "train": {"epochs": 1, "batch_size": 128, "lr": 0.1, "augment": "crop_flip"},
+         "finetune": {"lr": 0.01},
+         "pruning": {"l2": {"method": "structured", "sparsities": [0.3], "finetune_epochs": [1],
+                            "params": {"criterion": "l2"}},
+                     "l2_mrpf": {"method": "mrpf", "sparsities": [0.3], "finetune_epochs": [1],
+                                 "params": {"criterion": "l2", "r_min": 0.1, "r_max": 0.6, "mrs_lr": 0.1},
+                                 "finetune": {"adversarial": {"attack": "fgsm", "eps": 0.0078431, "ratio": 0.2}}}},
+         "evaluation": {"attack_subset": 100, "attacks": {"fgsm": {"eps": [0.0313725]}}}}
+
+
+def test_entry_finetune_changes_only_that_entrys_cells():
+    from robustprune.study.cells import expand
+    from robustprune.study.schema import resolve_study
+
+    cells = {c.axes["pruning"]: c for c in expand(resolve_study(STUDY, "t"))}
+    assert cells["l2_mrpf"].config["pruning"]["finetune"]["adversarial"]["ratio"] == 0.2
+    assert cells["l2"].config["pruning"]["finetune"]["adversarial"] is None
+    assert cells["l2"].config["pruning"]["finetune"]["lr"] == cells["l2_mrpf"].config["pruning"]["finetune"]["lr"] == 0.01
+
+
+@pytest.mark.parametrize("finetune, expected", [
+    ({"epochs": 3}, "fine-tuning epochs come from finetune_epochs"),
+    ({"advers": {}}, "pruning 'l2_mrpf'.finetune.advers: unknown key"),
+    ({"adversarial": {"attack": "fgsn"}}, "unknown attack 'fgsn'"),
+])
+def test_bad_entry_finetune(finetune, expected):
+    from robustprune.study.schema import resolve_study
+
+    raw = copy.deepcopy(STUDY)
+    raw["pruning"]["l2_mrpf"]["finetune"] = finetune
+    with pytest.raises(UserError) as e:
+        resolve_study(raw, "t")
+    assert expected in str(e.value)
+
+
+@pytest.mark.slow
+def test_mrpf_study_through_the_cli_stores_mrs_and_ratios(tmp_path, data_dir):
+    import json
+    import sqlite3
+    import subprocess
+    import sys
+
+    import yaml
+
+    if not (data_dir / "cifar10" / "cifar10.npz").exists():
+        pytest.skip("real CIFAR-10 not found")
+    study_file = tmp_path / "mrpf.yaml"
+    study_file.write_text(yaml.safe_dump(STUDY))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "robustprune", "run", str(study_file), "--data-dir", str(data_dir), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+
+    def stored():
+        with sqlite3.connect(out / "results.sqlite") as db:
+            return {(json.loads(a)["pruning"], m): v for a, m, v in db.execute("SELECT axes, metric, value FROM results")}
+
+    first = stored()
+    ratios = {m[len("ratio:"):]: v for (p, m), v in first.items() if p == "l2_mrpf" and m.startswith("ratio:")}
+    mrs = {m[len("mrs:"):]: v for (p, m), v in first.items() if p == "l2_mrpf" and m.startswith("mrs:")}
+    assert len(ratios) == len(mrs) == 12 and sum(ratios.values()) / 12 == pytest.approx(0.3)
+    assert not any(m.startswith("ratio:") for (p, m) in first if p != "l2_mrpf")
+    for group, r in ratios.items():  # each group lost its share of filters
+        dense = first[("dense", f"width:{group}")]
+        assert first[("l2_mrpf", f"width:{group}")] == dense - round(r * dense)
+    report = subprocess.run([sys.executable, "-m", "robustprune", "report", str(out), "--format", "markdown"],
+                            capture_output=True, text=True, timeout=600).stdout
+    assert "Module Robust Sensitivity and pruning ratios (regime 'clean')" in report
+    # rebuilt from the checkpoints into a new store: the stored plan replaces MRS, same numbers
+    for f in out.glob("results.sqlite*"):
+        f.unlink()
+    assert subprocess.run(cmd, capture_output=True, text=True, timeout=600).returncode == 0
+    again = stored()
+    assert {k: v for k, v in again.items() if k[1] != "latency_ms"} == {k: v for k, v in first.items()
+                                                                          if k[1] != "latency_ms"}
