@@ -56,3 +56,27 @@ def _few_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def random_mnist(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n seeded random uint8 MNIST-shaped images and labels (for training-loop unit tests)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8), torch.randint(0, 10, (n,), generator=g)
+
+
+def run_cli(*args: str, timeout: int = 600):
+    """`python -m robustprune ARGS` in a subprocess (the public CLI, as a user runs it)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "robustprune", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def stored_results(out: Path, key=lambda axes: axes["pruning"]) -> dict:
+    """{(key(axes), metric): value} of every row in a study folder's store."""
+    import json
+    import sqlite3
+
+    with sqlite3.connect(out / "results.sqlite") as db:
+        return {(key(json.loads(a)), m): v for a, m, v in db.execute("SELECT axes, metric, value FROM results")}

@@ -117,8 +117,9 @@ def test_cosine_decays_to_min_lr():
 
 
 def mnist_like(n=64):
-    g = torch.Generator().manual_seed(1)
-    return torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8), torch.randint(0, 10, (n,), generator=g)
+    from conftest import random_mnist
+
+    return random_mnist(n, seed=1)
 
 
 def test_adversarial_batches_at_eps_zero_are_duplicates_and_train_like_clean(tiny_cnn):
@@ -282,27 +283,18 @@ def test_bad_entry_finetune(finetune, expected):
 
 @pytest.mark.slow
 def test_mrpf_study_through_the_cli_stores_mrs_and_ratios(tmp_path, data_dir):
-    import json
-    import sqlite3
-    import subprocess
-    import sys
-
     import yaml
+    from conftest import run_cli, stored_results
 
     if not (data_dir / "cifar10" / "cifar10.npz").exists():
         pytest.skip("real CIFAR-10 not found")
     study_file = tmp_path / "mrpf.yaml"
     study_file.write_text(yaml.safe_dump(STUDY))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "robustprune", "run", str(study_file), "--data-dir", str(data_dir), "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    run = ("run", study_file, "--data-dir", data_dir, "--out", out)
+    proc = run_cli(*run)
     assert proc.returncode == 0, proc.stderr
-
-    def stored():
-        with sqlite3.connect(out / "results.sqlite") as db:
-            return {(json.loads(a)["pruning"], m): v for a, m, v in db.execute("SELECT axes, metric, value FROM results")}
-
-    first = stored()
+    first = stored_results(out)
     ratios = {m[len("ratio:"):]: v for (p, m), v in first.items() if p == "l2_mrpf" and m.startswith("ratio:")}
     mrs = {m[len("mrs:"):]: v for (p, m), v in first.items() if p == "l2_mrpf" and m.startswith("mrs:")}
     assert len(ratios) == len(mrs) == 12 and sum(ratios.values()) / 12 == pytest.approx(0.3)
@@ -310,13 +302,12 @@ def test_mrpf_study_through_the_cli_stores_mrs_and_ratios(tmp_path, data_dir):
     for group, r in ratios.items():  # each group lost its share of filters
         dense = first[("dense", f"width:{group}")]
         assert first[("l2_mrpf", f"width:{group}")] == dense - round(r * dense)
-    report = subprocess.run([sys.executable, "-m", "robustprune", "report", str(out), "--format", "markdown"],
-                            capture_output=True, text=True, timeout=600).stdout
+    report = run_cli("report", out, "--format", "markdown").stdout
     assert "Module Robust Sensitivity and pruning ratios (regime 'clean')" in report
     # rebuilt from the checkpoints into a new store: the stored plan replaces MRS, same numbers
     for f in out.glob("results.sqlite*"):
         f.unlink()
-    assert subprocess.run(cmd, capture_output=True, text=True, timeout=600).returncode == 0
-    again = stored()
+    assert run_cli(*run).returncode == 0
+    again = stored_results(out)
     assert {k: v for k, v in again.items() if k[1] != "latency_ms"} == {k: v for k, v in first.items()
                                                                           if k[1] != "latency_ms"}

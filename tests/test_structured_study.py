@@ -189,31 +189,26 @@ ITERATIVE_STUDY = dict(CIFAR_STUDY, name="cifar_iterative_tiny",
 
 @pytest.mark.slow
 def test_iterative_pruning_dynamics_and_widths_through_the_cli(tmp_path, data_dir):
+    import json
+
+    from conftest import run_cli, stored_results
+
     if not (data_dir / "cifar10" / "cifar10.npz").exists():
         pytest.skip("real CIFAR-10 not found")
-    import json
-    import shutil
-
     study_file = tmp_path / "it.yaml"
     study_file.write_text(yaml.safe_dump(ITERATIVE_STUDY))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "robustprune", "run", str(study_file), "--data-dir", str(data_dir), "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    run = ("run", study_file, "--data-dir", data_dir, "--out", out)
+    proc = run_cli(*run)
     assert proc.returncode == 0, proc.stderr
-    report = subprocess.run([sys.executable, "-m", "robustprune", "report", str(out), "--format", "markdown"],
-                            capture_output=True, text=True, timeout=600).stdout
+    report = run_cli("report", out, "--format", "markdown").stdout
     for label in ("it s=0.2, FT 1 ep, iteration 2", "Training dynamics: Gradient confusion (regime 'clean')",
                   "Training dynamics: Layer rotation (regime 'clean')", "Per-layer widths (regime 'clean')",
                   "| Layer | Dense | it s=0.2 it1 | it s=0.2 it2 |", "| stem.conv | 16 | 13 | 10 |"):
         assert label in report, label
-
-    def stored():
-        with sqlite3.connect(out / "results.sqlite") as db:
-            rows = db.execute("SELECT axes, metric, value FROM results").fetchall()
-            hist = {json.loads(a).get("iteration"): json.loads(h) for a, h in db.execute("SELECT axes, history FROM cells")}
-        return {(json.loads(a).get("iteration"), m): v for a, m, v in rows}, hist
-
-    first, hist = stored()
+    first = stored_results(out, key=lambda axes: axes.get("iteration"))
+    with sqlite3.connect(out / "results.sqlite") as db:
+        hist = {json.loads(a).get("iteration"): json.loads(h) for a, h in db.execute("SELECT axes, history FROM cells")}
     dense = first[(None, "width:stem.conv")]
     assert dense == 16 and first[(1, "width:stem.conv")] == 13 and first[(2, "width:stem.conv")] == 10  # 20 % of what remains
     assert first[(2, "params")] < first[(1, "params")] < first[(None, "params")]
@@ -221,13 +216,10 @@ def test_iterative_pruning_dynamics_and_widths_through_the_cli(tmp_path, data_di
     assert all("grad_confusion" in e and "layer_rotation" in e for h in hist.values() for e in h)
     # a new store over the same checkpoints: every model comes from the cache, the pruned ones
     # rebuilt by replaying the stored scores, with identical numbers
-    (out / "results.sqlite").unlink()
-    for f in out.glob("results.sqlite-*"):
+    for f in out.glob("results.sqlite*"):
         f.unlink()
     ckpts = {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").iterdir()}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    assert run_cli(*run).returncode == 0
     assert {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").iterdir()} == ckpts  # nothing retrained
-    again, _ = stored()
+    again = stored_results(out, key=lambda axes: axes.get("iteration"))
     assert {k: v for k, v in again.items() if k[1] != "latency_ms"} == {k: v for k, v in first.items() if k[1] != "latency_ms"}
-    shutil.rmtree(out)

@@ -19,8 +19,9 @@ from robustprune.train import TrainConfig, train
 
 
 def tiny_data(n=96):
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8), torch.randint(0, 10, (n,), generator=g)
+    from conftest import random_mnist
+
+    return random_mnist(n)
 
 
 def test_dynamics_are_recorded_per_epoch_without_changing_training(tiny_cnn):
