@@ -223,3 +223,18 @@ def test_iterative_pruning_dynamics_and_widths_through_the_cli(tmp_path, data_di
     assert {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").iterdir()} == ckpts  # nothing retrained
     again = stored_results(out, key=lambda axes: axes.get("iteration"))
     assert {k: v for k, v in again.items() if k[1] != "latency_ms"} == {k: v for k, v in first.items() if k[1] != "latency_ms"}
+
+
+def test_retraining_cells_are_planned_as_long_jobs():
+    from robustprune.study.executor import plan_jobs
+
+    raw = dict(CIFAR_STUDY, train=CIFAR_STUDY["train"] | {"epochs": 10},
+               pruning={"p": {"method": "structured", "sparsities": [0.5], "finetune_epochs": [2],
+                              "adjust": ["finetune", "scratch_e", "scratch_b", "winning_ticket"], "rewind_epoch": 4,
+                              "params": {"criterion": "l1"}}})
+    jobs = plan_jobs(expand(resolve_study(raw, "test")))
+    cost = {(j.cells[0].axes.get("adjust") or f"ft{j.cells[0].axes['finetune_epochs']}"): j.cost
+            for j in jobs if j.cells[0].config["pruning"] is not None}
+    # longest first: Scratch-B (10 epochs x 2 for half the FLOPs) > Scratch-E (10) > W-ticket (6) > FT (2)
+    assert cost["scratch_b"] > cost["scratch_e"] > cost["winning_ticket"] > cost["ft2"]
+    assert cost["scratch_e"] == pytest.approx(10 * 0.75 + 0.3) and cost["ft2"] == pytest.approx(2 * 0.75 + 0.3)
