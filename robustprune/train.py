@@ -146,7 +146,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, 
     model.train()
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(x), generator=g).to(device)
-        loss_sum = torch.zeros((), device=device)
+        loss_sum, seen = torch.zeros((), device=device), 0
         correct = torch.zeros((), device=device, dtype=torch.long if mix is None else torch.float64)  # mixed: weighted
         for step in range(steps_per_epoch):
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
@@ -175,6 +175,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, 
             sched.step()
             apply_masks(model, masks)
             loss_sum += loss.detach() * len(yb)
+            seen += len(yb)  # clean images plus the adversarial ones appended to them
             pred = logits.detach().argmax(1)
             correct += (pred == yb).sum() if lam == 1.0 else lam * (pred == yb).sum() + (1.0 - lam) * (pred == yb2).sum()
             if on_step is not None and (step % 20 == 0 or step == steps_per_epoch - 1):
@@ -182,8 +183,6 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, 
                 if not math.isfinite(value):
                     raise TrainingDiverged(f"loss became {value} in epoch {epoch + 1}, step {step + 1}")
                 on_step(epoch, step + 1, steps_per_epoch, value)
-        seen = len(x) if adversary is None else len(x) + sum(  # clean images plus the adversarial ones
-            int(round(cfg.adversarial.ratio * min(cfg.batch_size, len(x) - i))) for i in range(0, len(x), cfg.batch_size))
         mean_loss = float(loss_sum) / seen
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(f"loss became {mean_loss} in epoch {epoch + 1}")
