@@ -225,13 +225,14 @@ def failed_cells_table(cells: list[dict]) -> Table | None:
 
 
 def all_tables(study: StudyConfig, cells: list[dict]) -> list[Table]:
-    """Table 1; per regime the robustness summary, the core sweep, the detailed robustness
+    """Table 1 and the study's paper-layout tables; per regime the robustness summary, the core sweep, the detailed robustness
     tables, the training dynamics and the per-layer widths; then the gradient-masking checks and the failed cells."""
     from robustprune.report import robustness as rb  # robustness.py builds on this module
     from robustprune.report import training
+    from robustprune.report.paper_tables import paper_tables
 
     flags = rb.masking_flags(study, cells)
-    tables = [table1(study, cells, flags)]
+    tables = [table1(study, cells, flags), *paper_tables(study, cells, flags)]
     for regime in study.regimes:
         tables += [rb.summary_table(study, cells, regime, flags), rb.gains_table(study, cells, regime, flags),
                    rb.correlation_table(study, cells, regime), rb.single_element_table(study, cells, regime),

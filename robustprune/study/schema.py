@@ -299,6 +299,22 @@ class Table1Config(Strict):
     rows: list[TableRow] = Field(default_factory=list)
 
 
+class PaperTable(Strict):
+    """A comparison table in a paper's layout (Bai et al. Tables 1-5). 'methods': one row per
+    entry and sparsity, with its FLOPs reduction (Tables 2-5); 'flops': one row per FLOPs
+    reduction, one group of columns per entry (Table 1)."""
+
+    title: str
+    rows: dict[str, str] = Field(description="row label -> pruning entry (or 'dense')")
+    columns: dict[str, str] = Field(description="column label -> 'clean' or a label of evaluation.attacks")
+    layout: Literal["methods", "flops"] = "methods"
+    row_header: str = Field("Method", description="header of the row-label column")
+    dense: bool = Field(True, description="begin each architecture with the dense model's row")
+    models: list[str] | None = Field(None, description="architectures shown (default: every one with results)")
+    sparsities: list[float] | None = Field(None, description="sparsities shown (default: every one with results)")
+    regime: str = Field("clean", description="the training regime whose models are shown")
+
+
 class StudyConfig(Strict):
     name: str
     description: str = ""
@@ -313,6 +329,7 @@ class StudyConfig(Strict):
     pruning: dict[str, PruningConfig] = Field(default_factory=dict)
     evaluation: EvaluationConfig = EvaluationConfig()
     table1: Table1Config = Table1Config()
+    tables: dict[str, PaperTable] = Field(default_factory=dict, description="comparison tables in a paper's layout")
     seeds: list[int] = Field(default_factory=lambda: [0])
     budgets: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
@@ -414,7 +431,27 @@ class StudyConfig(Strict):
             if not PRUNING_METHODS.get(entry.method).iterative and row.sparsity not in entry.sparsities:
                 raise ValueError(f"table1 row '{row.label}' asks for sparsity {row.sparsity}, but pruning "
                                  f"'{row.pruning}' runs {entry.sparsities}")
+        for name, t in self.tables.items():
+            self._check_paper_table(name, t)
         return self
+
+    def _check_paper_table(self, name: str, t: PaperTable) -> None:
+        if not t.rows or not t.columns:
+            raise ValueError(f"tables.{name} needs at least one row and one column")
+        for label, entry in t.rows.items():
+            if entry != "dense" and entry not in self.pruning:
+                raise ValueError(f"tables.{name} row '{label}' names pruning '{entry}', which the study does not "
+                                 f"run ({', '.join(self.pruning) or 'none'})")
+        for label, source in t.columns.items():
+            if source != "clean" and source not in self.evaluation.attacks:
+                raise ValueError(f"tables.{name} column '{label}' names '{source}'; use 'clean' or an entry of "
+                                 f"evaluation.attacks ({', '.join(self.evaluation.attacks) or 'none'})")
+        for m in t.models or []:
+            if m not in self.models:
+                raise ValueError(f"tables.{name} names model '{m}', which is not a label of 'models' "
+                                 f"({', '.join(self.models) or 'none: the study has one model'})")
+        if t.regime not in self.regimes:
+            raise ValueError(f"tables.{name} names regime '{t.regime}', which the study does not train")
 
 
     def _check_blocks(self, label: str, only: list[str] | None) -> None:
@@ -475,13 +512,30 @@ class StudyConfig(Strict):
 
 
 def _set_dotted(tree: dict, key: str, value: Any, source: str) -> None:
-    parts = key.split(".")
-    node = tree
-    for p in parts[:-1]:
-        if not isinstance(node.get(p, {}), dict):
-            raise UserError(f"{source}: cannot set '{key}' because '{p}' is not a section; check the key")
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
+    """Set tree[a][b][c] for key 'a.b.c'. A part '*' stands for every entry of that section, so
+    'pruning.*.finetune_epochs' sets the fine-tuning of every pruning entry at once."""
+    _set_parts(tree, key.split("."), key, value, source)
+
+
+def _set_parts(node: dict, parts: list[str], key: str, value: Any, source: str) -> None:
+    head, rest = parts[0], parts[1:]
+    if not rest:
+        if head == "*":
+            raise UserError(f"{source}: '{key}' ends in '*'; name the setting to change after it")
+        node[head] = value
+        return
+    if head == "*":
+        if not node:
+            raise UserError(f"{source}: '{key}' has '*' over an empty section; list entries first")
+        children = list(node.values())
+    else:
+        if not isinstance(node.get(head, {}), dict):
+            raise UserError(f"{source}: cannot set '{key}' because '{head}' is not a section; check the key")
+        children = [node.setdefault(head, {})]
+    for child in children:
+        if not isinstance(child, dict):
+            raise UserError(f"{source}: cannot set '{key}': '*' covers an entry that is not a section")
+        _set_parts(child, rest, key, value, source)
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
