@@ -1,0 +1,140 @@
+"""The paper-layout tables of a study's `tables:` section (Bai et al. Tables 1-5) and the '*' in
+budget keys, on hand-made cells whose numbers are known."""
+import pytest
+
+from robustprune.errors import UserError
+from robustprune.report.paper_tables import paper_table, paper_tables
+from robustprune.report.tables import all_tables
+from robustprune.study.schema import StudyConfig, resolve_study
+
+PGD = "acc_adv:pgd20@0.0313725"
+FGSM = "acc_adv:fgsm@0.0313725"
+
+
+def base_study(**tables) -> dict:
+    return {
+        "name": "t", "dataset": "cifar10",
+        "models": {"r20": {"name": "resnet20", "args": {"width": 4}}, "r32": {"name": "resnet32", "args": {"width": 4}}},
+        "pruning": {
+            "taylor": {"method": "structured", "sparsities": [0.3, 0.5], "finetune_epochs": [1],
+                       "params": {"criterion": "taylor"}},
+            "taylor_at": {"method": "structured", "sparsities": [0.3, 0.5], "finetune_epochs": [1],
+                          "params": {"criterion": "taylor"}, "finetune": {"adversarial": {"attack": "fgsm"}}},
+            "random": {"method": "structured", "sparsities": [0.5], "finetune_epochs": [1], "models": ["r20"],
+                       "params": {"criterion": "random"}},
+        },
+        "evaluation": {"attacks": {"pgd20": {"attack": "pgd", "eps": [0.0313725], "params": {"steps": 20}},
+                                   "fgsm": {"eps": [0.0313725]}}},
+        "tables": tables,
+    }
+
+
+MAIN = {"title": "Main", "rows": {"Taylor": "taylor", "Taylor + AT": "taylor_at"},
+        "columns": {"Std": "clean", "Adv PGD-20": "pgd20", "Adv FGSM": "fgsm"}}
+
+
+def cell(model, pruning, sparsity, seed, flops, clean, pgd=0.1, fgsm=0.2):
+    axes = {"regime": "clean", "pruning": pruning, "method": None if pruning == "dense" else "structured",
+            "sparsity": sparsity, "finetune_epochs": 0 if pruning == "dense" else 1, "round": None, "seed": seed,
+            "model": model}
+    return {"axes": axes, "status": "done", "error": None, "hash": f"{model}-{pruning}-{sparsity}-{seed}",
+            "metrics": {"acc_clean": clean, PGD: pgd, FGSM: fgsm, "flops_nonzero": flops}}
+
+
+def cells() -> list[dict]:
+    out = []
+    for model, dense_flops in (("r20", 1000.0), ("r32", 2000.0)):
+        for seed in (0, 1):
+            out.append(cell(model, "dense", 0.0, seed, dense_flops, 0.90 + 0.02 * seed))
+            for s, kept in ((0.3, 0.5), (0.5, 0.25)):
+                out.append(cell(model, "taylor", s, seed, dense_flops * kept, 0.80 + 0.02 * seed))
+                # + AT keeps a little more at s = 0.5 in seed 1 only: FLOPs reduction 75 % and 70 %
+                at_kept = 0.30 if (s, seed) == (0.5, 1) else kept
+                out.append(cell(model, "taylor_at", s, seed, dense_flops * at_kept, 0.70, pgd=0.3, fgsm=0.4))
+        if model == "r20":
+            out += [cell("r20", "random", 0.5, seed, 250.0, 0.5) for seed in (0, 1)]
+    return out
+
+
+def test_methods_layout_rows_flops_and_statistics():
+    study = StudyConfig(**base_study(main=MAIN))
+    t = paper_table(study, cells(), "main", flags=set())
+    assert t.headers == ["Architecture", "Method", "FLOPs↓ (%)", "Std", "Adv PGD-20", "Adv FGSM"]
+    r20 = t.rows[:5]
+    assert [r[0] for r in r20] == ["r20", "", "", "", ""]
+    assert [r[1] for r in r20] == ["Dense", "Taylor", "Taylor", "Taylor + AT", "Taylor + AT"]
+    assert r20[0][2:] == ["0.00", "91.00 ± 1.41", "10.00", "20.00"]       # 0.90, 0.92 over two seeds
+    assert r20[1][2] == "50.00" and r20[2][2] == "75.00"                    # the same in both seeds: no ± 0
+    assert r20[4][2] == "72.50 ± 3.54"                                      # 75 % and 70 %
+    assert r20[4][4:] == ["30.00", "40.00"]
+    assert t.rows[5][:2] == ["r32", "Dense"] and len(t.rows) == 10
+    assert "2 seeds" in t.caption and "pgd-20 at ε = 8/255" in t.caption
+
+
+def test_table_options_models_sparsities_dense_and_row_header():
+    spec = dict(MAIN, models=["r32"], sparsities=[0.5], dense=False, row_header="Variant")
+    t = paper_table(StudyConfig(**base_study(main=spec)), cells(), "main", flags=set())
+    assert t.headers[1] == "Variant"
+    assert [(r[0], r[1], r[2]) for r in t.rows] == [("r32", "Taylor", "75.00"), ("", "Taylor + AT", "72.50 ± 3.54")]
+
+
+def test_flops_layout_one_row_per_sparsity_and_shared_flops_column():
+    spec = {"title": "T1", "layout": "flops", "rows": {"Taylor": "taylor", "Random": "random"},
+            "columns": {"Acc": "clean"}, "models": ["r20"]}
+    t = paper_table(StudyConfig(**base_study(t1=spec)), cells(), "t1", flags=set())
+    assert t.headers == ["Architecture", "Filters removed", "FLOPs↓ (%)", "Taylor Acc", "Random Acc"]
+    assert t.rows[0] == ["r20", "0 (dense)", "0.00", "91.00 ± 1.41", "91.00 ± 1.41"]
+    assert t.rows[1] == ["", "0.3", "50.00", "81.00 ± 1.41", "—"]      # random runs only at 0.5
+    assert t.rows[2] == ["", "0.5", "75.00", "81.00 ± 1.41", "50.00"]
+
+
+def test_flops_layout_splits_the_flops_column_when_entries_differ():
+    spec = {"title": "T1", "layout": "flops", "rows": {"Taylor": "taylor", "AT": "taylor_at"},
+            "columns": {"Acc": "clean"}, "models": ["r20"], "dense": False}
+    t = paper_table(StudyConfig(**base_study(t1=spec)), cells(), "t1", flags=set())
+    assert t.headers == ["Architecture", "Filters removed", "Taylor FLOPs↓ (%)", "Taylor Acc", "AT FLOPs↓ (%)",
+                         "AT Acc"]
+    assert t.rows[1][4] == "72.50 ± 3.54"
+
+
+def test_tables_come_first_in_the_report_and_skip_missing_results():
+    study = StudyConfig(**base_study(main=MAIN, only_random={"title": "R", "rows": {"Random": "random"},
+                                                            "columns": {"Std": "clean"}, "models": ["r32"],
+                                                            "dense": False}))
+    tables = all_tables(study, cells())
+    assert tables[0].title == "Main"
+    assert [t.title for t in paper_tables(study, cells(), set())] == ["Main"]  # r32 has no random cells
+
+
+@pytest.mark.parametrize("spec, message", [
+    (dict(MAIN, rows={"X": "nope"}), "row 'X' names pruning 'nope'"),
+    (dict(MAIN, columns={"A": "apgd"}), "column 'A' names 'apgd'"),
+    (dict(MAIN, models=["r56"]), "names model 'r56'"),
+    (dict(MAIN, regime="noisy"), "names regime 'noisy'"),
+    (dict(MAIN, rows={}), "needs at least one row"),
+    (dict(MAIN, layout="wide"), "layout"),
+])
+def test_bad_tables_are_refused_with_the_reason(spec, message):
+    with pytest.raises(UserError, match=message):
+        resolve_study(base_study(main=spec), "study.yaml", budget=None)
+
+
+def test_star_in_a_budget_key_sets_every_entry():
+    raw = base_study(main=MAIN)
+    raw["budgets"] = {"small": {"pruning.*.finetune_epochs": [3], "tables.*.models": ["r20"]}}
+    study = resolve_study(raw, "study.yaml", budget="small")
+    assert {label: p.finetune_epochs for label, p in study.pruning.items()} == \
+        {"taylor": [3], "taylor_at": [3], "random": [3]}
+    assert study.tables["main"].models == ["r20"]
+
+
+@pytest.mark.parametrize("key, message", [
+    ("pruning.*", "ends in '\\*'"),
+    ("tables.*.models", "'\\*' over an empty section"),
+    ("pruning.*.params.criterion.x", "is not a section"),
+])
+def test_bad_star_keys_are_refused(key, message):
+    raw = base_study()
+    raw["budgets"] = {"small": {key: 1}}
+    with pytest.raises(UserError, match=message):
+        resolve_study(raw, "study.yaml", budget="small")
