@@ -51,7 +51,7 @@ def cmd_run(args) -> int:
 def cmd_report(args) -> int:
     from robustprune.report.render import report
 
-    report(args.dirs, args.format, _console())
+    report(args.dirs, args.format, _console(), figures=args.figures)
     return 0
 
 
@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("dirs", nargs="+", help="study output folder(s) holding results.sqlite")
     rep.add_argument("--format", choices=["markdown", "csv", "table"], default="table",
                      help="table (terminal), markdown, or csv (long format: one row per cell and metric)")
+    rep.add_argument("--figures", metavar="FOLDER",
+                     help="also write the figures as PNG files into FOLDER (one subfolder per study folder "
+                          "when several are given)")
     rep.set_defaults(func=cmd_report)
     ls = sub.add_parser("list", help="registered datasets, models, regimes, pruning methods, attacks")
     ls.set_defaults(func=cmd_list)

@@ -304,6 +304,9 @@ def test_mrpf_study_through_the_cli_stores_mrs_and_ratios(tmp_path, data_dir):
         assert first[("l2_mrpf", f"width:{group}")] == dense - round(r * dense)
     report = run_cli("report", out, "--format", "markdown").stdout
     assert "Module Robust Sensitivity and pruning ratios (regime 'clean')" in report
+    figures = run_cli("report", out, "--figures", tmp_path / "figures")
+    assert figures.returncode == 0 and (tmp_path / "figures" / "mrs_ratios.png").stat().st_size > 10_000
+    assert "figure:" in figures.stdout
     # rebuilt from the checkpoints into a new store: the stored plan replaces MRS, same numbers
     for f in out.glob("results.sqlite*"):
         f.unlink()

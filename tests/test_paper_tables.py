@@ -138,3 +138,39 @@ def test_bad_star_keys_are_refused(key, message):
     raw["budgets"] = {"small": {key: 1}}
     with pytest.raises(UserError, match=message):
         resolve_study(raw, "study.yaml", budget="small")
+
+
+# ---- the MRS / ratio figure -------------------------------------------------------------------
+
+def mrpf_cells() -> list[dict]:
+    """Two MRPF entries on one dense model (same MRS), two seeds; groups stored out of network order."""
+    out = []
+    for entry in ("taylor_mrpf", "magnitude_mrpf"):
+        for seed in (0, 1):
+            c = cell("r20", entry, 0.5, seed, 250.0, 0.8)
+            c["metrics"] |= {"mrs:layer3.0.body.conv1": 0.2 + seed * 0.02, "mrs:stem.conv": 0.05,
+                             "ratio:layer3.0.body.conv1": 0.3, "ratio:stem.conv": 0.6}
+            out.append(c)
+    return out
+
+
+def test_mrs_figure_is_written_in_network_order(tmp_path):
+    from matplotlib.image import imread
+
+    from robustprune.report.figures import mrs_figures, network_order
+
+    study = StudyConfig(**base_study())
+    assert network_order(study, "r20", ["layer3.0.body.conv1", "stem.conv"]) == ["stem.conv", "layer3.0.body.conv1"]
+    paths = mrs_figures(study, mrpf_cells() + cells(), tmp_path)
+    assert paths == [tmp_path / "mrs_ratios_r20.png"]
+    image = imread(paths[0])
+    assert image.shape[0] > 500 and image.shape[1] > 500
+    assert mrs_figures(study, cells(), tmp_path / "none") == []      # no MRPF cells: nothing written
+    assert not (tmp_path / "none").exists()
+
+
+def test_equal_curves_are_drawn_once():
+    from robustprune.report.figures import _distinct
+
+    out = _distinct({"a": [(1.0, 0.0), (2.0, 0.1)], "b": [(1.0, 0.0), (2.0, 0.1)], "c": [(3.0, 0.0), (2.0, 0.0)]})
+    assert list(out) == ["a and 1 more alike", "c"]

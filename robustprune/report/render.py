@@ -68,9 +68,24 @@ def load_results(folder: str | Path) -> tuple[StudyConfig, list[dict]]:
         store.close()
 
 
-def report(folders: list[str], fmt: str, console: Console) -> None:
+def write_figures(study: StudyConfig, cells: list[dict], folder: Path, console: Console) -> None:
+    from robustprune.report.figures import all_figures
+
+    try:
+        paths = all_figures(study, cells, folder)
+    except OSError as e:
+        raise UserError(f"cannot write figures into {folder} ({e.strerror}); choose a writable folder") from None
+    for path in paths:
+        console.print(f"figure: {path}", highlight=False)
+
+
+def report(folders: list[str], fmt: str, console: Console, figures: str | None = None) -> None:
     for folder in folders:
         study, cells = load_results(folder)
+        if figures:
+            target = Path(figures) / Path(folder).name if len(folders) > 1 else Path(figures)
+            # figure paths go to stderr when stdout carries CSV or markdown
+            write_figures(study, cells, target, console if fmt == "table" else Console(stderr=True))
         if fmt == "csv":
             console.file.write(long_csv(cells))
             continue

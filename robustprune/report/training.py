@@ -7,6 +7,7 @@ import statistics
 
 from robustprune.report.robustness import regime_view
 from robustprune.report.tables import Table, setting_label
+from robustprune.report.figures import network_order
 from robustprune.study.schema import StudyConfig
 
 DYNAMICS = {  # history key -> (title, what the caption says about it)
@@ -120,13 +121,23 @@ def plan_tables(study: StudyConfig, cells: list[dict], regime: str) -> list[Tabl
         columns: dict[str, list[str]] = {}
         groups = list(dict.fromkeys(m[len("mrs:"):] for k in keys for c in view.groups[k] for m in c["metrics"]
                                     if m.startswith("mrs:")))
+        groups = network_order(study, model, groups)
+        merged: dict[tuple, tuple[str, list[str], list[str]]] = {}  # values -> (kind, labels, column)
         for k in keys:
             label = structure_label(k)
-            if f"MRS {label}" in columns:
-                continue  # fine-tuning variants share the plan
             for kind, spec, head in (("mrs", ".4f", "MRS"), ("ratio", ".3f", "ratio")):
-                columns[f"{head} {label}"] = [_mean_std([c["metrics"].get(f"{kind}:{g}") for c in view.groups[k]], spec)
-                                              for g in groups]
+                column = [_mean_std([c["metrics"].get(f"{kind}:{g}") for c in view.groups[k]], spec) for g in groups]
+                # settings with equal values (every MRPF entry of one dense model has the same MRS) share a column
+                labels = merged.setdefault((kind, *column), (head, [], column))[1]
+                if label not in labels:
+                    labels.append(label)
+        single_mrs = sum(head == "MRS" for head, _, _ in merged.values()) == 1
+        for head, labels, column in merged.values():
+            if head == "MRS" and single_mrs:
+                columns["MRS"] = column
+                continue
+            more = f" and {len(labels) - 1} more alike" if len(labels) > 1 else ""
+            columns[f"{head} {labels[0]}{more}"] = column
         if not columns:
             continue
         rows = [[g, *[col[i] for col in columns.values()]] for i, g in enumerate(groups)]
