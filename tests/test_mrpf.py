@@ -226,6 +226,32 @@ def test_mrpf_method_prunes_each_group_at_its_ratio_and_replays_from_the_plan():
     assert layer_widths(again) == widths
 
 
+def test_mrs_is_computed_once_per_dense_model_and_mrs_setting(tmp_path, monkeypatch):
+    import robustprune.prune.mrpf as mrpf
+    from robustprune.prune import PRUNING_METHODS
+    from robustprune.study.runner import MRSCache
+
+    calls = []
+    real = mrpf.module_robust_sensitivity
+    monkeypatch.setattr(mrpf, "module_robust_sensitivity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(32, 3, 16, 16, generator=g), torch.randint(0, 10, (32,), generator=g)
+    cache = MRSCache(tmp_path, {"seed": 0})
+    plans = []
+    for criterion, sparsity, lr in (("l1", 0.3, 0.1), ("taylor", 0.5, 0.1), ("l1", 0.3, 0.2)):
+        method = PRUNING_METHODS.get("mrpf")()
+        method.mrs_cache = cache
+        params = method.Params(criterion=criterion, r_min=0.1, r_max=0.6, mrs_lr=lr)
+        method.prune(tiny_resnet(), sparsity, x[:1], params, (x, y))
+        plans.append(method.last_plan)
+    assert len(calls) == 2                                   # the second entry reused the first one's MRS
+    assert plans[1]["mrs"] == plans[0]["mrs"] and plans[2]["mrs"] != plans[0]["mrs"]
+    assert len(list(tmp_path.glob("mrs-*.pt"))) == 2
+    fresh = PRUNING_METHODS.get("mrpf")()                    # and the cached MRS equals a fresh computation
+    fresh.prune(tiny_resnet(), 0.3, x[:1], fresh.Params(criterion="l1", r_min=0.1, r_max=0.6, mrs_lr=0.1), (x, y))
+    assert fresh.last_plan == plans[0]
+
+
 @pytest.mark.parametrize("params, sparsity, expected", [
     ({"target": "blocks"}, 0.3, "use target filters, rounds 1 and no layer_ratios"),
     ({"r_min": 0.4}, 0.3, "sparsity 0.3 is outside [r_min, r_max] = [0.4, 0.8]"),
@@ -299,6 +325,7 @@ def test_mrpf_study_through_the_cli_stores_mrs_and_ratios(tmp_path, data_dir):
     mrs = {m[len("mrs:"):]: v for (p, m), v in first.items() if p == "l2_mrpf" and m.startswith("mrs:")}
     assert len(ratios) == len(mrs) == 12 and sum(ratios.values()) / 12 == pytest.approx(0.3)
     assert not any(m.startswith("ratio:") for (p, m) in first if p != "l2_mrpf")
+    assert len(list(out.rglob("mrs-*.pt"))) == 1            # MRS kept next to the dense checkpoint
     for group, r in ratios.items():  # each group lost its share of filters
         dense = first[("dense", f"width:{group}")]
         assert first[("l2_mrpf", f"width:{group}")] == dense - round(r * dense)

@@ -139,6 +139,14 @@ class MRPF(Structured):
     recomputing them."""
 
     Params = MRPFParams
+    # MRS depends on the model, the scoring images and these settings only, not on the criterion or
+    # the ratio rule: a study keeps it per dense model (an object with get(key) and put(key, mrs)).
+    MRS_SETTINGS = ("attack", "attack_eps", "mrs_lr", "mrs_epochs", "mrs_eps")
+    mrs_cache = None
+
+    @classmethod
+    def mrs_key(cls, params) -> dict:
+        return {name: getattr(params, name) for name in cls.MRS_SETTINGS}
 
     def needs_data(self, params) -> bool:
         return True  # the adversarial examples are made from the scoring images
@@ -170,10 +178,14 @@ class MRPF(Structured):
         from robustprune.prune.mrpf import adaptive_ratios, inverse_mrs_ratios, module_robust_sensitivity
         from robustprune.prune.structured import filter_groups
 
-        attack = self.attack(params)
-        x_adv = torch.cat([attack(model, x[i:i + 256], y[i:i + 256]) for i in range(0, len(x), 256)])
-        mrs = module_robust_sensitivity(model, filter_groups(model, example_input), x_adv, y, lr=params.mrs_lr,
-                                        epochs=params.mrs_epochs, eps=params.mrs_eps)
+        mrs = self.mrs_cache.get(self.mrs_key(params)) if self.mrs_cache is not None else None
+        if mrs is None:
+            attack = self.attack(params)
+            x_adv = torch.cat([attack(model, x[i:i + 256], y[i:i + 256]) for i in range(0, len(x), 256)])
+            mrs = module_robust_sensitivity(model, filter_groups(model, example_input), x_adv, y, lr=params.mrs_lr,
+                                            epochs=params.mrs_epochs, eps=params.mrs_eps)
+            if self.mrs_cache is not None:
+                self.mrs_cache.put(self.mrs_key(params), mrs)
         if params.rule == "adaptive":
             ratios = adaptive_ratios(mrs, sparsity, params.r_min, params.r_max)
         else:

@@ -197,6 +197,7 @@ class Workspace:
         else:
             model, history, recordings = copy.deepcopy(dense.model), [], []
         self.progress.stage(f"prune {pr['method']} s={pr['sparsity']:g}" + (f" iteration {it}" if it > 1 else ""), 1)
+        self._share_mrs(method, key)
         recording = Recording(method.criterion(params)) if isinstance(method, Structured) else None
         masks = method.prune(model, pr["sparsity"], self.example_input(), params,
                              self.criterion_batch(key) if method.needs_data(params) else None,
@@ -215,6 +216,12 @@ class Workspace:
         history += [dict(h, iteration=it) for h in fit] if "iteration" in pr else fit
         checkpoint.save({"state": model.state_dict(), "history": history, "recordings": recordings}, path)
         return model.eval(), history, recordings
+
+    def _share_mrs(self, method, key: dict) -> None:
+        """MRPF entries on the same dense model (other criteria, sparsities, fine-tuning) compute
+        the same MRS: keep it in a file next to the checkpoints."""
+        if hasattr(method, "mrs_key"):
+            method.mrs_cache = MRSCache(self.ckpt_dir, key)
 
     @staticmethod
     def _recorded(method, recording: Recording) -> dict:
@@ -267,6 +274,7 @@ class Workspace:
         data = self.criterion_batch(key) if method.needs_data(params) else None
         found = copy.deepcopy(dense.model)
         self.progress.stage(f"prune {pr['method']} s={pr['sparsity']:g}", 1)
+        self._share_mrs(method, key)
         if isinstance(method, Structured):
             recording = Recording(method.criterion(params))
             method.prune(found, pr["sparsity"], self.example_input(), params, data, criterion=recording)
@@ -531,3 +539,20 @@ def run_study(study: StudyConfig, cells: list[Cell], store: Store, out_dir: Path
         counts["failed" if status == "failed" else "computed"] += 1
         progress.cell_finished(cell, i, len(cells), wall, status)
     return counts
+
+
+class MRSCache:
+    """MRPF's Module Robust Sensitivity of one dense model, one file per MRS setting."""
+
+    def __init__(self, folder: Path, dense_key: dict):
+        self.folder, self.dense_key = folder, dense_key
+
+    def path(self, settings: dict) -> Path:
+        return self.folder / f"mrs-{config_hash({'dense': self.dense_key, 'mrs': settings})}.pt"
+
+    def get(self, settings: dict) -> dict[str, float] | None:
+        path = self.path(settings)
+        return checkpoint.load(path)["mrs"] if path.exists() else None
+
+    def put(self, settings: dict, mrs: dict[str, float]) -> None:
+        checkpoint.save({"mrs": {g: float(v) for g, v in mrs.items()}}, self.path(settings))
