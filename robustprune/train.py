@@ -34,15 +34,9 @@ class AdversarialTraining(BaseModel):
         return self
 
     def build(self):
-        from robustprune.attacks import ATTACKS
-        from robustprune.errors import UserError
+        from robustprune.attacks.base import build_attack
 
-        try:
-            return ATTACKS.get(self.attack)(eps=self.eps, **self.params)
-        except TypeError as e:
-            raise ValueError(f"attack '{self.attack}' does not accept params {self.params} ({e})") from None
-        except UserError as e:
-            raise ValueError(str(e)) from None
+        return build_attack(self.attack, self.eps, self.params)
 
 
 class TrainConfig(BaseModel):

@@ -149,5 +149,24 @@ def test_plan_table_lists_mrs_and_ratios_per_group():
                          "ratio:layer1.0.body.conv1": 0.6}
         cells.append(c)
     (t,) = plan_tables(study, [cell("dense", 0, [], DENSE_W), *cells], "clean")
-    assert t.headers == ["Group (first layer)", "MRS m s=0.5", "ratio m s=0.5"]
+    assert t.headers == ["Group (first layer)", "MRS", "ratio m s=0.5"]   # one MRS column: no setting named
     assert t.rows == [["stem.conv", "0.2000 ± 0.1414", "0.400"], ["layer1.0.body.conv1", "0.0200", "0.600"]]
+
+
+def test_plan_table_merges_equal_columns_and_keeps_different_ones():
+    from robustprune.report.training import plan_tables
+
+    raw = dict(STUDY, pruning={p: {"method": "mrpf", "sparsities": [0.3, 0.5], "finetune_epochs": [2]}
+                               for p in ("a", "b")})
+    study = resolve_study(raw, "t")
+    cells = []
+    for p in ("a", "b"):
+        for s in (0.3, 0.5):
+            c = cell(p, 0, [], {"stem.conv": 8})
+            c["axes"]["sparsity"] = s
+            c["metrics"] |= {"mrs:stem.conv": 0.1 if p == "a" else 0.3, "ratio:stem.conv": s}
+            cells.append(c)
+    (t,) = plan_tables(study, [cell("dense", 0, [], DENSE_W), *cells], "clean")
+    assert t.headers == ["Group (first layer)", "MRS a s=0.3 and 1 more alike", "ratio a s=0.3 and 1 more alike",
+                         "ratio a s=0.5 and 1 more alike", "MRS b s=0.3 and 1 more alike"]
+    assert t.rows == [["stem.conv", "0.1000", "0.300", "0.500", "0.3000"]]

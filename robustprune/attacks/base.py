@@ -50,3 +50,16 @@ def adversarial_accuracy(model: nn.Module, attack, x: torch.Tensor, y: torch.Ten
         with torch.inference_mode(), frozen_eval(model):
             correct += int((model(x_adv).argmax(1) == yb).sum())
     return correct / len(x)
+
+
+def build_attack(name: str, eps: float, params: dict | None = None, what: str | None = None):
+    """ATTACKS[name](eps=eps, **params), for config validators: an unknown name, a missing or unknown
+    argument or a bad value (steps 0, ...) becomes one ValueError naming `what` (default: the name)."""
+    params = params or {}
+    attack = ATTACKS.get(name)  # an unknown name raises its own error, with the known names
+    try:
+        return attack(eps=eps, **params)
+    except TypeError as e:
+        raise ValueError(f"attack '{what or name}' does not accept params {params} ({e})") from None
+    except UserError as e:
+        raise ValueError(f"attack '{what or name}': {e}") from None

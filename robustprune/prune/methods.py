@@ -167,12 +167,9 @@ class MRPF(Structured):
 
     @staticmethod
     def attack(params):
-        from robustprune.attacks import ATTACKS
+        from robustprune.attacks.base import build_attack
 
-        try:
-            return ATTACKS.get(params.attack)(eps=params.attack_eps)
-        except TypeError as e:
-            raise ValueError(f"attack '{params.attack}' cannot be built with eps alone ({e})") from None
+        return build_attack(params.attack, params.attack_eps)
 
     def mrs_plan(self, model, sparsity, example_input, params, x, y) -> dict:
         from robustprune.prune.mrpf import adaptive_ratios, inverse_mrs_ratios, module_robust_sensitivity

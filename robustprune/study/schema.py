@@ -231,20 +231,14 @@ class EvaluationConfig(Strict):
 
     @model_validator(mode="after")
     def _attacks(self):
-        from robustprune.attacks import ATTACKS
+        from robustprune.attacks.base import build_attack
         from robustprune.attacks.corruptions import CORRUPTIONS
 
         for label, entry in self.attacks.items():
             if not label.replace("_", "").isalnum():
                 raise ValueError(f"attack label '{label}' may hold only letters, digits and '_'")
-            ATTACKS.get(entry.name(label))  # an unknown name is its own error, with the known names
             for eps in entry.eps:  # the attack checks its own arguments (steps >= 1, ...)
-                try:
-                    entry.build(label, eps)
-                except TypeError as e:
-                    raise ValueError(f"attack '{label}' does not accept params {entry.params} ({e})") from None
-                except UserError as e:
-                    raise ValueError(f"attack '{label}': {e}") from None
+                build_attack(entry.name(label), eps, entry.params, what=label)
         if self.corruptions and self.corruptions.types != "all":
             if not self.corruptions.types:
                 raise ValueError("corruptions.types lists no corruption; write 'all' or name some")
