@@ -12,6 +12,7 @@ from torch import nn
 
 from robustprune.data.augment import BATCH_TRANSFORMS, crop_flip
 from robustprune.device import use_bf16
+from robustprune.errors import UserError
 
 # The augmentation generator's seed is the training seed plus this (random choices never share a stream).
 AUGMENT_SEED_OFFSET = 1 << 32
@@ -37,6 +38,30 @@ class AdversarialTraining(BaseModel):
         from robustprune.attacks.base import build_attack
 
         return build_attack(self.attack, self.eps, self.params)
+
+
+class MagnitudePenalty(BaseModel):
+    """The high-magnitude penalty of the reverse-pruning paper (Eq. 4): lambda * sum over the conv and
+    linear weights of max(|w| - tau, 0)^2, added to the loss. It is zero for weights inside [-tau, tau]
+    and pulls the larger ones back towards tau with gradient 2 * lambda * (|w| - tau) * sign(w)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    weight: float = Field(gt=0, description="lambda, the scale of the penalty")
+    threshold: float | None = Field(None, gt=0, description="tau, explicitly")
+    threshold_from_reverse: float | None = Field(
+        None, gt=0, lt=1, description="tau from the dense model, as the paper: the largest |w| that a global "
+                                      "reverse pruning of this share of the dense model's weights keeps (fine-tuning only)")
+
+    @model_validator(mode="after")
+    def _one_threshold(self):
+        if (self.threshold is None) == (self.threshold_from_reverse is None):
+            raise ValueError("give exactly one of threshold (tau) and threshold_from_reverse (a reverse-pruning share)")
+        return self
+
+
+def magnitude_penalty(weights: list[torch.Tensor], threshold: float) -> torch.Tensor:
+    """sum over all weights of max(|w| - threshold, 0)^2 (without lambda)."""
+    return sum((F.relu(w.abs() - threshold).pow(2).sum() for w in weights), torch.zeros((), device=weights[0].device))
 
 
 class TrainConfig(BaseModel):
@@ -66,6 +91,8 @@ class TrainConfig(BaseModel):
     dynamics: bool = Field(False, description="record gradient confusion and layer rotation after every epoch "
                                               "(Jordão & Pedrini Fig. 2; 8 fixed batches of 64 training images)")
     adversarial: AdversarialTraining | None = Field(None, description="append adversarial examples to every batch")
+    magnitude_penalty: MagnitudePenalty | None = Field(None, description="penalise weights above a threshold "
+                                                                         "(reverse-pruning paper, Eq. 4)")
 
 
 class TrainingDiverged(RuntimeError):
@@ -131,6 +158,14 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, 
     aug_g = torch.Generator(device="cpu").manual_seed(seed + AUGMENT_SEED_OFFSET)
     mix = BATCH_TRANSFORMS.get(cfg.mix) if cfg.mix != "none" else None
     adversary = cfg.adversarial.build() if cfg.adversarial else None
+    penalty = cfg.magnitude_penalty
+    if penalty is not None:
+        if penalty.threshold is None:
+            raise UserError("magnitude_penalty.threshold_from_reverse needs the dense model: it is resolved when a "
+                            "study fine-tunes a pruned model; give threshold (tau) to train from scratch")
+        from robustprune.prune.unstructured import prunable_weights
+
+        penalised = list(prunable_weights(model).values())
     bf16 = use_bf16(cfg.precision, device)
     probe = None
     if cfg.dynamics:  # fixed probe batches and the weights this training starts from
@@ -163,6 +198,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, 
                 if lam != 1.0:  # mixed labels: lam * CE(y_a) + (1 - lam) * CE(y_b)
                     loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits.float(), yb2,
                                                                      label_smoothing=cfg.label_smoothing)
+            if penalty is not None:  # on the fp32 weights, outside autocast
+                loss = loss + penalty.weight * magnitude_penalty(penalised, penalty.threshold)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

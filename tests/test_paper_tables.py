@@ -82,7 +82,7 @@ def test_flops_layout_one_row_per_sparsity_and_shared_flops_column():
     spec = {"title": "T1", "layout": "flops", "rows": {"Taylor": "taylor", "Random": "random"},
             "columns": {"Acc": "clean"}, "models": ["r20"]}
     t = paper_table(StudyConfig(**base_study(t1=spec)), cells(), "t1", flags=set())
-    assert t.headers == ["Architecture", "Filters removed", "FLOPs↓ (%)", "Taylor Acc", "Random Acc"]
+    assert t.headers == ["Architecture", "Pruning ratio", "FLOPs↓ (%)", "Taylor Acc", "Random Acc"]
     assert t.rows[0] == ["r20", "0 (dense)", "0.00", "91.00 ± 1.41", "91.00 ± 1.41"]
     assert t.rows[1] == ["", "0.3", "50.00", "81.00 ± 1.41", "—"]      # random runs only at 0.5
     assert t.rows[2] == ["", "0.5", "75.00", "81.00 ± 1.41", "50.00"]
@@ -92,7 +92,7 @@ def test_flops_layout_splits_the_flops_column_when_entries_differ():
     spec = {"title": "T1", "layout": "flops", "rows": {"Taylor": "taylor", "AT": "taylor_at"},
             "columns": {"Acc": "clean"}, "models": ["r20"], "dense": False}
     t = paper_table(StudyConfig(**base_study(t1=spec)), cells(), "t1", flags=set())
-    assert t.headers == ["Architecture", "Filters removed", "Taylor FLOPs↓ (%)", "Taylor Acc", "AT FLOPs↓ (%)",
+    assert t.headers == ["Architecture", "Pruning ratio", "Taylor FLOPs↓ (%)", "Taylor Acc", "AT FLOPs↓ (%)",
                          "AT Acc"]
     assert t.rows[1][4] == "72.50 ± 3.54"
 

@@ -14,6 +14,8 @@
     masking_violations                    number of checks above the tolerance
     images:attacks, images:shifts         how many test images the attacks / shifts used
     width:<layer>                         output channels (conv) or features (linear) of a layer
+    weights:q0 ... weights:q100           quantiles of the conv/linear weights; weights:l1, l2, linf their
+                                          norms; weights:log10_bound the Eq. 3 product (metrics/weights.py)
     mrs:<group>, ratio:<group>            MRPF: Module Robust Sensitivity of a group of coupled filters
                                           (named by its first layer) and the pruning ratio it was given
 

@@ -11,7 +11,7 @@ from torch import nn
 from robustprune.prune.criteria import build_criterion
 from robustprune.prune.structured import (StructuredParams, filters_to_remove, prune_filters_, prune_structured_,
                                           remove_filters_)
-from robustprune.prune.unstructured import apply_masks_, global_magnitude_masks
+from robustprune.prune.unstructured import apply_masks_, global_magnitude_masks, magnitude_masks
 from robustprune.registry import Registry
 
 PRUNING_METHODS: Registry = Registry("pruning method")
@@ -46,14 +46,31 @@ class PruningMethod(ABC):
         """Prune `model` in place to `sparsity`."""
 
 
+class MagnitudeParams(MethodParams):
+    scope: Literal["global", "layer"] = Field("global", description="rank all layers' weights together, or "
+                                                                    "remove the share s of every layer")
+
+
 @PRUNING_METHODS.register("global_magnitude")
 class GlobalMagnitude(PruningMethod):
-    """Global L1 unstructured: the fraction s of all conv+linear weights with the smallest |w|."""
+    """Unstructured: the fraction s of the conv+linear weights with the smallest |w| (over all layers
+    at once, or per layer with scope: layer)."""
+
+    Params = MagnitudeParams
+    largest: ClassVar[bool] = False
 
     def prune(self, model, sparsity, example_input, params, data=None):
-        masks = global_magnitude_masks(model, sparsity)
+        masks = magnitude_masks(model, sparsity, params.scope, largest=self.largest)
         apply_masks_(model, masks)
         return masks
+
+
+@PRUNING_METHODS.register("reverse_magnitude")
+class ReverseMagnitude(GlobalMagnitude):
+    """Reverse pruning (reverse-pruning paper, Sec. 4): the fraction s of the weights with the
+    LARGEST |w| removed, as masks that stay applied during fine-tuning (the paper: s = 10 %)."""
+
+    largest = True
 
 
 @PRUNING_METHODS.register("channel_l1")

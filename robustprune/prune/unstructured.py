@@ -36,6 +36,35 @@ def global_magnitude_masks(model: nn.Module, fraction: float, masks: dict[str, t
     return out
 
 
+def layer_magnitude_masks(model: nn.Module, fraction: float, largest: bool = False) -> dict[str, torch.Tensor]:
+    """Masks that remove round(fraction * n_l) of each layer's n_l weights with the smallest
+    magnitude (largest=True: the biggest), layer by layer; ties broken by position."""
+    masks = {}
+    for name, w in prunable_weights(model).items():
+        keep = torch.ones(w.numel(), dtype=torch.bool, device=w.device)
+        n_remove = int(round(fraction * w.numel()))
+        if n_remove > 0:
+            order = torch.argsort(w.detach().abs().flatten(), descending=largest, stable=True)
+            keep[order[:n_remove]] = False
+        masks[name] = keep.view_as(w)
+    return masks
+
+
+def reverse_threshold(model: nn.Module, fraction: float) -> float:
+    """The largest |w| left after a global reverse pruning of `fraction` of the conv and linear
+    weights: the threshold tau of the high-magnitude penalty as the reverse-pruning paper picks it."""
+    flat = torch.cat([w.detach().abs().flatten() for w in prunable_weights(model).values()])
+    n_remove = int(round(fraction * flat.numel()))
+    return float(torch.sort(flat, descending=True, stable=True).values[min(n_remove, flat.numel() - 1)])
+
+
+def magnitude_masks(model: nn.Module, fraction: float, scope: str = "global", largest: bool = False):
+    """global_magnitude_masks or layer_magnitude_masks, as `scope` says."""
+    if scope == "layer":
+        return layer_magnitude_masks(model, fraction, largest)
+    return global_magnitude_masks(model, fraction, largest=largest)
+
+
 def apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Make masks permanent: the masked weights become zeros in the parameters themselves."""
     params = dict(model.named_parameters())

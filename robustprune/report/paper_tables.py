@@ -18,8 +18,14 @@ FLOPS_AGREE = 0.005  # entries whose mean FLOPs reductions differ by less share 
 
 
 def column_metric(study: StudyConfig, source: str) -> str:
-    """'clean' or an attack label -> the stored metric, at the eps the study reports that attack at."""
-    return "acc_clean" if source == "clean" else names.adv(source, study.evaluation.shown_eps(source))
+    """'clean', an attack label (at the eps the study reports it at), 'label@eps' or 'metric:<name>'
+    -> the stored metric."""
+    if source == "clean":
+        return "acc_clean"
+    if source.startswith("metric:"):
+        return source[len("metric:"):]
+    attack, _, at = source.partition("@")
+    return names.adv(attack, float(at) if at else study.evaluation.shown_eps(attack))
 
 
 def flops_reductions(cells: list[dict], dense_by_seed: dict) -> list[float]:
@@ -47,11 +53,12 @@ class _Context:
         self.dense_by_seed = {c["axes"]["seed"]: c for c in self.groups.get(self.dense_key, [])}
         self.metrics = [column_metric(study, src) for src in spec.columns.values()]
 
-    def keys(self, entry: str) -> list[Setting]:
-        """The entry's settings that have results, by sparsity then fine-tuning epochs."""
+    def keys(self, ref: str) -> list[Setting]:
+        """The settings of 'entry' or 'entry@sparsity' that have results, by sparsity then fine-tuning epochs."""
+        entry, _, at = ref.partition("@")
         if entry == "dense":
             return [self.dense_key] if self.dense_key in self.groups else []
-        wanted = self.spec.sparsities
+        wanted = [float(at)] if at else self.spec.sparsities
         found = [k for k in self.groups if k.regime == self.spec.regime and k.pruning == entry
                  and k.model == self.model and k.round is None and k.adjust is None and k.iteration is None
                  and (wanted is None or any(abs(k.sparsity - s) < 1e-9 for s in wanted))]
@@ -80,8 +87,20 @@ def methods_rows(ctx: _Context, first_column: bool) -> list[list[str]]:
         for k in keys:
             text = label + (f" (FT {k.finetune_epochs} ep)" if several_ft else "")
             lead = [(ctx.model or "") if not rows else ""] if first_column else []
-            rows.append([*lead, text, _percent(ctx.flops(k)), *ctx.accuracies(k)])
+            flops = [_percent(ctx.flops(k))] if ctx.spec.show_flops else []
+            rows.append([*lead, text, *flops, *ctx.accuracies(k)])
     return rows
+
+
+def transposed(rows: list[list[str]], headers: list[str], first_column: bool) -> tuple[list[str], list[list[str]]]:
+    """One architecture's methods rows turned into columns: a row per metric, a column per method."""
+    lead = 1 if first_column else 0
+    methods = [r[lead] for r in rows]
+    out = []
+    for j, name in enumerate(headers[lead + 1:], start=lead + 1):
+        model = rows[0][0] if first_column and not out else ""
+        out.append([*([model] if first_column else []), name, *[r[j] for r in rows]])
+    return [*headers[:lead], headers[lead], *methods], out
 
 
 def flops_rows(ctx: _Context, first_column: bool) -> tuple[list[str], list[list[str]]]:
@@ -93,7 +112,7 @@ def flops_rows(ctx: _Context, first_column: bool) -> tuple[list[str], list[list[
                   if (v := ctx.flops(k))}
     shared = all(max(vs) - min(vs) < FLOPS_AGREE for s in sparsities
                  if (vs := [f for (e, s2), f in mean_flops.items() if s2 == s]))
-    headers = ["Filters removed", *(["FLOPs↓ (%)"] if shared else [])]
+    headers = ["Pruning ratio", *(["FLOPs↓ (%)"] if shared else [])]
     for label, _ in entries:
         headers += ([] if shared else [f"{label} FLOPs↓ (%)"]) + [f"{label} {c}" for c in ctx.spec.columns]
     rows = []
@@ -124,8 +143,15 @@ def paper_table(study: StudyConfig, cells: list[dict], name: str, flags: set | N
     for model in models:
         ctx = _Context(study, spec, [c for c in cells if c["axes"].get("model") == model], model, flags)
         if spec.layout == "methods":
-            headers = ["Architecture"] * first_column + [spec.row_header, "FLOPs↓ (%)", *spec.columns]
-            rows += methods_rows(ctx, first_column)
+            heads = ["Architecture"] * first_column + [spec.row_header, *["FLOPs↓ (%)"] * spec.show_flops,
+                                                        *spec.columns]
+            block = methods_rows(ctx, first_column)
+            if spec.transpose and block:
+                heads, block = transposed(block, heads, first_column)
+                if headers and heads != headers:  # another architecture ran other methods: its own header row
+                    rows.append(heads)
+            headers = headers or heads
+            rows += block
         else:
             more, block = flops_rows(ctx, first_column)
             if headers and more != headers[first_column:]:  # another model's FLOPs columns differ: new header
@@ -144,15 +170,22 @@ def caption(study: StudyConfig, spec: PaperTable, n: int) -> str:
     for label, src in spec.columns.items():
         if src == "clean":
             parts.append(f"{label} = clean accuracy on all test images")
+        elif src.startswith("metric:"):
+            parts.append(f"{label} = {src[len('metric:'):]}")
         else:
+            src, _, at = src.partition("@")
             entry = ev.attacks[src]
             steps = entry.params.get("steps")
             attack = (entry.attack or src) + (f"-{steps}" if steps else "")
             images = f"the first {ev.attack_subset}" if ev.attack_subset else "all"
-            parts.append(f"{label} = accuracy under white-box {attack} at ε = {names.eps_text(ev.shown_eps(src))} "
+            eps = float(at) if at else ev.shown_eps(src)
+            parts.append(f"{label} = accuracy under white-box {attack} at ε = {names.eps_text(eps)} "
                          f"on {images} test images")
-    return (f"Accuracy in %, mean ± std over {seeds_text(n)}; FLOPs↓ = 1 − FLOPs(pruned) / FLOPs(dense) of "
-            f"the same seed. " + "; ".join(parts) + ".")
+    flops = ("FLOPs↓ = 1 − FLOPs(pruned) / FLOPs(dense) of the same seed, counting non-zero weights. "
+             if spec.show_flops or spec.layout == "flops" else "")
+    accuracies = any(not src.startswith("metric:") for src in spec.columns.values())
+    return (f"{'Accuracy in %, m' if accuracies else 'M'}ean ± std over {seeds_text(n)}. {flops}"
+            + "; ".join(parts) + ".")
 
 
 def paper_tables(study: StudyConfig, cells: list[dict], flags: set | None = None) -> list[Table]:

@@ -28,6 +28,8 @@ METRIC_LABELS = {
 }
 PERCENT_METRICS = ("acc_", "sparsity")
 DECIMAL_METRICS = ("latency_ms",)
+# number formats by metric (or by its family, the part before ':'); the rest are counts
+SPECS = {"weights": ".3f", "weights:l1": ",.1f", "weights:l2": ",.2f", "weights:log10_bound": ".2f"}
 CORE_METRICS = ("sparsity", "params_nonzero", "flops_nonzero", "latency_ms")  # after acc_clean and the regime's test sets
 ADJUST_LABELS = {"scratch_e": "Scratch-E", "scratch_b": "Scratch-B", "winning_ticket": "W-ticket"}
 ADJUST_ORDER = {None: 0, "scratch_e": 1, "scratch_b": 2, "winning_ticket": 3}  # Jordão & Pedrini Table 3
@@ -55,7 +57,8 @@ def fmt(values: list[float], metric: str) -> str:
     if not values:
         return "—"
     pct = metric.startswith(PERCENT_METRICS)
-    scale, spec = (100.0, ".2f") if pct else (1.0, ".2f") if metric in DECIMAL_METRICS else (1.0, ",.0f")
+    scale, spec = (100.0, ".2f") if pct else (1.0, ".2f") if metric in DECIMAL_METRICS else \
+        (1.0, SPECS.get(metric, SPECS.get(metric.split(":")[0], ",.0f")))
     text = f"{statistics.fmean(values) * scale:{spec}}"
     if len(values) > 1 and max(values) != min(values):  # no "± 0" on counts that cannot vary
         text += f" ± {statistics.stdev(values) * scale:{spec}}"

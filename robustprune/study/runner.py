@@ -17,13 +17,15 @@ from robustprune.data import REGIMES, ImageDataset, load_dataset
 from robustprune.device import pick_device
 from robustprune.metrics.latency import measure_latency
 from robustprune.metrics.size import layer_widths, size_metrics
+from robustprune.metrics.weights import weight_statistics
 from robustprune.models import build_model, to_device
 from robustprune.prune import PRUNING_METHODS
 from robustprune.prune.criteria.replay import Recording, Replay
 from robustprune.prune.methods import Structured
 from robustprune.prune.single_element import improvement_fractions, make_evaluator, single_element_study
 from robustprune.evaluate import names
-from robustprune.prune.unstructured import apply_masks_, global_magnitude_masks, prunable_weights, rewind_
+from robustprune.prune.unstructured import (apply_masks_, global_magnitude_masks, prunable_weights,
+                                           reverse_threshold, rewind_)
 from robustprune.errors import UserError
 from robustprune.evaluate.names import setting_key
 from robustprune.evaluate.suite import evaluate_robustness, first
@@ -212,10 +214,18 @@ class Workspace:
             return (*self._load_cached(model, cached, path), recordings)
         seed = key["seed"] + FINETUNE_SEED_OFFSET + (it - 1) * ROUND_SEED_STRIDE
         what = f"fine-tune {ft.epochs} epochs" + (f" (iteration {it})" if "iteration" in pr else "")
-        fit = self._train(model, self.regime_data(key), ft, seed, what, masks)
+        fit = self._train(model, self.regime_data(key), self._with_threshold(ft, key), seed, what, masks)
         history += [dict(h, iteration=it) for h in fit] if "iteration" in pr else fit
         checkpoint.save({"state": model.state_dict(), "history": history, "recordings": recordings}, path)
         return model.eval(), history, recordings
+
+    def _with_threshold(self, cfg: TrainConfig, key: dict) -> TrainConfig:
+        """A fine-tuning config whose magnitude penalty takes tau from the dense model (reverse pruning)."""
+        p = cfg.magnitude_penalty
+        if p is None or p.threshold is not None:
+            return cfg
+        tau = reverse_threshold(self.dense(key).model, p.threshold_from_reverse)
+        return cfg.model_copy(update={"magnitude_penalty": p.model_copy(update={"threshold": tau})})
 
     def _share_mrs(self, method, key: dict) -> None:
         """MRPF entries on the same dense model (other criteria, sparsities, fine-tuning) compute
@@ -460,6 +470,7 @@ def evaluate(model: torch.nn.Module, cell: Cell, data: ImageDataset, ws: Workspa
         regime_tests=data.extra_tests, regime_transfer=regime.transfer_tests(regime.Params(**study.regimes[regime_name]))))
     out.update(size_metrics(model, ws.example_input(), dense_weights))
     out.update(layer_widths(model))
+    out.update(weight_statistics(model))
     if ev.single_element and cell.config["pruning"] is None:
         out.update(single_element_metrics(model, x_test, y_test, ev, ws.progress))
     if ev.latency_batch:  # the real speed-up of a pruned model, not only its FLOPs

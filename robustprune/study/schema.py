@@ -299,9 +299,14 @@ class PaperTable(Strict):
     reduction, one group of columns per entry (Table 1)."""
 
     title: str
-    rows: dict[str, str] = Field(description="row label -> pruning entry (or 'dense')")
-    columns: dict[str, str] = Field(description="column label -> 'clean' or a label of evaluation.attacks")
+    rows: dict[str, str] = Field(description="row label -> pruning entry, 'entry@sparsity' for one sparsity, "
+                                             "or 'dense'")
+    columns: dict[str, str] = Field(description="column label -> 'clean', an attack label of evaluation.attacks "
+                                                "(at its reported eps), 'label@eps', or 'metric:<stored metric>'")
     layout: Literal["methods", "flops"] = "methods"
+    transpose: bool = Field(False, description="methods layout: methods as columns, the metrics as rows "
+                                               "(reverse-pruning paper, Table 2)")
+    show_flops: bool = Field(True, description="methods layout: the FLOPs-reduction column")
     row_header: str = Field("Method", description="header of the row-label column")
     dense: bool = Field(True, description="begin each architecture with the dense model's row")
     models: list[str] | None = Field(None, description="architectures shown (default: every one with results)")
@@ -412,6 +417,11 @@ class StudyConfig(Strict):
             if "winning_ticket" in p.adjust and p.rewind_epoch > self.train.epochs:
                 raise ValueError(f"pruning '{label}': rewind_epoch {p.rewind_epoch} is after the last of the "
                                  f"{self.train.epochs} training epochs; use 0 to {self.train.epochs}")
+        penalty = self.train.magnitude_penalty
+        if penalty is not None and penalty.threshold_from_reverse is not None:
+            raise ValueError("train.magnitude_penalty.threshold_from_reverse takes tau from the trained dense model, "
+                             "so it works only when fine-tuning (finetune, or a pruning entry's finetune); give "
+                             "train a threshold instead")
         if self.evaluation.transfer:
             for m in self.evaluation.transfer.models:
                 self._check_selector(m)
@@ -432,14 +442,24 @@ class StudyConfig(Strict):
     def _check_paper_table(self, name: str, t: PaperTable) -> None:
         if not t.rows or not t.columns:
             raise ValueError(f"tables.{name} needs at least one row and one column")
-        for label, entry in t.rows.items():
+        for label, ref in t.rows.items():
+            entry, _, at = ref.partition("@")
             if entry != "dense" and entry not in self.pruning:
                 raise ValueError(f"tables.{name} row '{label}' names pruning '{entry}', which the study does not "
                                  f"run ({', '.join(self.pruning) or 'none'})")
+            if at and (entry == "dense" or not _is_float(at) or float(at) not in self.pruning[entry].sparsities):
+                runs = "" if entry == "dense" else f" (it runs {self.pruning[entry].sparsities})"
+                raise ValueError(f"tables.{name} row '{label}': '{ref}' is not a sparsity of '{entry}'{runs}")
         for label, source in t.columns.items():
-            if source != "clean" and source not in self.evaluation.attacks:
-                raise ValueError(f"tables.{name} column '{label}' names '{source}'; use 'clean' or an entry of "
-                                 f"evaluation.attacks ({', '.join(self.evaluation.attacks) or 'none'})")
+            if source == "clean" or source.startswith("metric:") and len(source) > len("metric:"):
+                continue
+            attack, _, at = source.partition("@")
+            if attack not in self.evaluation.attacks:
+                raise ValueError(f"tables.{name} column '{label}' names '{source}'; use 'clean', 'metric:<name>' or "
+                                 f"an entry of evaluation.attacks ({', '.join(self.evaluation.attacks) or 'none'})")
+            if at and (not _is_float(at) or float(at) not in self.evaluation.attacks[attack].eps):
+                raise ValueError(f"tables.{name} column '{label}': '{source}' is not an eps of attack '{attack}' "
+                                 f"({self.evaluation.attacks[attack].eps})")
         for m in t.models or []:
             if m not in self.models:
                 raise ValueError(f"tables.{name} names model '{m}', which is not a label of 'models' "
@@ -503,6 +523,14 @@ class StudyConfig(Strict):
             raise ValueError(f"{where}: iteration applies only to an entry with rounds > 1; remove it")
         if m.finetune_epochs not in entry.finetune_epochs:
             raise ValueError(f"{where} needs finetune_epochs the study runs ({entry.finetune_epochs})")
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _set_dotted(tree: dict, key: str, value: Any, source: str) -> None:
