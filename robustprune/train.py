@@ -238,7 +238,18 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 2000) -> torch.
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> float:
+def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
+    """Which images the model classifies correctly (bool, on the CPU)."""
+    return predict(model, x, batch_size).cpu() == y.cpu()
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000,
+             record: dict | None = None, name: str | None = None) -> float:
+    """Share of images classified correctly; with `record`, record[name] keeps the per-image result
+    (paired significance tests compare two models on the same images)."""
     if len(x) == 0:
         return float("nan")
-    return int((predict(model, x, batch_size).cpu() == y.cpu()).sum()) / len(x)  # exact, not a float32 mean
+    hits = correct(model, x, y, batch_size)
+    if record is not None:
+        record[name] = hits
+    return int(hits.sum()) / len(x)  # exact, not a float32 mean

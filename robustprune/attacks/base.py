@@ -38,18 +38,23 @@ def check_image_range(x: torch.Tensor) -> None:
                         f"by 255 (robustprune.train.to_float), since normalisation belongs inside the model")
 
 
-def adversarial_accuracy(model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
-    """Accuracy on attack(model, x, y), batch by batch; x uint8 or float in [0, 1]."""
+def adversarial_accuracy(model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
+                         record: dict | None = None, name: str | None = None) -> float:
+    """Accuracy on attack(model, x, y), batch by batch; x uint8 or float in [0, 1]. With `record`,
+    record[name] keeps which images stayed correct."""
     if len(x) == 0:
         return float("nan")
     device = next(model.parameters()).device
-    correct = 0
+    hits = []
     for i in range(0, len(x), batch_size):
         xb, yb = to_float(x[i:i + batch_size].to(device)), y[i:i + batch_size].to(device)
         x_adv = attack(model, xb, yb)
         with torch.inference_mode(), frozen_eval(model):
-            correct += int((model(x_adv).argmax(1) == yb).sum())
-    return correct / len(x)
+            hits.append((model(x_adv).argmax(1) == yb).cpu())
+    hits = torch.cat(hits)
+    if record is not None:
+        record[name] = hits
+    return int(hits.sum()) / len(x)
 
 
 def build_attack(name: str, eps: float, params: dict | None = None, what: str | None = None):

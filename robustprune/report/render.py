@@ -7,6 +7,7 @@ from pathlib import Path
 from rich import box
 from rich.cells import cell_len
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table as RichTable
 
 from robustprune.errors import UserError
@@ -33,18 +34,18 @@ def to_rich(t: Table, width: int | None = None) -> RichTable:
     """A rich table; one wider than `width` (the corruption types: 17 columns) drops the vertical
     rules and puts '± std' under the mean, so that rich need not wrap every cell at random."""
     compact = width is not None and natural_width(t) > width
-    caption = "\n".join(x for x in [t.caption, *t.notes] if x)
-    rt = RichTable(title=t.title, title_justify="left", caption=caption, caption_justify="left",
+    caption = escape("\n".join(x for x in [t.caption, *t.notes] if x))  # '[low, high]' is text, not markup
+    rt = RichTable(title=escape(t.title), title_justify="left", caption=caption, caption_justify="left",
                    box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD, show_edge=not compact,
                    padding=(0, 0, 0, 1) if compact else (0, 1))
     for i, h in enumerate(t.headers):
         column = [r[i] for r in t.rows]
         if i and is_numeric(column):
-            rt.add_column(h, justify="right")
+            rt.add_column(escape(h), justify="right")
         else:  # labels keep their width; the numbers give way
-            rt.add_column(h, justify="left", min_width=max(map(cell_len, [h, *column])) if i == 0 else None)
+            rt.add_column(escape(h), justify="left", min_width=max(map(cell_len, [h, *column])) if i == 0 else None)
     for r in t.rows:
-        rt.add_row(*[v.replace(" ± ", "\n± ") if compact else v for v in r])
+        rt.add_row(*[escape(v.replace(" ± ", "\n± ") if compact else v) for v in r])
     return rt
 
 

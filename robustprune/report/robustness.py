@@ -218,6 +218,49 @@ def robustness_measures(view: Regime) -> dict[str, Callable[[dict], float | None
     return measures
 
 
+def measure_metrics(view: Regime) -> dict[str, list[str]]:
+    """The stored metrics behind each of robustness_measures (and Clean): a paired test pools their
+    per-image results."""
+    ev = view.study.evaluation
+    out = {}
+    if view.has(names.corruption()):
+        out["Semantic"] = [names.corruption(t, s) for t in ev.corruption_types() for s in ev.corruptions.severities]
+    sizes = [names.occlusion(s) for s in ev.occlusion if view.has(names.occlusion(s))]
+    if sizes:
+        out["Occlusion"] = sizes
+    for label in ev.attacks:
+        eps = ev.shown_eps(label)
+        if view.has(names.adv(label, eps)):
+            out[f"{attack_title(label)} ε={names.eps_text(eps)}"] = [names.adv(label, eps)]
+    out["Clean"] = ["acc_clean"]
+    return out
+
+
+SIGNIFICANT = " *"
+SIGNIFICANCE_NOTE = ("* = significant: the 95 % interval of a paired bootstrap over seeds and test images "
+                     "(2000 resamples; both models on the same images) excludes 0; [low, high] is that interval "
+                     "in p.p.")
+
+
+def paired_difference(pruned: list[dict], dense: dict, metrics: list[str]):
+    """The paired bootstrap of pruned - dense over the seeds both have per-image results for."""
+    from robustprune.report.stats import paired_bootstrap, pooled
+
+    pairs = []
+    for c in pruned:
+        base = dense.get(c["axes"]["seed"])
+        a, b = pooled(c, metrics), pooled(base, metrics) if base else None
+        if a is not None and b is not None and len(a) == len(b):
+            pairs.append((a, b))
+    return paired_bootstrap(pairs) if pairs else None
+
+
+def with_significance(text: str, diff) -> str:
+    if diff is None or text == "—":
+        return text
+    return f"{text} [{100 * diff.low:+.2f}, {100 * diff.high:+.2f}]" + (SIGNIFICANT if diff.significant else "")
+
+
 def gains_table(study: StudyConfig, cells: list[dict], regime: str, flags: set | None = None) -> Table | None:
     """Jordão & Pedrini (2021) Tables 1-3: per pruned setting, the difference in p.p. to the
     unpruned network of the same architecture, regime and seed on Semantic (the corruption mean),
@@ -229,7 +272,8 @@ def gains_table(study: StudyConfig, cells: list[dict], regime: str, flags: set |
     measures = robustness_measures(view)
     measures["Clean"] = lambda c: c["metrics"].get("acc_clean")
     dense = {(k.model, c["axes"]["seed"]): c for k in view.keys if k.pruning == "dense" for c in view.groups[k]}
-    rows = []
+    components = measure_metrics(view)
+    rows, tested = [], False
     for k in view.keys:
         if k.pruning == "dense":
             continue
@@ -246,14 +290,20 @@ def gains_table(study: StudyConfig, cells: list[dict], regime: str, flags: set |
                     per_column[name].append(gains[name])
             if len(gains) == len(measures):
                 per_column["Average"].append(statistics.fmean(gains.values()))
-        rows.append([setting_label(k), *[signed(v) for v in per_column.values()]])
+        dense_of_seed = {seed: c for (model, seed), c in dense.items() if model == k.model}
+        texts = []
+        for name, values in per_column.items():
+            diff = paired_difference(view.groups[k], dense_of_seed, components[name]) if name in components else None
+            tested |= diff is not None
+            texts.append(with_significance(signed(values), diff))
+        rows.append([setting_label(k), *texts])
     if not rows or len(measures) < 2:
         return None
     caption = (f"Difference in accuracy (p.p.) between each pruned network and the unpruned one of the same "
                f"architecture, regime and seed (Jordão & Pedrini 2021, Tables 1-3); (+) = gain, (-) = loss; "
                f"Average = mean of the columns, clean included; mean ± std over {view.seeds()}.")
     return Table(f"Gain over the unpruned network (regime '{regime}')", ["Setting", *measures, "Average"],
-                 rows, caption)
+                 rows, caption, [SIGNIFICANCE_NOTE] if tested else [])
 
 
 def correlation_table(study: StudyConfig, cells: list[dict], regime: str) -> Table | None:

@@ -455,19 +455,21 @@ def craft(model: torch.nn.Module, attack, x: torch.Tensor, y: torch.Tensor, batc
 
 
 def evaluate(model: torch.nn.Module, cell: Cell, data: ImageDataset, ws: Workspace,
-             dense_weights: int) -> dict[str, float]:
-    """Clean accuracy, each of the regime's test sets, the robustness suite, size."""
+             dense_weights: int, record: dict | None = None) -> dict[str, float]:
+    """Clean accuracy, each of the regime's test sets, the robustness suite, size. With `record`,
+    record[metric] keeps which test images each accuracy counted as correct."""
     study = ws.study
     ev = study.evaluation
     x_test, y_test = data.x_test.to(ws.device), data.y_test.to(ws.device)
-    out = {"acc_clean": accuracy(model, x_test, y_test, ev.batch_size)}
+    out = {"acc_clean": accuracy(model, x_test, y_test, ev.batch_size, record, "acc_clean")}
     for name, (x, y) in data.extra_tests.items():
-        out[f"acc_{name}"] = accuracy(model, x.to(ws.device), y, ev.batch_size)
+        out[f"acc_{name}"] = accuracy(model, x.to(ws.device), y, ev.batch_size, record, f"acc_{name}")
     regime_name = cell.dense_key["regime"]["name"]
     regime = REGIMES.get(regime_name)()
     out.update(evaluate_robustness(
         model, x_test, y_test, ev, ws.progress, corrupted=ws.corrupted, transfer_sets=ws.transfer_sets(cell),
-        regime_tests=data.extra_tests, regime_transfer=regime.transfer_tests(regime.Params(**study.regimes[regime_name]))))
+        regime_tests=data.extra_tests, regime_transfer=regime.transfer_tests(regime.Params(**study.regimes[regime_name])),
+        record=record))
     out.update(size_metrics(model, ws.example_input(), dense_weights))
     out.update(layer_widths(model))
     out.update(weight_statistics(model))
@@ -502,25 +504,26 @@ def single_element_metrics(model, x_test, y_test, ev, progress: Progress) -> dic
     return out
 
 
-def run_cell(cell: Cell, ws: Workspace) -> tuple[dict[str, float], list]:
+def run_cell(cell: Cell, ws: Workspace, record: dict | None = None) -> tuple[dict[str, float], list]:
     dense = ws.dense(cell.dense_key)
     data = ws.regime_data(cell.dense_key)
     dense_weights = sum(w.numel() for w in prunable_weights(dense.model).values())
     model, history = ws.model_of(cell)
-    return evaluate(model, cell, data, ws, dense_weights) | ws.plan_metrics(cell), history
+    return evaluate(model, cell, data, ws, dense_weights, record) | ws.plan_metrics(cell), history
 
 
 def compute_and_store(cell: Cell, ws: Workspace, store: Store) -> tuple[str, float]:
     """Run one cell and write it (all metrics in one transaction). A diverging run is stored as
     failed with its reason and the study goes on."""
     t0 = time.perf_counter()
+    per_image: dict = {}
     try:
-        metrics, history = run_cell(cell, ws)
+        metrics, history = run_cell(cell, ws, per_image)
         status, error = "done", None
     except TrainingDiverged as e:
-        metrics, history, status, error = {}, None, "failed", str(e)
+        metrics, history, status, error, per_image = {}, None, "failed", str(e), {}
     wall = time.perf_counter() - t0
-    store.put(cell, metrics, wall, history, status, error)
+    store.put(cell, metrics, wall, history, status, error, per_image=per_image)
     return status, wall
 
 

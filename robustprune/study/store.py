@@ -19,6 +19,8 @@ CREATE TABLE IF NOT EXISTS results (
     hash TEXT NOT NULL, study TEXT, seed INTEGER, metric TEXT NOT NULL, value REAL,
     axes TEXT, config TEXT, versions TEXT, wall_time_s REAL,
     PRIMARY KEY (hash, metric));
+CREATE TABLE IF NOT EXISTS per_image (
+    hash TEXT NOT NULL, metric TEXT NOT NULL, n INTEGER, correct BLOB, PRIMARY KEY (hash, metric));
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, study TEXT, budget TEXT, command TEXT, started_at TEXT,
     study_config TEXT, cell_hashes TEXT);
@@ -36,6 +38,18 @@ def library_versions() -> dict[str, str]:
             "torch_pruning": getattr(torch_pruning, "__version__", "?"), "python": platform.python_version(),
             # Float results can differ in the last bits with the thread count; it is part of the record.
             "torch_threads": str(torch.get_num_threads())}
+
+
+def pack(hits) -> bytes:
+    import numpy as np
+
+    return np.packbits(np.asarray(hits, dtype=bool)).tobytes()
+
+
+def unpack(blob: bytes, n: int):
+    import numpy as np
+
+    return np.unpackbits(np.frombuffer(blob, dtype=np.uint8), count=n).astype(bool)
 
 
 class Store:
@@ -76,9 +90,10 @@ class Store:
         return {**self._versions, "torch_threads": str(torch.get_num_threads())}  # a worker's may change
 
     def put(self, cell, metrics: dict[str, float], wall_time_s: float, history: Any = None,
-            status: str = "done", error: str | None = None) -> bool:
+            status: str = "done", error: str | None = None, per_image: dict | None = None) -> bool:
         """Write a finished (or failed) cell and all its metrics at once. Returns False when another
-        process stored the same cell first (its rows are kept, nothing is duplicated)."""
+        process stored the same cell first (its rows are kept, nothing is duplicated). per_image:
+        {metric: bool vector} of which test images each accuracy counted correct, bit-packed."""
         versions = json.dumps(self.versions())
         axes, config = json.dumps(cell.axes), json.dumps(cell.config, sort_keys=True)
         seed = cell.axes["seed"]
@@ -93,12 +108,29 @@ class Store:
             self.db.executemany("INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?)",
                                 [(cell.hash, cell.study, seed, m, float(v), axes, config, versions, wall_time_s)
                                  for m, v in metrics.items()])
+            self.db.executemany("INSERT OR REPLACE INTO per_image VALUES (?,?,?,?)",
+                                [(cell.hash, m, len(v), pack(v)) for m, v in (per_image or {}).items()])
             self.db.execute("COMMIT")
             return True
         except BaseException:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
             raise
+
+    def per_image(self, hashes: Iterable[str], metric: str) -> dict:
+        """{cell hash: bool array} of one metric's per-image results (cells stored before per-image
+        results were kept have none)."""
+        hashes = list(hashes)
+        out = {}
+        try:
+            for i in range(0, len(hashes), 500):
+                part = hashes[i:i + 500]
+                rows = self.db.execute(f"SELECT hash, n, correct FROM per_image WHERE metric=? AND hash IN "
+                                       f"({','.join('?' * len(part))})", (metric, *part))
+                out.update({h: unpack(blob, n) for h, n, blob in rows})
+        except sqlite3.OperationalError:  # a store written before the table existed, opened read-only
+            return {}
+        return out
 
     def record_run(self, study: str, budget: str | None, command: str, study_config: dict, hashes: Iterable[str]) -> None:
         self.db.execute("INSERT INTO runs (study, budget, command, started_at, study_config, cell_hashes) VALUES (?,?,?,?,?,?)",
@@ -120,11 +152,18 @@ class Store:
         metrics: dict[str, dict[str, float]] = {}
         for h, m, v in self.db.execute("SELECT hash, metric, value FROM results"):
             metrics.setdefault(h, {})[m] = v
+        per_image: dict[str, dict] = {}
+        try:
+            for h, m, n, blob in self.db.execute("SELECT hash, metric, n, correct FROM per_image"):
+                if wanted is None or h in wanted:
+                    per_image.setdefault(h, {})[m] = unpack(blob, n)
+        except sqlite3.OperationalError:  # a store written before per-image results were kept
+            pass
         out = []
         for h, axes, config, status, error, wall, history in rows:
             if wanted is not None and h not in wanted:
                 continue
             out.append({"hash": h, "axes": json.loads(axes), "config": json.loads(config), "status": status,
                         "error": error, "wall_time_s": wall, "metrics": metrics.get(h, {}),
-                        "history": json.loads(history) if history else None})
+                        "history": json.loads(history) if history else None, "per_image": per_image.get(h, {})})
         return out
