@@ -293,7 +293,8 @@ def test_unknown_pruning_method_lists_known_names():
     assert "unknown pruning method 'nope'" in msg
     for name in ("channel_l1", "global_magnitude", "lottery_ticket", "mrpf", "structured"):
         assert name in msg
-    assert PRUNING_METHODS.names() == ["channel_l1", "global_magnitude", "lottery_ticket", "mrpf", "structured"]
+    assert PRUNING_METHODS.names() == ["channel_l1", "global_magnitude", "lottery_ticket", "mrpf", "reverse_magnitude",
+                                       "structured"]
 
 
 def test_near_miss_suggests_the_name():

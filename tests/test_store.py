@@ -75,7 +75,8 @@ def test_rows_carry_config_hash_seed_versions_wall_time(store):
     assert status == "done" and error is None and finished and json.loads(cell_versions) == v
     [row] = store.cells()
     assert row == {"hash": "abc", "axes": c.axes, "config": c.config, "status": "done", "error": None,
-                   "wall_time_s": 2.5, "metrics": {"acc_clean": 0.75}, "history": [{"epoch": 1, "loss": 0.3}]}
+                   "wall_time_s": 2.5, "metrics": {"acc_clean": 0.75}, "history": [{"epoch": 1, "loss": 0.3}],
+                   "per_image": {}}
 
 
 def test_failed_cell_recorded(store):
