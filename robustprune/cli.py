@@ -38,7 +38,8 @@ def cmd_run(args) -> int:
                      study.model_dump(mode="json"), [c.hash for c in cells])
     try:
         with RichProgress(console, len(cells)) as progress:
-            counts = run_study(study, cells, store, out_dir, args.data_dir, args.device, progress, args.workers)
+            counts = run_study(study, cells, store, out_dir, args.data_dir, args.device, progress, args.workers,
+                               args.checkpoints)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: finished cells are stored in {out_dir}/results.sqlite; "
                       "run the same command again to resume")
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--budget", default="full", help="named budget from the study file (default full)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set train.epochs=3 (repeatable)")
+    r.add_argument("--checkpoints", metavar="DIR",
+                   help="folder of trained models and derived data sets (default OUT/checkpoints); they are named "
+                        "by the hash of what they depend on, so studies with the same dense training can share one")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     r.add_argument("--workers", default="auto", type=_workers,
                    help="parallel worker processes (default auto: one per CPU core up to 8, 1 on a GPU)")

@@ -177,16 +177,16 @@ def _init_worker(threads: int, q) -> None:
 
 
 def _run_job(study_dump: dict, cells: list[Cell], out_dir: str, data_dir, device: str,
-             threads: int) -> list[tuple[str, str, float]]:
+             threads: int, checkpoints: str | None = None) -> list[tuple[str, str, float]]:
     from robustprune.device import pick_device
 
     torch.set_num_threads(threads)
-    key = (str(study_dump), out_dir, str(data_dir), device)
+    key = (str(study_dump), out_dir, str(data_dir), device, checkpoints)
     if _STATE.get("key") != key:  # one workspace per worker: the data set is loaded once
         progress = QueueProgress(_STATE["queue"])
         study = StudyConfig(**study_dump)
         _STATE.update(key=key, progress=progress,
-                      ws=Workspace(study, Path(out_dir), data_dir, pick_device(device), progress),
+                      ws=Workspace(study, Path(out_dir), data_dir, pick_device(device), progress, checkpoints),
                       store=Store(Path(out_dir) / "results.sqlite"))
     ws, store, progress = _STATE["ws"], _STATE["store"], _STATE["progress"]
     out = []
@@ -203,7 +203,7 @@ def _run_job(study_dump: dict, cells: list[Cell], out_dir: str, data_dir, device
 # ---- main side -------------------------------------------------------------------------------------
 
 def run_parallel(study: StudyConfig, cells: list[Cell], store: Store, out_dir: Path, data_dir, device: str,
-                 progress: Progress, workers: int, threads: int) -> dict[str, int]:
+                 progress: Progress, workers: int, threads: int, checkpoints: Path | None = None) -> dict[str, int]:
     done = store.done_hashes()
     by_hash = {c.hash: (i, c) for i, c in enumerate(cells)}
     counts = {"computed": 0, "skipped": 0, "failed": 0}
@@ -254,7 +254,8 @@ def run_parallel(study: StudyConfig, cells: list[Cell], store: Store, out_dir: P
                 for job in ready[: max(0, workers - len(running))]:
                     dense_job = all(c.config["pruning"] is None for c in job.cells)
                     fut = pool.submit(_run_job, study_dump, job.cells, str(out_dir), data_dir, device,
-                                      dense_threads if dense_job else threads)
+                                      dense_threads if dense_job else threads,
+                                      str(checkpoints) if checkpoints else None)
                     running[fut] = job.id
                 if not running:
                     break

@@ -64,10 +64,12 @@ class DenseModel:
 class Workspace:
     """Caches shared by cells: datasets and regime data in memory, trained models on disk."""
 
-    def __init__(self, study: StudyConfig, out_dir: Path, data_dir, device: torch.device, progress: Progress):
+    def __init__(self, study: StudyConfig, out_dir: Path, data_dir, device: torch.device, progress: Progress,
+                 checkpoints: Path | None = None):
         self.study, self.out_dir, self.data_dir = study, Path(out_dir), data_dir
         self.device, self.progress = device, progress
-        self.ckpt_dir = self.out_dir / "checkpoints"
+        # named by the hash of what they depend on, so studies may share one folder (--checkpoints)
+        self.ckpt_dir = Path(checkpoints) if checkpoints else self.out_dir / "checkpoints"
         self._base: ImageDataset | None = None
         self._regime_data: dict[str, ImageDataset] = {}
         self._dense: dict[str, DenseModel] = {}
@@ -528,18 +530,21 @@ def compute_and_store(cell: Cell, ws: Workspace, store: Store) -> tuple[str, flo
 
 
 def run_study(study: StudyConfig, cells: list[Cell], store: Store, out_dir: Path, data_dir=None,
-              device: str = "auto", progress: Progress | None = None, workers: int | str = 1) -> dict[str, int]:
+              device: str = "auto", progress: Progress | None = None, workers: int | str = 1,
+              checkpoints: Path | None = None) -> dict[str, int]:
     """Compute every cell the store does not have yet. Returns counts of computed/skipped/failed.
-    workers > 1 (or 'auto') runs cells in parallel processes (see executor.py)."""
+    workers > 1 (or 'auto') runs cells in parallel processes (see executor.py). checkpoints: the
+    folder of trained models and derived data sets (default out_dir/checkpoints)."""
     from robustprune.study.executor import run_parallel, worker_layout
 
     progress = progress or Progress()
     n_workers, threads = worker_layout(workers, device)
-    ws = Workspace(study, out_dir, data_dir, pick_device(device), progress)
+    ws = Workspace(study, out_dir, data_dir, pick_device(device), progress, checkpoints)
     ws.base_data()  # a missing or corrupt data file is reported before any work starts
     ws.check_evaluation_inputs()
     if n_workers > 1:
-        return run_parallel(study, cells, store, Path(out_dir), data_dir, device, progress, n_workers, threads)
+        return run_parallel(study, cells, store, Path(out_dir), data_dir, device, progress, n_workers, threads,
+                            checkpoints)
     done = store.done_hashes()
     counts = {"computed": 0, "skipped": 0, "failed": 0}
     for i, cell in enumerate(cells):
