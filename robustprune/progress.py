@@ -24,6 +24,8 @@ class RichProgress(ProgressBase):
         self.worker_stages: dict[int, str] = {}
         self.t0 = time.perf_counter()
         self.computed = 0
+        self.cost: dict[str, float] = {}  # per cell still to compute: its estimated work (estimated_cost)
+        self.cost_done = 0.0
 
     def __enter__(self):
         self.bar.__enter__()
@@ -31,6 +33,20 @@ class RichProgress(ProgressBase):
 
     def __exit__(self, *exc):
         return self.bar.__exit__(*exc)
+
+    def plan(self, cells, stored):
+        from robustprune.study.cells import estimated_cost
+
+        self.cost = {c.hash: estimated_cost(c) for c in cells if c.hash not in stored}
+
+    def time_left(self, cell, cells_left: int) -> float:
+        """Seconds left: elapsed time scaled by the estimated work left over the work done (cells
+        differ by 100x: a dense training vs one fine-tuning epoch); by cell counts without a plan."""
+        elapsed = time.perf_counter() - self.t0
+        if cell.hash not in self.cost:
+            return cells_left * elapsed / self.computed
+        self.cost_done += self.cost.pop(cell.hash)
+        return elapsed * sum(self.cost.values()) / max(self.cost_done, 1e-9)
 
     def cell_started(self, cell, index, total):
         self.bar.update(self.study_task, info=cell.label)
@@ -40,8 +56,7 @@ class RichProgress(ProgressBase):
         if status == "stored":
             return
         self.computed += 1
-        # Wall time per computed cell so far, so parallel workers are accounted for.
-        left = (total - index - 1) * (time.perf_counter() - self.t0) / self.computed
+        left = self.time_left(cell, total - index - 1)  # wall time, so parallel workers are accounted for
         self.console.log(f"[{index + 1}/{total}] {cell.label}: {status} in {seconds:.1f}s "
                          f"(about {left / 60:.1f} min left)", highlight=False)
 

@@ -126,3 +126,25 @@ def _setting_cells(study: StudyConfig, seed: int, regime: str, model_label: str 
         key = base_key | {"pruning": pr_key}
         cells.append(Cell(study.name, axes, config, config_hash(key), dense_key(study, regime, seed, False, model)))
     return cells
+
+
+def training_epochs(cell: Cell) -> float:
+    """Roughly how many epochs a cell trains: the dense training, its fine-tuning, or for Scratch-E/B
+    and winning tickets a retraining as long as the dense model's (Scratch-B a little longer)."""
+    pr = cell.config["pruning"]
+    if pr is None:
+        return cell.config["train"]["epochs"]
+    if pr.get("adjust"):
+        epochs = cell.config["train"]["epochs"]
+        if pr["adjust"] == "winning_ticket":
+            return max(0, epochs - pr.get("rewind_epoch", 0))
+        return epochs * (1.0 / max(1.0 - pr["sparsity"], 0.1) if pr["adjust"] == "scratch_b" else 1.0)
+    return (pr.get("finetune") or {}).get("epochs", 0) or 0
+
+
+def estimated_cost(cell: Cell) -> float:
+    """A cell's work in dense-epoch units, for time-left estimates: its training (a pruned model
+    trains faster, about in proportion to what is left) plus half an epoch for pruning and evaluation."""
+    pr = cell.config["pruning"]
+    shrink = 1.0 if pr is None or pr.get("adjust") else 1.0 - 0.5 * (pr.get("sparsity") or 0.0)
+    return training_epochs(cell) * shrink + 0.5

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from robustprune.study.cells import Cell
+from robustprune.study.cells import Cell, training_epochs
 from robustprune.study.runner import Progress, compute_and_store, Workspace
 from robustprune.study.schema import StudyConfig
 from robustprune.study.store import Store
@@ -51,19 +51,6 @@ def _group(cell: Cell) -> tuple:
     return a["seed"], a["regime"], a.get("model")
 
 
-def _epochs(cell: Cell) -> float:
-    """Roughly how many epochs a one-shot cell trains: its fine-tuning, or for Scratch-E/B and
-    winning tickets a retraining as long as the dense model's (Scratch-B a little longer). Longest
-    first keeps the last worker from finishing alone long after the others."""
-    pr = cell.config["pruning"]
-    if pr.get("adjust"):
-        epochs = cell.config["train"]["epochs"]
-        if pr["adjust"] == "winning_ticket":
-            return max(0, epochs - pr.get("rewind_epoch", 0))
-        return epochs * (1.0 / max(1.0 - pr["sparsity"], 0.1) if pr["adjust"] == "scratch_b" else 1.0)
-    return (pr.get("finetune") or {}).get("epochs", 0) or 0
-
-
 def plan_jobs(cells: list[Cell], transfer_models=None) -> list[Job]:
     """One job per dense model, per lottery-ticket chain and per one-shot setting; each waits for
     the jobs that train the dense models it starts from."""
@@ -85,7 +72,7 @@ def plan_jobs(cells: list[Cell], transfer_models=None) -> list[Job]:
             epochs = pr["params"].get("epochs") if a["round"] is not None else a["finetune_epochs"]
             chains[key].cost += (epochs or 3) + 0.3
         else:
-            jobs.append(Job(len(jobs), [cell], [], _epochs(cell) * (1.0 - 0.5 * pr["sparsity"]) + 0.3, group=group))
+            jobs.append(Job(len(jobs), [cell], [], training_epochs(cell) * (1.0 - 0.5 * pr["sparsity"]) + 0.3, group=group))
     if transfer_models:
         jobs = _merge_transfer_jobs(jobs, transfer_models)
     dense_job = {_group(c): job.id for job in jobs for c in job.cells if c.config["pruning"] is None}

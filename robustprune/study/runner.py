@@ -45,6 +45,9 @@ CRITERION_IMAGES = 512  # training images a data-driven pruning criterion sees
 class Progress:
     """What the runner reports; the CLI draws it with rich, tests leave it silent."""
 
+    def plan(self, cells: list[Cell], stored: set[str]) -> None:
+        """The study's cells and which are already stored (for time-left estimates)."""
+
     def cell_started(self, cell: Cell, index: int, total: int) -> None: ...
     def cell_finished(self, cell: Cell, index: int, total: int, seconds: float, status: str) -> None: ...
     def stage(self, text: str, total: int) -> None: ...
@@ -538,6 +541,7 @@ def run_study(study: StudyConfig, cells: list[Cell], store: Store, out_dir: Path
     from robustprune.study.executor import run_parallel, worker_layout
 
     progress = progress or Progress()
+    progress.plan(cells, store.done_hashes())
     n_workers, threads = worker_layout(workers, device)
     ws = Workspace(study, out_dir, data_dir, pick_device(device), progress, checkpoints)
     ws.base_data()  # a missing or corrupt data file is reported before any work starts
