@@ -52,6 +52,12 @@ def cmd_run(args) -> int:
 def cmd_report(args) -> int:
     from robustprune.report.render import report
 
+    if args.out:
+        from robustprune.report.document import write_report
+
+        path = write_report(args.dirs, args.out)
+        _console().print(f"report: {path}", highlight=False)
+        return 0
     report(args.dirs, args.format, _console(), figures=args.figures)
     return 0
 
@@ -130,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--figures", metavar="FOLDER",
                      help="also write the figures as PNG files into FOLDER (one subfolder per study folder "
                           "when several are given)")
+    rep.add_argument("--out", metavar="FOLDER",
+                     help="write a self-contained report instead: FOLDER/report.md with every table and figure, "
+                          "the tables as CSV and LaTeX, the figures as PNG and every stored number as CSV")
     rep.set_defaults(func=cmd_report)
     ls = sub.add_parser("list", help="registered datasets, models, regimes, pruning methods, attacks")
     ls.set_defaults(func=cmd_list)

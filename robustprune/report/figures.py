@@ -1,9 +1,18 @@
-"""Figures from stored cells, written as PNG files. Each function returns the paths it wrote, and
-writes nothing when the study has no results it applies to.
+"""Figures from stored cells, written as PNG files. Each function takes (study, cells, folder,
+regime), returns the paths it wrote, and writes nothing when the study has no results it applies to.
+Error bars are the standard deviation over seeds.
 
-    mrs_figures   MRPF (Bai et al.): per architecture, the Module Robust Sensitivity of every group of
-                  coupled filters (top) and the share of its filters each MRPF setting removed (bottom),
-                  in network order, mean ± std over seeds.
+    sparsity_figures     robustness vs sparsity: one panel per measure (clean, each attack at the
+                         report eps, occlusion, corruptions), one line per pruning entry
+    strength_figures     accuracy vs attack strength (Jordão & Pedrini Fig. 3), one panel per attack
+    correlation_figures  generalization (clean accuracy) vs each robustness measure over the settings,
+                         with Pearson r (Jordão & Pedrini Fig. 4)
+    dynamics_figures     training dynamics per epoch (Jordão & Pedrini Fig. 2)
+    weight_figures       distribution of the conv/linear weights per setting, as box plots of the
+                         stored quantiles (reverse-pruning paper, Table 1)
+    mrs_figures          MRPF (Bai et al.): per architecture, the Module Robust Sensitivity of every
+                         group of coupled filters (top) and the share of its filters each MRPF setting
+                         removed (bottom), in network order
 """
 from __future__ import annotations
 
@@ -107,7 +116,220 @@ def mrs_figures(study: StudyConfig, cells: list[dict], folder: str | Path, regim
     return written
 
 
-FIGURES = [mrs_figures]
+MAX_LINES = 10  # settings per panel before the legend stops being readable
+
+
+def _save(fig, folder: str | Path, name: str) -> Path:
+    plt = _pyplot()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _suffix(model: str | None, regime: str) -> str:
+    return ("_" + model if model else "") + ("" if regime == "clean" else "_" + regime)
+
+
+def _panels(n: int, width: float = 4.2, height: float = 3.4):
+    plt = _pyplot()
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def _view(study: StudyConfig, cells: list[dict], regime: str):
+    from robustprune.report.robustness import regime_view
+
+    return regime_view(study, cells, regime, flags=set())
+
+
+def _cell_measure(c: dict, metrics: list[str]) -> float | None:
+    vs = [c["metrics"][m] for m in metrics if m in c["metrics"]]
+    return statistics.fmean(vs) if len(vs) == len(metrics) else None
+
+
+def _pct(cells: list[dict], metrics: list[str]) -> tuple[float, float]:
+    m, s = _mean_std([_cell_measure(c, metrics) for c in cells])
+    return 100 * m, 100 * s
+
+
+def _models(view) -> list:
+    return list(dict.fromkeys(k.model for k in view.keys))
+
+
+def _seeds_title(view) -> str:
+    return f"mean ± std over {view.seeds()}"
+
+
+def _series_label(k) -> str:
+    label = k.pruning + (f" {k.adjust}" if k.adjust else "") + (f" FT {k.finetune_epochs} ep" if k.finetune_epochs else "")
+    return label + (f" it{k.iteration}" if k.iteration else "")
+
+
+def sparsity_figures(study: StudyConfig, cells: list[dict], folder, regime: str = "clean") -> list[Path]:
+    from robustprune.report.robustness import measure_metrics
+
+    view = _view(study, cells, regime)
+    if view is None:
+        return []
+    measures = measure_metrics(view)
+    measures = {"Clean": measures.pop("Clean"), **measures}
+    written = []
+    for model in _models(view):
+        keys = [k for k in view.keys if k.model == model]
+        dense = [k for k in keys if k.pruning == "dense"]
+        series: dict[str, list] = {}
+        for k in keys:
+            if k.pruning != "dense":
+                series.setdefault(_series_label(k), []).append(k)
+        if not series:
+            continue
+        fig, axes = _panels(len(measures))
+        for ax, (name, metrics) in zip(axes, measures.items()):
+            if dense:
+                m, sd = _pct(view.groups[dense[0]], metrics)
+                ax.axhline(m, color="black", ls="--", lw=1, label="dense")
+                ax.axhspan(m - sd, m + sd, color="black", alpha=0.08)
+            for label, ks in list(series.items())[:MAX_LINES]:
+                pts = sorted((100 * _mean_std([c["metrics"].get("sparsity") for c in view.groups[k]])[0],
+                              *_pct(view.groups[k], metrics)) for k in ks)
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=4,
+                            capsize=2, label=label)
+            ax.set_title(name, fontsize=10)
+            ax.set_xlabel("weights removed (%)")
+            ax.set_ylabel("accuracy (%)")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"Robustness vs sparsity ({model or study.name}, regime '{regime}', {_seeds_title(view)})",
+                     fontsize=10)
+        written.append(_save(fig, folder, f"robustness_vs_sparsity{_suffix(model, regime)}.png"))
+    return written
+
+
+def strength_figures(study: StudyConfig, cells: list[dict], folder, regime: str = "clean") -> list[Path]:
+    from robustprune.evaluate import names
+    from robustprune.report.robustness import attack_title
+
+    view = _view(study, cells, regime)
+    attacks = {label: e.eps for label, e in study.evaluation.attacks.items() if len(e.eps) > 1}
+    if view is None or not attacks:
+        return []
+    written = []
+    for model in _models(view):
+        keys = [k for k in view.keys if k.model == model][:MAX_LINES]
+        fig, axes = _panels(len(attacks))
+        for ax, (label, eps) in zip(axes, attacks.items()):
+            per255 = all(names.eps_text(e).endswith("/255") for e in eps)  # CIFAR-style k/255, else as given
+            scale = 255 if per255 else 1
+            for k in keys:
+                pts = [(e * scale, *_pct(view.groups[k], [names.adv(label, e)])) for e in eps]
+                pts = [p for p in pts if p[1] == p[1]]  # settings without this attack are skipped
+                if pts:
+                    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                                ms=3, capsize=2, label="dense" if k.pruning == "dense" else
+                                f"{k.pruning} s={k.sparsity:g}" if k.sparsity is not None else _series_label(k),
+                                **({"color": "black", "ls": "--"} if k.pruning == "dense" else {}))
+            ax.set_title(attack_title(label), fontsize=10)
+            ax.set_xlabel("L∞ ε (× 1/255)" if per255 else "L∞ ε (pixel scale [0, 1])")
+            ax.set_ylabel("accuracy (%)")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"Accuracy vs attack strength ({model or study.name}, regime '{regime}', {_seeds_title(view)})",
+                     fontsize=10)
+        written.append(_save(fig, folder, f"robustness_vs_strength{_suffix(model, regime)}.png"))
+    return written
+
+
+def correlation_figures(study: StudyConfig, cells: list[dict], folder, regime: str = "clean") -> list[Path]:
+    from robustprune.metrics.correlation import pearson
+    from robustprune.report.robustness import measure_metrics
+
+    view = _view(study, cells, regime)
+    if view is None or len(view.keys) < 3:
+        return []
+    measures = measure_metrics(view)
+    measures.pop("Clean")
+    if not measures:
+        return []
+    clean = [_pct(view.groups[k], ["acc_clean"])[0] for k in view.keys]
+    fig, axes = _panels(len(measures), 4.0, 3.6)
+    for ax, (name, metrics) in zip(axes, measures.items()):
+        rob = [_pct(view.groups[k], metrics)[0] for k in view.keys]
+        pts = [(x, y) for x, y in zip(clean, rob) if x == x and y == y]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18)
+        r, pval = pearson([p[0] for p in pts], [p[1] for p in pts])
+        ax.set_title(f"{name}\nPearson r = {r:.2f}, p = {pval:.2g} ({len(pts)} settings)", fontsize=9)
+        ax.set_xlabel("clean accuracy (%)")
+        ax.set_ylabel(f"{name} accuracy (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Generalization vs robustness (regime '{regime}', each point a setting's mean over seeds)",
+                 fontsize=10)
+    return [_save(fig, folder, f"generalization_vs_robustness{_suffix(None, regime)}.png")]
+
+
+def dynamics_figures(study: StudyConfig, cells: list[dict], folder, regime: str = "clean") -> list[Path]:
+    from robustprune.report.training import DYNAMICS
+
+    view = _view(study, cells, regime)
+    if view is None:
+        return []
+    shown = [m for m in ("grad_confusion", "layer_rotation", "loss")
+             if any(c.get("history") and any("grad_confusion" in e for e in c["history"]) for c in view.cells)]
+    if not shown:
+        return []
+    fig, axes = _panels(len(shown))
+    for ax, metric in zip(axes, shown):
+        for k in view.keys[:MAX_LINES]:
+            hs = [c["history"] for c in view.groups[k] if c.get("history") and any(metric in e for e in c["history"])]
+            if not hs:
+                continue
+            n = max(len(h) for h in hs)
+            pts = [_mean_std([h[e].get(metric) for h in hs if len(h) > e]) for e in range(n)]
+            ax.errorbar(range(1, n + 1), [p[0] for p in pts], yerr=[p[1] for p in pts], marker="o", ms=3, capsize=2,
+                        label="dense" if k.pruning == "dense" else f"{k.pruning} s={k.sparsity:g}")
+        ax.set_title(DYNAMICS[metric][0], fontsize=10)
+        ax.set_xlabel("epoch of that model's training")
+        ax.set_ylabel(DYNAMICS[metric][0].lower())
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Training dynamics (regime '{regime}', {_seeds_title(view)})", fontsize=10)
+    return [_save(fig, folder, f"training_dynamics{_suffix(None, regime)}.png")]
+
+
+def weight_figures(study: StudyConfig, cells: list[dict], folder, regime: str = "clean") -> list[Path]:
+    from robustprune.report.tables import setting_label
+
+    view = _view(study, cells, regime)
+    if view is None:
+        return []
+    keys = [k for k in view.keys if any("weights:q0" in c["metrics"] for c in view.groups[k])][:2 * MAX_LINES]
+    if not keys:
+        return []
+    plt = _pyplot()
+    stats = []
+    for k in keys:
+        q = {p: _mean_std([c["metrics"].get(f"weights:q{p}") for c in view.groups[k]])[0] for p in (0, 25, 50, 75, 100)}
+        stats.append({"label": setting_label(k), "whislo": q[0], "q1": q[25], "med": q[50], "q3": q[75],
+                      "whishi": q[100], "fliers": []})
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(keys) + 2), 4.5))
+    ax.bxp(stats, showfliers=False)
+    ax.set_ylabel("weight value")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+    for tick in ax.get_xticklabels():
+        tick.set_ha("right")
+    ax.set_title(f"Conv and linear weights: whiskers at min / max, box at the quartiles, line at the median "
+                 f"(regime '{regime}', mean over seeds)", fontsize=9)
+    return [_save(fig, folder, f"weights{_suffix(None, regime)}.png")]
+
+
+FIGURES = [sparsity_figures, strength_figures, correlation_figures, dynamics_figures, weight_figures, mrs_figures]
 
 
 def all_figures(study: StudyConfig, cells: list[dict], folder: str | Path) -> list[Path]:
