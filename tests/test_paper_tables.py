@@ -174,3 +174,60 @@ def test_equal_curves_are_drawn_once():
 
     out = _distinct({"a": [(1.0, 0.0), (2.0, 0.1)], "b": [(1.0, 0.0), (2.0, 0.1)], "c": [(3.0, 0.0), (2.0, 0.0)]})
     assert list(out) == ["a and 1 more alike", "c"]
+
+
+# ---- the other figures and the written report ----------------------------------------------------
+
+def sweep_cells() -> list[dict]:
+    """One architecture, dense and taylor at two sparsities, two seeds, an attack at two eps, weights."""
+    out = []
+    for seed in (0, 1):
+        for pruning, s, clean in (("dense", 0.0, 0.9), ("taylor", 0.3, 0.85), ("taylor", 0.5, 0.8)):
+            c = cell(None, pruning, s, seed, 1000.0 * (1 - s), clean + 0.01 * seed)
+            c["axes"].pop("model")
+            c["metrics"] |= {"sparsity": s, "acc_adv:pgd20@0.0078431": clean / 2, "weights:q0": -0.5, "weights:q25": -0.1,
+                             "weights:q50": 0.0, "weights:q75": 0.1, "weights:q100": 0.5 - s / 2}
+            c["history"] = [{"epoch": e, "loss": 1.0 / e, "grad_confusion": 0.1 * e, "layer_rotation": 0.01 * e}
+                            for e in (1, 2)]
+            out.append(c)
+    return out
+
+
+def sweep_study() -> StudyConfig:
+    raw = base_study()
+    raw.pop("models")
+    raw["pruning"]["taylor"].pop("models", None)
+    raw["pruning"]["random"].pop("models")
+    raw["evaluation"]["attacks"]["pgd20"]["eps"] = [0.0078431, 0.0313725]
+    return StudyConfig(**raw)
+
+
+def test_every_figure_that_applies_is_written(tmp_path):
+    from matplotlib.image import imread
+
+    from robustprune.report.figures import all_figures
+
+    paths = all_figures(sweep_study(), sweep_cells(), tmp_path)
+    assert sorted(p.name for p in paths) == ["generalization_vs_robustness.png", "robustness_vs_sparsity.png",
+                                             "robustness_vs_strength.png", "training_dynamics.png", "weights.png"]
+    for p in paths:
+        assert imread(p).shape[0] > 300
+
+
+def test_figures_skip_what_the_study_lacks(tmp_path):
+    from robustprune.report.figures import all_figures
+
+    dense_only = [c for c in sweep_cells() if c["axes"]["pruning"] == "dense"]
+    for c in dense_only:
+        c["history"] = None
+        c["metrics"] = {"acc_clean": 0.9}
+    assert all_figures(sweep_study(), dense_only, tmp_path) == []
+
+
+def test_latex_export_escapes_and_keeps_the_table():
+    from robustprune.report.document import to_latex
+    from robustprune.report.tables import Table
+
+    tex = to_latex(Table("Gains (ε = 8/255)", ["Setting", "PGD_20"], [["50 % & more", "1.00 ± 0.20 ⚠"]], "A caption"))
+    assert r"Setting & PGD\_20 \\" in tex and r"50 \% \& more & 1.00 $\pm$ 0.20 $^\dagger$ \\" in tex
+    assert r"\caption{Gains ($\varepsilon$ = 8/255). A caption}" in tex and tex.count(r"\midrule") == 1

@@ -190,3 +190,14 @@ def test_reverse_pruning_study_through_the_cli(tmp_path, data_dir):
     assert r[(("ours", 1), "weights:q0")] > r[(("cp", 1), "weights:q0")]
     report = run_cli("report", out, "--format", "markdown").stdout
     assert "| Attack | Baseline | CP | RP (FT 0 ep) | RP (FT 1 ep) |" in report and "| PGD-4 1/255 |" in report
+    # the written report: every table as markdown, CSV and LaTeX, the figures, every number
+    rep = run_cli("report", out, "--out", tmp_path / "report")
+    assert rep.returncode == 0, rep.stderr
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| Attack | Baseline | CP | RP (FT 0 ep) | RP (FT 1 ep) |" in text and "![weights](figures/weights.png)" in text
+    assert len(list((tmp_path / "report" / "tables").glob("*.tex"))) == len(list((tmp_path / "report" / "tables").glob("*.csv"))) > 5
+    assert (tmp_path / "report" / "figures" / "robustness_vs_sparsity.png").exists()
+    assert "weights:l1" in (tmp_path / "report" / "results.csv").read_text()
+    (tmp_path / "a_file").write_text("x")
+    bad = run_cli("report", out, "--out", tmp_path / "a_file")
+    assert bad.returncode == 2 and "cannot write the report" in bad.stderr and "Traceback" not in bad.stderr

@@ -217,8 +217,11 @@ def strength_figures(study: StudyConfig, cells: list[dict], folder, regime: str 
     from robustprune.report.robustness import attack_title
 
     view = _view(study, cells, regime)
-    attacks = {label: e.eps for label, e in study.evaluation.attacks.items() if len(e.eps) > 1}
-    if view is None or not attacks:
+    if view is None:
+        return []
+    attacks = {label: eps for label, e in study.evaluation.attacks.items()
+               if len(eps := [x for x in e.eps if view.has(names.adv(label, x))]) > 1}
+    if not attacks:
         return []
     written = []
     for model in _models(view):
