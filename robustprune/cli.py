@@ -26,6 +26,8 @@ def cmd_run(args) -> int:
     from robustprune.study.schema import load_study
     from robustprune.study.store import Store
 
+    if args.address and args.executor != "ray":
+        raise UserError("--address is the Ray cluster of --executor ray; add --executor ray or remove --address")
     study = load_study(args.study, args.budget, args.seeds, args.set)
     out_dir = Path(args.out or Path("runs") / study.name)
     cells = expand(study)
@@ -39,7 +41,7 @@ def cmd_run(args) -> int:
     try:
         with RichProgress(console, len(cells)) as progress:
             counts = run_study(study, cells, store, out_dir, args.data_dir, args.device, progress, args.workers,
-                               args.checkpoints)
+                               args.checkpoints, args.executor, args.address)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: finished cells are stored in {out_dir}/results.sqlite; "
                       "run the same command again to resume")
@@ -125,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoints", metavar="DIR",
                    help="folder of trained models and derived data sets (default OUT/checkpoints); they are named "
                         "by the hash of what they depend on, so studies with the same dense training can share one")
+    r.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local worker processes (default), or Ray tasks: one per job, on a local Ray instance or "
+                        "the cluster at --address (pip install 'robustprune[ray]')")
+    r.add_argument("--address", help="Ray cluster address for --executor ray, e.g. 10.0.0.1:6379 or auto")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     r.add_argument("--workers", default="auto", type=_workers,
                    help="parallel worker processes (default auto: one per CPU core up to 8, 1 on a GPU)")

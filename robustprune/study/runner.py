@@ -534,7 +534,7 @@ def compute_and_store(cell: Cell, ws: Workspace, store: Store) -> tuple[str, flo
 
 def run_study(study: StudyConfig, cells: list[Cell], store: Store, out_dir: Path, data_dir=None,
               device: str = "auto", progress: Progress | None = None, workers: int | str = 1,
-              checkpoints: Path | None = None) -> dict[str, int]:
+              checkpoints: Path | None = None, executor: str = "local", address: str | None = None) -> dict[str, int]:
     """Compute every cell the store does not have yet. Returns counts of computed/skipped/failed.
     workers > 1 (or 'auto') runs cells in parallel processes (see executor.py). checkpoints: the
     folder of trained models and derived data sets (default out_dir/checkpoints)."""
@@ -546,6 +546,10 @@ def run_study(study: StudyConfig, cells: list[Cell], store: Store, out_dir: Path
     ws = Workspace(study, out_dir, data_dir, pick_device(device), progress, checkpoints)
     ws.base_data()  # a missing or corrupt data file is reported before any work starts
     ws.check_evaluation_inputs()
+    if executor == "ray":
+        from robustprune.study.ray_executor import run_ray
+
+        return run_ray(study, cells, store, Path(out_dir), data_dir, device, progress, address, checkpoints)
     if n_workers > 1:
         return run_parallel(study, cells, store, Path(out_dir), data_dir, device, progress, n_workers, threads,
                             checkpoints)
