@@ -231,3 +231,28 @@ def test_latex_export_escapes_and_keeps_the_table():
     tex = to_latex(Table("Gains (ε = 8/255)", ["Setting", "PGD_20"], [["50 % & more", "1.00 ± 0.20 ⚠"]], "A caption"))
     assert r"Setting & PGD\_20 \\" in tex and r"50 \% \& more & 1.00 $\pm$ 0.20 $^\dagger$ \\" in tex
     assert r"\caption{Gains ($\varepsilon$ = 8/255). A caption}" in tex and tex.count(r"\midrule") == 1
+
+
+def test_paper_table_marks_differences_from_dense_that_hold_on_the_same_images():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    out = cells()
+    for c in out:
+        n = 1000
+        base = rng.random(n) < 0.5
+        c["per_image"] = {"acc_clean": rng.random(n) < c["metrics"]["acc_clean"], PGD: base,
+                          FGSM: rng.random(n) < 0.2}
+    dense_pgd = {(c["axes"]["model"], c["axes"]["seed"]): c["per_image"][PGD] for c in out
+                 if c["axes"]["pruning"] == "dense"}
+    for c in out:
+        a = c["axes"]
+        if a["pruning"] == "taylor_at":  # + AT: the dense model's hits plus 30 % more on PGD
+            c["per_image"][PGD] = dense_pgd[(a["model"], a["seed"])] | (rng.random(1000) < 0.3)
+        elif a["pruning"] == "taylor":    # taylor: the dense model's hits exactly
+            c["per_image"][PGD] = dense_pgd[(a["model"], a["seed"])].copy()
+    t = paper_table(StudyConfig(**base_study(main=MAIN)), out, "main", flags=set())
+    pgd = {(r[1], i): r[4] for i, r in enumerate(t.rows[:5])}
+    assert pgd[("Taylor + AT", 3)].endswith(" *") and not pgd[("Taylor", 1)].endswith(" *")
+    assert not t.rows[0][4].endswith(" *")                       # the dense row is the reference
+    assert any("paired bootstrap" in n for n in t.notes)

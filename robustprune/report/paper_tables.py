@@ -14,6 +14,8 @@ from robustprune.report.tables import (MARK_NOTE, Setting, Table, fmt, group, ma
                                        study_flags)
 from robustprune.study.schema import PaperTable, StudyConfig
 
+SIGNIFICANCE_NOTE = ("* = differs significantly from the dense model: the 95 % interval of a paired bootstrap "
+                     "over seeds and test images (2000 resamples) excludes 0.")
 FLOPS_AGREE = 0.005  # entries whose mean FLOPs reductions differ by less share one FLOPs column (flops layout)
 
 
@@ -52,6 +54,7 @@ class _Context:
         self.dense_key = Setting(spec.regime, "dense", 0.0, 0, None, model)
         self.dense_by_seed = {c["axes"]["seed"]: c for c in self.groups.get(self.dense_key, [])}
         self.metrics = [column_metric(study, src) for src in spec.columns.values()]
+        self.tested = False  # whether any number was tested against the dense model
 
     def keys(self, ref: str) -> list[Setting]:
         """The settings of 'entry' or 'entry@sparsity' that have results, by sparsity then fine-tuning epochs."""
@@ -65,7 +68,19 @@ class _Context:
         return sorted(found, key=lambda k: (k.sparsity or 0.0, k.finetune_epochs))
 
     def accuracies(self, key: Setting) -> list[str]:
-        return [show(self.groups[key], m, key, self.flags) for m in self.metrics]
+        """Each column's mean ± std, with ' *' where the paired bootstrap against the dense model of
+        the same seeds (same test images) says the difference is significant."""
+        from robustprune.report.robustness import SIGNIFICANT, paired_difference
+
+        out = []
+        for m in self.metrics:
+            text = show(self.groups[key], m, key, self.flags)
+            if key.pruning != "dense" and m.startswith("acc_") and text != "—":
+                diff = paired_difference(self.groups[key], self.dense_by_seed, [m])
+                self.tested |= diff is not None
+                text += SIGNIFICANT if diff is not None and diff.significant else ""
+            out.append(text)
+        return out
 
     def flops(self, key: Setting) -> list[float]:
         return [0.0] * len(self.groups[key]) if key.pruning == "dense" else \
@@ -140,6 +155,7 @@ def paper_table(study: StudyConfig, cells: list[dict], name: str, flags: set | N
     first_column = bool(study.models)
     headers: list[str] = []
     rows: list[list[str]] = []
+    tested = False
     for model in models:
         ctx = _Context(study, spec, [c for c in cells if c["axes"].get("model") == model], model, flags)
         if spec.layout == "methods":
@@ -158,10 +174,12 @@ def paper_table(study: StudyConfig, cells: list[dict], name: str, flags: set | N
                 rows.append(["", *more])
             headers = headers or ["Architecture"] * first_column + more
             rows += block
+        tested |= ctx.tested
     if not rows:
         return None
     n = n_seeds([c for c in cells if c["axes"].get("model") in models])
-    return Table(spec.title, headers, rows, caption(study, spec, n), [MARK_NOTE] if marked(rows) else [])
+    notes = ([MARK_NOTE] if marked(rows) else []) + ([SIGNIFICANCE_NOTE] if tested else [])
+    return Table(spec.title, headers, rows, caption(study, spec, n), notes)
 
 
 def caption(study: StudyConfig, spec: PaperTable, n: int) -> str:
