@@ -256,3 +256,21 @@ def test_paper_table_marks_differences_from_dense_that_hold_on_the_same_images()
     assert pgd[("Taylor + AT", 3)].endswith(" *") and not pgd[("Taylor", 1)].endswith(" *")
     assert not t.rows[0][4].endswith(" *")                       # the dense row is the reference
     assert any("paired bootstrap" in n for n in t.notes)
+
+
+def test_studies_side_by_side_share_columns_and_mark_what_one_lacks():
+    from robustprune.report.render import side_by_side
+
+    study_a = StudyConfig(**base_study())
+    raw_b = base_study()
+    raw_b["evaluation"]["attacks"] = {"fgsm": {"eps": [0.0313725]}}
+    study_b = StudyConfig(**raw_b)
+    b_cells = [c for c in cells() if c["axes"]["pruning"] in ("dense", "taylor")]
+    t = side_by_side([("runs/a", study_a, cells()), ("runs/b", study_b, b_cells)])
+    assert t.headers[:4] == ["Study", "Regime", "Setting", "Clean"]
+    a_rows = [r for r in t.rows if r[0] == "a"]
+    b_rows = [r for r in t.rows if r[0] == "b"]
+    assert len(a_rows) == 11 and len(b_rows) == 6 and b_rows[0][1] == "clean"
+    pgd = t.headers.index("PGD20 ε=8/255")
+    assert all(r[pgd] == "—" for r in b_rows) and a_rows[0][pgd] == "10.00"
+    assert side_by_side([("runs/a", study_a, cells())]) is None

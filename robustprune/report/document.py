@@ -86,7 +86,13 @@ def write_report(folders: list[str], out: str | Path) -> Path:
             folder, study, cells = loaded[0]
             lines = write_study(study, cells, out, folder)
         else:
+            from robustprune.report.render import side_by_side
+
             lines = ["# Studies side by side", ""]
+            table = side_by_side(loaded)
+            if table is not None:
+                (out / "side_by_side.csv").write_text(to_csv(table))
+                lines += [to_markdown(table), "[CSV](side_by_side.csv)", ""]
             for folder, study, cells in loaded:
                 sub = slug(Path(folder).name)
                 part = write_study(study, cells, out / sub, folder, heading="##")

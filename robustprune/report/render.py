@@ -80,7 +80,36 @@ def write_figures(study: StudyConfig, cells: list[dict], folder: Path, console: 
         console.print(f"figure: {path}", highlight=False)
 
 
+def side_by_side(loaded: list[tuple[str, StudyConfig, list[dict]]]) -> Table | None:
+    """Several studies' robustness summaries in one table: a row per (study, regime, setting), a
+    column per measure any of them has ('—' where a study lacks it)."""
+    from robustprune.report.robustness import summary_table
+
+    parts = [(folder, t) for folder, study, cells in loaded for r in study.regimes
+             if (t := summary_table(study, cells, r))]
+    if len(parts) < 2:
+        return None
+    headers = list(dict.fromkeys(h for _, t in parts for h in t.headers[1:]))
+    rows = []
+    for folder, t in parts:
+        regime = t.title.split("regime ")[-1].strip("()'")
+        for r in t.rows:
+            values = dict(zip(t.headers[1:], r[1:]))
+            rows.append([Path(folder).name, regime, r[0], *[values.get(h, "—") for h in headers]])
+    return Table("Studies side by side: robustness summaries", ["Study", "Regime", "Setting", *headers], rows,
+                 "Each study's robustness summary (accuracy %, mean ± std over that study's seeds); the studies' own "
+                 "sections below give the ε, image counts and seeds of each column.")
+
+
 def report(folders: list[str], fmt: str, console: Console, figures: str | None = None) -> None:
+    if len(folders) > 1 and fmt != "csv":
+        table = side_by_side([(f, *load_results(f)) for f in folders])
+        if table is not None:
+            if fmt == "markdown":
+                console.file.write(to_markdown(table) + "\n")
+            else:
+                console.print(to_rich(table, console.width))
+                console.print()
     for folder in folders:
         study, cells = load_results(folder)
         if figures:
