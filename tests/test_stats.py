@@ -82,7 +82,7 @@ def test_per_image_results_round_trip_through_the_store(tmp_path):
 
 
 def test_gains_table_marks_significant_differences():
-    from robustprune.report.robustness import gains_table
+    from robustprune.report.robustness import gains_table, summary_table
     from robustprune.study.schema import StudyConfig
 
     study = StudyConfig(name="t", pruning={"m": {"method": "global_magnitude", "sparsities": [0.5],
@@ -103,6 +103,10 @@ def test_gains_table_marks_significant_differences():
                           "metrics": {"acc_clean": clean.mean(), "acc_adv:fgsm@0.1": adv.mean()},
                           "per_image": {"acc_clean": clean, "acc_adv:fgsm@0.1": adv}})
     t = gains_table(study, cells, "clean", flags=set())
+    summary = summary_table(study, cells, "clean", flags=set())
+    pruned_row = summary.rows[1]
+    assert pruned_row[2].endswith(" *") and not pruned_row[1].endswith(" *")   # FGSM gain is real, clean is not
+    assert not summary.rows[0][2].endswith(" *") and any("differs significantly" in n for n in summary.notes)
     fgsm, clean = t.rows[0][1], t.rows[0][2]
     assert fgsm.startswith("(+) ") and fgsm.endswith(" *")
     assert not clean.endswith(" *") and "[" in clean

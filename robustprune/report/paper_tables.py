@@ -14,8 +14,6 @@ from robustprune.report.tables import (MARK_NOTE, Setting, Table, fmt, group, ma
                                        study_flags)
 from robustprune.study.schema import PaperTable, StudyConfig
 
-SIGNIFICANCE_NOTE = ("* = differs significantly from the dense model: the 95 % interval of a paired bootstrap "
-                     "over seeds and test images (2000 resamples) excludes 0.")
 FLOPS_AGREE = 0.005  # entries whose mean FLOPs reductions differ by less share one FLOPs column (flops layout)
 
 
@@ -178,7 +176,9 @@ def paper_table(study: StudyConfig, cells: list[dict], name: str, flags: set | N
     if not rows:
         return None
     n = n_seeds([c for c in cells if c["axes"].get("model") in models])
-    notes = ([MARK_NOTE] if marked(rows) else []) + ([SIGNIFICANCE_NOTE] if tested else [])
+    from robustprune.report.robustness import DENSE_NOTE
+
+    notes = ([MARK_NOTE] if marked(rows) else []) + ([DENSE_NOTE] if tested else [])
     return Table(spec.title, headers, rows, caption(study, spec, n), notes)
 
 

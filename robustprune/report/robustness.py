@@ -158,8 +158,30 @@ def regime_view(study: StudyConfig, cells: list[dict], regime: str, flags: set |
 Column = Callable[[tuple], str]  # setting key -> the cell's text
 
 
+def component_metrics(study: StudyConfig, metric: str) -> list[str]:
+    """The per-image metrics behind a stored one: a corruption mean pools its types and severities."""
+    p = names.parse(metric)
+    if p.family == "corruption" and (p.name is None or p.strength is None):
+        ev = study.evaluation
+        types = [p.name] if p.name else ev.corruption_types()
+        sevs = [int(p.strength)] if p.strength else ev.corruptions.severities
+        return [names.corruption(t, s) for t in types for s in sevs]
+    return [metric]
+
+
 def metric_column(view: Regime, metric: str) -> Column:
-    return lambda k: show(view.groups[k], metric, k, view.flags)
+    """A metric's mean ± std per setting; ' *' where a pruned model differs significantly from the
+    dense model of the same architecture and seeds (paired bootstrap on the same test images)."""
+    parts = component_metrics(view.study, metric)
+    dense = [(k.model, c) for k in view.keys if k.pruning == "dense" for c in view.groups[k]]
+
+    def col(k: tuple) -> str:
+        text = show(view.groups[k], metric, k, view.flags)
+        if k.pruning != "dense" and text != "—" and metric.startswith("acc_"):
+            diff = paired_difference(view.groups[k], {c["axes"]["seed"]: c for m, c in dense if m == k.model}, parts)
+            text += SIGNIFICANT if diff is not None and diff.significant else ""
+        return text
+    return col
 
 
 def mean_column(view: Regime, metrics: list[str], fmt_as: str) -> Column:
@@ -176,8 +198,18 @@ def settings_table(view: Regime, title: str, columns: dict[str, Column], caption
     if not columns:
         return None
     rows = [[setting_label(k), *[col(k) for col in columns.values()]] for k in view.keys]
-    return Table(f"{title} (regime '{view.name}')", ["Setting", *columns], rows, caption,
-                 [MARK_NOTE] if marked(rows) else [])
+    return Table(f"{title} (regime '{view.name}')", ["Setting", *columns], rows, caption, table_notes(rows))
+
+
+SIGNIFICANT = " *"
+DENSE_NOTE = ("* = differs significantly from the dense model of the same architecture: the 95 % interval of a "
+              "paired bootstrap over seeds and test images (2000 resamples; both on the same images) excludes 0.")
+
+
+def table_notes(rows: list[list[str]]) -> list[str]:
+    """The notes that explain the marks a table's cells carry."""
+    significant = any(v.endswith(SIGNIFICANT) for r in rows for v in r)
+    return ([MARK_NOTE] if marked(rows) else []) + ([DENSE_NOTE] if significant else [])
 
 
 def attack_title(label: str) -> str:
@@ -236,7 +268,6 @@ def measure_metrics(view: Regime) -> dict[str, list[str]]:
     return out
 
 
-SIGNIFICANT = " *"
 SIGNIFICANCE_NOTE = ("* = significant: the 95 % interval of a paired bootstrap over seeds and test images "
                      "(2000 resamples; both models on the same images) excludes 0; [low, high] is that interval "
                      "in p.p.")

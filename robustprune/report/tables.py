@@ -160,7 +160,8 @@ def table1(study: StudyConfig, cells: list[dict], flags: set | None = None) -> T
     headers = ["Pruning method", "Fine-tune", *spec.columns]
 
     def row_values(key_for) -> list[str]:
-        return [show(groups.get(key_for(regime), []), metric, key_for(regime), flags)
+        return [against_dense(groups, key_for(regime), metric, show(groups.get(key_for(regime), []), metric,
+                                                                     key_for(regime), flags))
                 for regime, metric in spec.columns.values()]
 
     rows = [["Baseline (no pruning)", "—", *row_values(lambda r: Setting(r, "dense", 0.0, 0, None))]]
@@ -175,7 +176,8 @@ def table1(study: StudyConfig, cells: list[dict], flags: set | None = None) -> T
                         vs = values(cs, metric)
                         if vs and statistics.fmean(vs) > best_mean:
                             best, best_mean = key, statistics.fmean(vs)
-                cells_out.append(f"{show(groups[best], metric, best, flags)} (r{best.round})" if best else "—")
+                cells_out.append(f"{against_dense(groups, best, metric, show(groups[best], metric, best, flags))} "
+                                 f"(r{best.round})" if best else "—")
             rows.append([row.label, "—", *cells_out])
             continue
         for ft in p.finetune_epochs:
@@ -185,8 +187,22 @@ def table1(study: StudyConfig, cells: list[dict], flags: set | None = None) -> T
     caption = (f"Test accuracy (%) of each regime's model, mean ± std over {seeds_text(n_seeds(cells))}. "
                + "; ".join(f"{col}: {metric} of the '{regime}' model" for col, (regime, metric) in spec.columns.items())
                + ". Lottery ticket: best round per column (round in brackets).")
+    from robustprune.report.robustness import table_notes
+
     return Table("Table 1: robustness under different pruning methods", headers, rows, caption,
-                 [MARK_NOTE] if marked(rows) else [])
+                 table_notes([[v.split(" (r")[0] for v in r] for r in rows]))
+
+
+def against_dense(groups: dict, key: Setting, metric: str, text: str) -> str:
+    """text + ' *' when the setting differs significantly from the dense model of its regime and
+    architecture on the same test images (paired bootstrap over seeds and images)."""
+    if key.pruning == "dense" or text == "—" or not metric.startswith("acc_"):
+        return text
+    from robustprune.report.robustness import SIGNIFICANT, paired_difference
+
+    dense = groups.get(Setting(key.regime, "dense", 0.0, 0, None, key.model), [])
+    diff = paired_difference(groups.get(key, []), {c["axes"]["seed"]: c for c in dense}, [metric])
+    return text + (SIGNIFICANT if diff is not None and diff.significant else "")
 
 
 def core_metrics(cells: list[dict]) -> list[str]:
