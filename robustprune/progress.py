@@ -66,6 +66,8 @@ class RichProgress(ProgressBase):
         self.bar.reset(self.stage_task, total=total, description=text, info="")
 
     def advance(self, completed, info=""):
+        if self.stage_task is None:  # e.g. an evaluation whose dense model came from the cache: no stage yet
+            self.stage("evaluate", 1)
         kwargs = {"info": info}
         if completed:
             kwargs["completed"] = completed

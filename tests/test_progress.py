@@ -29,3 +29,9 @@ def test_time_left_scales_elapsed_time_by_the_work_left(monkeypatch):
     assert progress.time_left(dense, 1) == pytest.approx(100.0 * 2.0 / 10.5)   # 10.5 units done, 2 left
     progress.computed = 2
     assert progress.time_left(pruned, 0) == 0.0
+
+
+def test_advance_before_any_stage_does_not_fail():
+    progress = RichProgress(Console(file=io.StringIO()), 1)
+    progress.advance(0, "fgsm eps=0.1 on 100 images")   # a cached dense model: evaluation starts first
+    assert progress.stage_task is not None
