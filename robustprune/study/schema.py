@@ -607,6 +607,9 @@ def load_study(path: str | Path, budget: str | None = "full", seeds: int | None 
     return resolve_study(raw, str(path), budget, seeds, overrides)
 
 
+REMOVABLE = ("pruning", "tables", "models", "regimes")  # sections whose entries `entry: null` removes
+
+
 def resolve_study(raw: dict, source: str, budget: str | None = "full", seeds: int | None = None,
                   overrides: list[str] | None = None) -> StudyConfig:
     tree = copy.deepcopy(raw)
@@ -626,6 +629,9 @@ def resolve_study(raw: dict, source: str, budget: str | None = "full", seeds: in
         if seeds < 1:
             raise UserError(f"--seeds must be at least 1, got {seeds}")
         tree["seeds"] = list(range(seeds))
+    for section in REMOVABLE:  # a budget removes an entry by setting it to null
+        if isinstance(tree.get(section), dict):
+            tree[section] = {k: v for k, v in tree[section].items() if v is not None}
     try:
         return StudyConfig(**tree)
     except ValidationError as e:
