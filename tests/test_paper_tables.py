@@ -274,3 +274,13 @@ def test_studies_side_by_side_share_columns_and_mark_what_one_lacks():
     pgd = t.headers.index("PGD20 ε=8/255")
     assert all(r[pgd] == "—" for r in b_rows) and a_rows[0][pgd] == "10.00"
     assert side_by_side([("runs/a", study_a, cells())]) is None
+
+
+def test_a_budget_removes_an_entry_with_null():
+    raw = base_study(main=MAIN)
+    raw["budgets"] = {"small": {"pruning.random": None, "tables.main": None}}
+    study = resolve_study(raw, "study.yaml", budget="small")
+    assert list(study.pruning) == ["taylor", "taylor_at"] and study.tables == {}
+    raw["budgets"] = {"bad": {"pruning.taylor": None}}          # a table still names it: refused, with the reason
+    with pytest.raises(UserError, match="row 'Taylor' names pruning 'taylor'"):
+        resolve_study(raw, "study.yaml", budget="bad")
