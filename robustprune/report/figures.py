@@ -124,6 +124,7 @@ def _save(fig, folder: str | Path, name: str) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
+    fig.tight_layout(rect=(0, 0, 1, 0.96))  # panel titles clear of the x labels above; room for the suptitle
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -215,6 +216,7 @@ def sparsity_figures(study: StudyConfig, cells: list[dict], folder, regime: str 
 def strength_figures(study: StudyConfig, cells: list[dict], folder, regime: str = "clean") -> list[Path]:
     from robustprune.evaluate import names
     from robustprune.report.robustness import attack_title
+    from robustprune.report.tables import setting_label
 
     view = _view(study, cells, regime)
     if view is None:
@@ -235,8 +237,7 @@ def strength_figures(study: StudyConfig, cells: list[dict], folder, regime: str 
                 pts = [p for p in pts if p[1] == p[1]]  # settings without this attack are skipped
                 if pts:
                     ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                                ms=3, capsize=2, label="dense" if k.pruning == "dense" else
-                                f"{k.pruning} s={k.sparsity:g}" if k.sparsity is not None else _series_label(k),
+                                ms=3, capsize=2, label=setting_label(k),
                                 **({"color": "black", "ls": "--"} if k.pruning == "dense" else {}))
             ax.set_title(attack_title(label), fontsize=10)
             ax.set_xlabel("L∞ ε (× 1/255)" if per255 else "L∞ ε (pixel scale [0, 1])")
