@@ -144,6 +144,13 @@ def _panels(n: int, width: float = 4.2, height: float = 3.4):
     return fig, list(axes.flat[:n])
 
 
+def _decorate(ax, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
 def _view(study: StudyConfig, cells: list[dict], regime: str):
     from robustprune.report.robustness import regime_view
 
@@ -202,10 +209,7 @@ def sparsity_figures(study: StudyConfig, cells: list[dict], folder, regime: str 
                               *_pct(view.groups[k], metrics)) for k in ks)
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=4,
                             capsize=2, label=label)
-            ax.set_title(name, fontsize=10)
-            ax.set_xlabel("weights removed (%)")
-            ax.set_ylabel("accuracy (%)")
-            ax.grid(alpha=0.3)
+            _decorate(ax, name, "weights removed (%)", "accuracy (%)")
         axes[0].legend(fontsize=7)
         fig.suptitle(f"Robustness vs sparsity ({model or study.name}, regime '{regime}', {_seeds_title(view)})",
                      fontsize=10)
@@ -239,10 +243,8 @@ def strength_figures(study: StudyConfig, cells: list[dict], folder, regime: str 
                     ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
                                 ms=3, capsize=2, label=setting_label(k),
                                 **({"color": "black", "ls": "--"} if k.pruning == "dense" else {}))
-            ax.set_title(attack_title(label), fontsize=10)
-            ax.set_xlabel("L∞ ε (× 1/255)" if per255 else "L∞ ε (pixel scale [0, 1])")
-            ax.set_ylabel("accuracy (%)")
-            ax.grid(alpha=0.3)
+            _decorate(ax, attack_title(label), "L∞ ε (× 1/255)" if per255 else "L∞ ε (pixel scale [0, 1])",
+                      "accuracy (%)")
         axes[0].legend(fontsize=7)
         fig.suptitle(f"Accuracy vs attack strength ({model or study.name}, regime '{regime}', {_seeds_title(view)})",
                      fontsize=10)
@@ -297,10 +299,7 @@ def dynamics_figures(study: StudyConfig, cells: list[dict], folder, regime: str 
             pts = [_mean_std([h[e].get(metric) for h in hs if len(h) > e]) for e in range(n)]
             ax.errorbar(range(1, n + 1), [p[0] for p in pts], yerr=[p[1] for p in pts], marker="o", ms=3, capsize=2,
                         label="dense" if k.pruning == "dense" else f"{k.pruning} s={k.sparsity:g}")
-        ax.set_title(DYNAMICS[metric][0], fontsize=10)
-        ax.set_xlabel("epoch of that model's training")
-        ax.set_ylabel(DYNAMICS[metric][0].lower())
-        ax.grid(alpha=0.3)
+        _decorate(ax, DYNAMICS[metric][0], "epoch of that model's training", DYNAMICS[metric][0].lower())
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Training dynamics (regime '{regime}', {_seeds_title(view)})", fontsize=10)
     return [_save(fig, folder, f"training_dynamics{_suffix(None, regime)}.png")]

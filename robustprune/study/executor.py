@@ -189,10 +189,10 @@ def _run_job(study_dump: dict, cells: list[Cell], out_dir: str, data_dir, device
 
 # ---- main side -------------------------------------------------------------------------------------
 
-def run_parallel(study: StudyConfig, cells: list[Cell], store: Store, out_dir: Path, data_dir, device: str,
-                 progress: Progress, workers: int, threads: int, checkpoints: Path | None = None) -> dict[str, int]:
+def pending_jobs(study: StudyConfig, cells: list[Cell], store: Store, progress: Progress):
+    """Report the cells the store already has, and plan jobs for the others (local and Ray
+    executors alike). Returns (jobs, {hash: (index, cell)}, counts)."""
     done = store.done_hashes()
-    by_hash = {c.hash: (i, c) for i, c in enumerate(cells)}
     counts = {"computed": 0, "skipped": 0, "failed": 0}
     for i, c in enumerate(cells):
         if c.hash in done:
@@ -200,6 +200,12 @@ def run_parallel(study: StudyConfig, cells: list[Cell], store: Store, out_dir: P
             progress.cell_finished(c, i, len(cells), 0.0, "stored")
     jobs = plan_jobs([c for c in cells if c.hash not in done],
                      study.evaluation.transfer.models if study.evaluation.transfer else None)
+    return jobs, {c.hash: (i, c) for i, c in enumerate(cells)}, counts
+
+
+def run_parallel(study: StudyConfig, cells: list[Cell], store: Store, out_dir: Path, data_dir, device: str,
+                 progress: Progress, workers: int, threads: int, checkpoints: Path | None = None) -> dict[str, int]:
+    jobs, by_hash, counts = pending_jobs(study, cells, store, progress)
     finished_count = counts["skipped"]
     # Every other job waits for the dense models: when there are fewer of them than workers, their
     # jobs get the idle workers' threads. Decided from the whole study, not from what is left, so

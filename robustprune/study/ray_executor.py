@@ -17,7 +17,7 @@ import torch
 
 from robustprune.errors import UserError
 from robustprune.study.cells import Cell
-from robustprune.study.executor import plan_jobs
+from robustprune.study.executor import pending_jobs
 from robustprune.study.runner import Progress, Workspace, compute_and_store
 from robustprune.study.schema import StudyConfig
 from robustprune.study.store import Store
@@ -78,16 +78,8 @@ def run_ray(study: StudyConfig, cells: list[Cell], store: Store, out_dir: Path, 
 
 
 def _schedule(ray, study, cells, store, out_dir, data_dir, device, progress, checkpoints, threads) -> dict[str, int]:
-    done = store.done_hashes()
-    by_hash = {c.hash: (i, c) for i, c in enumerate(cells)}
-    counts = {"computed": 0, "skipped": 0, "failed": 0}
-    for i, c in enumerate(cells):
-        if c.hash in done:
-            counts["skipped"] += 1
-            progress.cell_finished(c, i, len(cells), 0.0, "stored")
+    jobs, by_hash, counts = pending_jobs(study, cells, store, progress)
     finished = counts["skipped"]
-    jobs = plan_jobs([c for c in cells if c.hash not in done],
-                     study.evaluation.transfer.models if study.evaluation.transfer else None)
     gpus = 1 if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else 0
     task = ray.remote(ray_job).options(num_cpus=threads, num_gpus=gpus, max_retries=TASK_RETRIES)
     study_dump = study.model_dump(mode="json")
