@@ -2,9 +2,10 @@
 half-written) and read with torch.load(weights_only=True) (never runs code from the file)."""
 from __future__ import annotations
 
+import errno
 import os
 import pickle
-import tempfile
+import socket
 import zipfile
 from pathlib import Path
 
@@ -12,36 +13,99 @@ import torch
 
 from robustprune.errors import UserError
 
+TMP_SUFFIX = ".tmp"
+
+
+def _tmp_name(path: Path) -> Path:
+    # host and pid in the name: a later run can tell a dead writer's leftover from a live write
+    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}{TMP_SUFFIX}")
+
 
 def save(obj, path: str | Path) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
+    tmp = _tmp_name(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(path, e) from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if tmp.exists():
+            tmp.unlink()
 
 
-def load(path: str | Path):
+def write_error(path: Path, e: OSError) -> UserError:
+    """One sentence for a file that cannot be written: full disk, read-only or missing folder."""
+    why = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space or choose another folder (--out, --checkpoints)"
+    else:
+        fix = "choose a writable folder (--out, --checkpoints)"
+    return UserError(f"cannot write {path} ({why}); {fix}; everything finished before is kept")
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the temporary files of writers on this host that died mid-write (a killed run).
+    Files of live processes and of other hosts sharing the folder are left alone."""
+    host, removed = socket.gethostname(), 0
+    if not folder.is_dir():
+        return 0
+    for tmp in folder.glob(f"*{TMP_SUFFIX}"):
+        parts = tmp.name[: -len(TMP_SUFFIX)].rsplit(".", 2)
+        if len(parts) != 3 or parts[1] != host or not parts[2].isdigit():
+            continue
+        try:
+            os.kill(int(parts[2]), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        try:
+            tmp.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def load(path: str | Path, what: str = "checkpoint", fix: str = "delete it so it is recomputed, or replace it"):
     path = Path(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist; check the path") from None
+        raise UserError(f"{what} {path} does not exist; check the path") from None
     except pickle.UnpicklingError as e:
-        raise UserError(f"checkpoint {path} holds objects other than tensors and plain values, so it was not "
-                        f"loaded ({_first_line(e)}); only load checkpoints you trust, re-saved as state dicts") from None
+        raise UserError(f"{what} {path} holds objects other than tensors and plain values, so it was not "
+                        f"loaded ({_refused_global(e)}); only load files you trust, re-saved as state dicts") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise UserError(f"checkpoint {path} is truncated or corrupt ({_first_line(e)}); delete it so it "
-                        "is recomputed, or replace it") from None
+        raise UserError(f"{what} {path} is truncated or corrupt ({_first_line(e)}); {fix}") from None
 
 
 def _first_line(e: Exception) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def _refused_global(e: Exception) -> str:
+    """The line of torch's long message that names what the file asked to import."""
+    lines = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "global" in line]
+    return lines[0].rstrip(".") if lines else _first_line(e)
+
+
+def load_weights(path: str | Path) -> dict:
+    """A user's weights file: a state dict, or a dict holding one under 'state' or 'state_dict'
+    (robustprune's own checkpoints, Lightning-style files)."""
+    obj = load(path, "weights file", "replace it with a complete copy")
+    if isinstance(obj, dict):
+        for key in ("state", "state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"weights file {path} holds no state dict (a dict of tensors, alone or under 'state'); "
+                        "save it with torch.save(model.state_dict(), path)")
+    return obj
 
 
 def load_state_into(model: torch.nn.Module, state: dict, source: str) -> None:
@@ -50,5 +114,6 @@ def load_state_into(model: torch.nn.Module, state: dict, source: str) -> None:
         model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise UserError(f"checkpoint {source} does not fit this model ({first}); it was made for another "
+        first = first if len(first) <= 200 else first[:200] + " ..."
+        raise UserError(f"{source} does not fit this model ({first}); it was made for another "
                         "architecture or width") from None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -19,10 +20,9 @@ def _console():
 
 
 def cmd_run(args) -> int:
-    from robustprune.progress import RichProgress
-    from robustprune.report.render import print_tables
+    from robustprune.data.base import OFFLINE_ENV
     from robustprune.study.cells import expand
-    from robustprune.study.runner import run_study
+    from robustprune.study.runner import prepare
     from robustprune.study.schema import load_study
     from robustprune.study.store import Store
 
@@ -30,25 +30,54 @@ def cmd_run(args) -> int:
         raise UserError("--address is the Ray cluster of --executor ray; add --executor ray or remove --address")
     study = load_study(args.study, args.budget, args.seeds, args.set)
     out_dir = Path(args.out or Path("runs") / study.name)
+    not_a_folder(out_dir, "--out")
     cells = expand(study)
+    if args.offline:
+        os.environ[OFFLINE_ENV] = "1"  # (read by the data loaders, in worker processes too)
+    ws = prepare(study, out_dir, args.data_dir, args.device, args.checkpoints)  # bad input: nothing written yet
     store = Store(out_dir / "results.sqlite")
+    try:
+        return _run(args, study, cells, store, out_dir, ws)
+    finally:
+        store.close()
+
+
+def _run(args, study, cells, store, out_dir, ws) -> int:
+    from robustprune.progress import RichProgress
+    from robustprune.report.render import print_tables
+    from robustprune.study.runner import run_study
+
     console = _console()
     n_done = len(store.done_hashes() & {c.hash for c in cells})
     console.print(f"[bold]{study.name}[/] (budget {args.budget}): {len(cells)} cells, {n_done} already stored, "
                   f"{len(study.seeds)} seed(s) -> {out_dir}/results.sqlite")
-    store.record_run(study.name, args.budget, shlex.join(["robustprune", *sys.argv[1:]]),
-                     study.model_dump(mode="json"), [c.hash for c in cells])
+    recorded = []
+
+    def record_run() -> None:
+        # The run is recorded with its first stored cell (or at its end): a run stopped by bad
+        # input before storing anything leaves the store exactly as it was.
+        if not recorded:
+            store.record_run(study.name, args.budget, shlex.join(["robustprune", *sys.argv[1:]]),
+                             study.model_dump(mode="json"), [c.hash for c in cells])
+            recorded.append(True)
+
     try:
-        with RichProgress(console, len(cells)) as progress:
+        with RichProgress(console, len(cells), on_computed=record_run) as progress:
             counts = run_study(study, cells, store, out_dir, args.data_dir, args.device, progress, args.workers,
-                               args.checkpoints, args.executor, args.address)
+                               args.checkpoints, args.executor, args.address, ws)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: finished cells are stored in {out_dir}/results.sqlite; "
                       "run the same command again to resume")
         return 130
+    record_run()
     console.print(f"computed {counts['computed']} cells, {counts['skipped']} from the store, {counts['failed']} failed")
     print_tables(console, study, store.cells([c.hash for c in cells]))
     return 0
+
+
+def not_a_folder(path: Path, option: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path} is a file, not a folder; give a folder (it is created if missing)")
 
 
 def cmd_report(args) -> int:
@@ -57,6 +86,7 @@ def cmd_report(args) -> int:
     if args.out:
         from robustprune.report.document import write_report
 
+        not_a_folder(Path(args.out), "--out")
         path = write_report(args.dirs, args.out)
         _console().print(f"report: {path}", highlight=False)
         return 0
@@ -132,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the cluster at --address (pip install 'robustprune[ray]')")
     r.add_argument("--address", help="Ray cluster address for --executor ray, e.g. 10.0.0.1:6379 or auto")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    r.add_argument("--offline", action="store_true",
+                   help="never download: a missing data file is an error (also ROBUSTPRUNE_OFFLINE=1)")
     r.add_argument("--workers", default="auto", type=_workers,
                    help="parallel worker processes (default auto: one per CPU core up to 8, 1 on a GPU)")
     r.set_defaults(func=cmd_run)

@@ -11,8 +11,8 @@ from robustprune.study.runner import Progress as ProgressBase
 
 
 class RichProgress(ProgressBase):
-    def __init__(self, console: Console, total_cells: int):
-        self.console = console
+    def __init__(self, console: Console, total_cells: int, on_computed=None):
+        self.console, self.on_computed = console, on_computed  # called after each computed (stored) cell
         console._log_render.show_path = False  # the source line of the log call means nothing to users
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("left"),
@@ -56,6 +56,8 @@ class RichProgress(ProgressBase):
         if status == "stored":
             return
         self.computed += 1
+        if self.on_computed is not None:
+            self.on_computed()
         left = self.time_left(cell, total - index - 1)  # wall time, so parallel workers are accounted for
         self.console.log(f"[{index + 1}/{total}] {cell.label}: {status} in {seconds:.1f}s "
                          f"(about {left / 60:.1f} min left)", highlight=False)

@@ -16,6 +16,7 @@ from robustprune.errors import UserError
 from robustprune.registry import Registry
 
 DATA_ENV = "ROBUSTPRUNE_DATA"
+OFFLINE_ENV = "ROBUSTPRUNE_OFFLINE"  # 1: never download (run --offline)
 
 
 @dataclass
@@ -64,7 +65,11 @@ def resolve_data_dir(flag: str | os.PathLike | None) -> Path:
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = True) -> ImageDataset:
     loader = DATASETS.get(name)
-    return loader(resolve_data_dir(data_dir), download=download)
+    folder = resolve_data_dir(data_dir)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"the data folder {folder} is a file; point --data-dir (or ${DATA_ENV}) at a folder")
+    offline = os.environ.get(OFFLINE_ENV, "") not in ("", "0")
+    return loader(folder, download=download and not offline)
 
 
 def md5_of(path: Path) -> str:
@@ -109,7 +114,8 @@ def ensure_file(folder: Path, filename: str, md5: str, urls: list[str], download
     path = folder / filename
     if not path.exists():
         if not download:
-            raise UserError(f"{path} is missing; put it there or allow downloading")
+            raise UserError(f"{path} is missing and downloading is off; put the file there or point --data-dir "
+                            f"(or ${DATA_ENV}) at the folder that has it")
         fetch(urls, path, md5)
         return path
     got = md5_of(path)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from pydantic import BaseModel
@@ -54,12 +56,31 @@ def _regime(name: str, params: dict, full: bool) -> dict:
     return {"name": name, "params": dump(p, full)}
 
 
+@lru_cache(maxsize=None)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_key(model: ModelConfig) -> dict:
+    """The architecture, and for a loaded dense model its file with the file's SHA-256 (a changed
+    file gives new cells, and every stored number names the exact weights it came from)."""
+    out = dump(model, True)
+    if out.pop("weights", None) is not None:
+        st = os.stat(model.weights)
+        out |= {"weights": model.weights, "weights_sha256": _file_sha256(model.weights, st.st_mtime_ns, st.st_size)}
+    return out
+
+
 def dense_key(study: StudyConfig, regime: str, seed: int, full: bool = False,
               model: ModelConfig | None = None) -> dict:
     return {
         "dataset": study.dataset,
         "data": dump(study.data, full),
-        "model": dump(model or study.model, True),
+        "model": model_key(model or study.model),
         "train": dump(study.train, full),
         "regime": _regime(regime, study.regimes[regime], full),
         "seed": seed,

@@ -151,8 +151,14 @@ class Workspace:
         model = self.new_model(key)
         wanted = self.rewind_epochs() - {0}
         state = checkpoint.load(path) if path.exists() else None
-        if state is not None and wanted <= set(state.get("rewind", {})):
-            checkpoint.load_state_into(model, state["state"], str(path))
+        if state is not None and "diverged" in state:  # every cell of this dense model fails at once
+            raise TrainingDiverged(f"the dense model diverged: {state['diverged']}")
+        if key["model"].get("weights"):  # a user's trained model is the dense model
+            weights = key["model"]["weights"]
+            checkpoint.load_state_into(model, checkpoint.load_weights(weights), f"weights file {weights}")
+            out = DenseModel(to_device(model, self.device), copy.deepcopy(model.state_dict()), [], {})
+        elif state is not None and wanted <= set(state.get("rewind", {})):
+            checkpoint.load_state_into(model, state["state"], f"checkpoint {path}")
             model = to_device(model, self.device)
             out = DenseModel(model, state["init_state"], state["history"], state.get("rewind", {}))
         else:  # (training is deterministic: a checkpoint without the rewind weights is redone identically)
@@ -165,8 +171,12 @@ class Workspace:
                 if epoch in wanted:
                     rewind[epoch] = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
 
-            history = self._train(model, data, self.study.train, key["seed"], f"train dense ({key['regime']['name']})",
-                                  on_epoch_end=keep if wanted else None)
+            try:
+                history = self._train(model, data, self.study.train, key["seed"],
+                                      f"train dense ({key['regime']['name']})", on_epoch_end=keep if wanted else None)
+            except TrainingDiverged as e:  # remembered, so the pruned cells of this model do not retrain it
+                checkpoint.save({"diverged": str(e), "key": key}, path)
+                raise
             checkpoint.save({"state": model.state_dict(), "init_state": init_state, "history": history,
                              "key": key, "rewind": rewind}, path)
             out = DenseModel(model, init_state, history, rewind)
@@ -267,7 +277,7 @@ class Workspace:
         return self.ckpt_dir / f"{kind}-{config_hash({'dense': key, 'pruning': pr})}.pt"
 
     def _load_cached(self, model, state: dict, path: Path) -> tuple[torch.nn.Module, list]:
-        checkpoint.load_state_into(model, state["state"], str(path))
+        checkpoint.load_state_into(model, state["state"], f"checkpoint {path}")
         return to_device(model, self.device).eval(), state["history"]
 
     def _trained_or_cached(self, kind: str, key: dict, pr: dict, model, train_now) -> tuple[torch.nn.Module, list]:
@@ -302,7 +312,7 @@ class Workspace:
         model = self.new_model(key)
         if scheme == "winning_ticket":
             k = pr["rewind_epoch"]
-            checkpoint.load_state_into(model, dense.init_state if k == 0 else dense.rewind[k], "rewind weights")
+            checkpoint.load_state_into(model, dense.init_state if k == 0 else dense.rewind[k], "the rewind weights")
         model = to_device(model, self.device)
         if masks is None:
             self._replay(method, model, pr, params, recording)
@@ -340,7 +350,7 @@ class Workspace:
         model = self.new_model(key)
         if path.exists():
             state = checkpoint.load(path)
-            checkpoint.load_state_into(model, state["state"], str(path))
+            checkpoint.load_state_into(model, state["state"], f"checkpoint {path}")
             return to_device(model, self.device).eval(), state["masks"], state["history"]
         prev_model, prev_masks, _ = self.lottery_round(key, params, r - 1)
         masks = global_magnitude_masks(prev_model, params.rate, prev_masks)
@@ -369,6 +379,17 @@ class Workspace:
         return self.pruned(key, pr, method, params)
 
     # ---- evaluation inputs shared by cells ----------------------------------------------------
+    def check_inputs(self) -> None:
+        """Everything a study reads (data, weights files, evaluation inputs) is checked before any
+        file is written, so a mistake costs nothing and changes nothing."""
+        self.base_data()
+        for _, model_cfg in self.study.model_items():
+            if model_cfg.weights:
+                model = self.new_model({"model": {"name": model_cfg.name, "args": model_cfg.args}})
+                checkpoint.load_state_into(model, checkpoint.load_weights(model_cfg.weights),
+                                           f"weights file {model_cfg.weights}")
+        self.check_evaluation_inputs()
+
     def check_evaluation_inputs(self) -> None:
         """Problems with what the evaluation reads are reported before any work starts."""
         ev = self.study.evaluation
@@ -514,6 +535,9 @@ def run_cell(cell: Cell, ws: Workspace, record: dict | None = None) -> tuple[dic
     data = ws.regime_data(cell.dense_key)
     dense_weights = sum(w.numel() for w in prunable_weights(dense.model).values())
     model, history = ws.model_of(cell)
+    for name, t in model.state_dict().items():  # e.g. a loaded file or a fine-tuning that blew up between checks
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise TrainingDiverged(f"the model holds NaN or infinite values in {name}")
     return evaluate(model, cell, data, ws, dense_weights, record) | ws.plan_metrics(cell), history
 
 
@@ -532,20 +556,31 @@ def compute_and_store(cell: Cell, ws: Workspace, store: Store) -> tuple[str, flo
     return status, wall
 
 
+def prepare(study: StudyConfig, out_dir: Path, data_dir=None, device: str = "auto",
+            checkpoints: Path | None = None) -> Workspace:
+    """The workspace of a run, once every input it reads is checked (before the store is opened,
+    so bad input leaves it untouched). Temporary files of killed runs are removed."""
+    ws = Workspace(study, out_dir, data_dir, pick_device(device), Progress(), checkpoints)
+    ws.check_inputs()
+    checkpoint.remove_stale_temporaries(ws.ckpt_dir)
+    return ws
+
+
 def run_study(study: StudyConfig, cells: list[Cell], store: Store, out_dir: Path, data_dir=None,
               device: str = "auto", progress: Progress | None = None, workers: int | str = 1,
-              checkpoints: Path | None = None, executor: str = "local", address: str | None = None) -> dict[str, int]:
+              checkpoints: Path | None = None, executor: str = "local", address: str | None = None,
+              ws: Workspace | None = None) -> dict[str, int]:
     """Compute every cell the store does not have yet. Returns counts of computed/skipped/failed.
     workers > 1 (or 'auto') runs cells in parallel processes (see executor.py). checkpoints: the
-    folder of trained models and derived data sets (default out_dir/checkpoints)."""
+    folder of trained models and derived data sets (default out_dir/checkpoints). ws: from
+    prepare(), when the caller checked the inputs already."""
     from robustprune.study.executor import run_parallel, worker_layout
 
     progress = progress or Progress()
     progress.plan(cells, store.done_hashes())
     n_workers, threads = worker_layout(workers, device)
-    ws = Workspace(study, out_dir, data_dir, pick_device(device), progress, checkpoints)
-    ws.base_data()  # a missing or corrupt data file is reported before any work starts
-    ws.check_evaluation_inputs()
+    ws = ws or prepare(study, out_dir, data_dir, device, checkpoints)
+    ws.progress = progress
     if executor == "ray":
         from robustprune.study.ray_executor import run_ray
 

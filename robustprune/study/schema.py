@@ -42,6 +42,8 @@ class DataConfig(Strict):
 class ModelConfig(Strict):
     name: str = "mnist_cnn"
     args: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = Field(None, description="a state-dict file (torch.save(model.state_dict(), path)) that "
+                                "is the dense model instead of training one; relative to the working folder")
 
 
 class PruningConfig(Strict):
@@ -370,6 +372,9 @@ class StudyConfig(Strict):
                 builder(**model.args)
             except TypeError as e:
                 raise ValueError(f"model '{model.name}' does not accept args {model.args} ({e})") from None
+            if model.weights is not None and not Path(model.weights).is_file():
+                raise ValueError(f"model.weights file {model.weights} does not exist; give the path of a state dict "
+                                 f"saved with torch.save(model.state_dict(), path)")
         for name, params in self.regimes.items():
             _check_params(REGIMES.get(name).Params, params, f"regimes.{name}")
         for label, p in self.pruning.items():
@@ -414,6 +419,9 @@ class StudyConfig(Strict):
                 raise ValueError(f"pruning '{label}': iterative pruning (rounds > 1) fine-tunes after every round, "
                                  f"so it takes only adjust: [finetune]; put Scratch-E/B and winning tickets in a "
                                  f"one-shot entry")
+            if "winning_ticket" in p.adjust and any(m.weights for _, m in self.model_items()):
+                raise ValueError(f"pruning '{label}': a winning ticket rewinds to weights saved while training the "
+                                 f"dense model, and model.weights loads one instead; drop one of the two")
             if "winning_ticket" in p.adjust and p.rewind_epoch > self.train.epochs:
                 raise ValueError(f"pruning '{label}': rewind_epoch {p.rewind_epoch} is after the last of the "
                                  f"{self.train.epochs} training epochs; use 0 to {self.train.epochs}")

@@ -66,6 +66,8 @@ class Store:
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.executescript(SCHEMA)
             self.db.execute("SELECT count(*) FROM cells").fetchone()
+        except sqlite3.OperationalError as e:
+            raise self._write_error(e) from None
         except sqlite3.DatabaseError as e:
             raise UserError(f"{self.path} is not a usable result store ({e}); point to another folder "
                             "or move the file away") from None
@@ -75,6 +77,18 @@ class Store:
 
     def close(self):
         self.db.close()
+
+    def _write_error(self, e: sqlite3.OperationalError) -> UserError:
+        """One sentence for a store SQLite cannot write (full disk, read-only folder, lock held too long)."""
+        text = str(e)
+        if "full" in text:
+            fix = "free some space or choose another --out folder"
+        elif "locked" in text or "busy" in text:
+            fix = "another process held it for over a minute; wait for it or use another --out folder"
+        else:
+            fix = "choose a writable --out folder"
+        return UserError(f"cannot write the result store {self.path} ({text}); {fix}; the cells stored "
+                         "before are kept")
 
     def done_hashes(self) -> set[str]:
         return {h for (h,) in self.db.execute("SELECT hash FROM cells WHERE status IN ('done', 'failed')")}
@@ -112,9 +126,11 @@ class Store:
                                 [(cell.hash, m, len(v), pack(v)) for m, v in (per_image or {}).items()])
             self.db.execute("COMMIT")
             return True
-        except BaseException:
+        except BaseException as e:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
+            if isinstance(e, sqlite3.OperationalError):
+                raise self._write_error(e) from None
             raise
 
     def per_image(self, hashes: Iterable[str], metric: str) -> dict:
@@ -133,6 +149,12 @@ class Store:
         return out
 
     def record_run(self, study: str, budget: str | None, command: str, study_config: dict, hashes: Iterable[str]) -> None:
+        try:
+            self._record_run(study, budget, command, study_config, hashes)
+        except sqlite3.OperationalError as e:
+            raise self._write_error(e) from None
+
+    def _record_run(self, study, budget, command, study_config, hashes) -> None:
         self.db.execute("INSERT INTO runs (study, budget, command, started_at, study_config, cell_hashes) VALUES (?,?,?,?,?,?)",
                         (study, budget, command, time.strftime("%Y-%m-%dT%H:%M:%S"), json.dumps(study_config),
                          json.dumps(list(hashes))))
