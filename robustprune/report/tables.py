@@ -245,8 +245,11 @@ def failed_cells_table(cells: list[dict]) -> Table | None:
     failed = [c for c in cells if c["status"] == "failed"]
     if not failed:
         return None
-    rows = [[c["axes"]["regime"], c["axes"]["pruning"], str(c["axes"]["seed"]), c["error"] or ""] for c in failed]
-    return Table("Failed cells", ["Regime", "Pruning", "Seed", "Reason"], rows)
+    rows = [[c["axes"]["regime"], setting_label(key_of(c)), str(c["axes"]["seed"]), c["error"] or ""] for c in failed]
+    return Table("Failed cells", ["Regime", "Setting", "Seed", "Reason"], rows,
+                 caption="Cells stored as failed (a diverging loss, or NaN/inf weights) with the reason; the "
+                         "study went on without them, and they are left out of every other table. A new setting "
+                         "(e.g. a lower learning rate) gives new cells.")
 
 
 def all_tables(study: StudyConfig, cells: list[dict]) -> list[Table]:

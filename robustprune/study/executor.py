@@ -15,6 +15,7 @@ import signal
 import time
 from collections import defaultdict
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing.managers import SyncManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,7 +214,9 @@ def run_parallel(study: StudyConfig, cells: list[Cell], store: Store, out_dir: P
     n_dense = len({_group(c) for c in cells if c.config["pruning"] is None})
     dense_threads = max(threads, workers * threads // max(1, min(workers, n_dense)))
     ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
-    with ctx.Manager() as manager:
+    manager = SyncManager(ctx=ctx)
+    manager.start(_die_with_parent)  # the queue's server process, too, dies with the study
+    with manager:
         q = manager.Queue()
         pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, q))
         running: dict = {}

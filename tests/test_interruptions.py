@@ -1,0 +1,246 @@
+"""Reliability of long runs (issue 8): a study killed (SIGKILL) at random points, over and over,
+ends with the store of an uninterrupted run; two processes (and Ray workers) writing one store
+never duplicate or lose a row; the same cell and seed give bit-identical numbers; a diverging run
+is stored as failed with its reason and the study goes on."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from robustprune import checkpoint
+
+pytestmark = pytest.mark.slow
+
+# 3 seeds x (dense + 4 pruned): 15 cells, about 10 s of work with 2 workers
+STUDY = {"name": "kill_me", "dataset": "mnist", "data": {"train_subset": 1000, "test_subset": 200},
+         "model": {"name": "mnist_cnn", "args": {"conv1": 4, "conv2": 8, "fc": 32, "kernel_size": 5, "padding": 0}},
+         "train": {"epochs": 1, "batch_size": 128, "lr": 0.05},
+         "finetune": {"lr": 0.01},
+         "pruning": {"magnitude": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [0, 1]},
+                     "channels": {"method": "channel_l1", "sparsities": [0.3, 0.6], "finetune_epochs": [1]}},
+         "evaluation": {"attack_subset": 100, "attacks": {"fgsm": {"eps": [0.1]}, "pgd": {"eps": [0.1]}}},
+         "seeds": [0, 1, 2]}
+N_CELLS = 15
+WORKERS = ["--workers", "2"]  # one thread per cell; every run below uses the same layout
+
+
+def command(study: Path, out: Path, data_dir: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "robustprune", "run", str(study), "--data-dir", str(data_dir), "--out", str(out),
+            *WORKERS, *extra]
+
+
+def contents(out: Path) -> dict:
+    """The data of a store: each cell's status and error, each metric's value, each per-image vector."""
+    with sqlite3.connect(out / "results.sqlite") as db:
+        cells = db.execute("SELECT hash, status, error FROM cells ORDER BY hash").fetchall()
+        results = db.execute("SELECT hash, metric, value FROM results ORDER BY hash, metric").fetchall()
+        per_image = db.execute("SELECT hash, metric, n, correct FROM per_image ORDER BY hash, metric").fetchall()
+    return {"cells": cells, "results": results, "per_image": per_image}
+
+
+def row_counts(out: Path) -> dict:
+    with sqlite3.connect(out / "results.sqlite") as db:
+        return {t: db.execute(f"SELECT count(*), count(DISTINCT {k}) FROM {t}").fetchone()
+                for t, k in (("cells", "hash"), ("results", "hash || metric"), ("per_image", "hash || metric"))}
+
+
+def every_checkpoint_loads(out: Path) -> int:
+    files = list((out / "checkpoints").glob("*.pt"))
+    for f in files:
+        checkpoint.load(f)
+    return len(files)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("study") / "kill_me.yaml"
+    path.write_text(yaml.safe_dump(STUDY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(study, data_dir, tmp_path_factory):
+    """The uninterrupted run, and how long it took."""
+    out = tmp_path_factory.mktemp("reference")
+    t0 = time.perf_counter()
+    proc = subprocess.run(command(study, out, data_dir), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert f"computed {N_CELLS} cells" in proc.stdout
+    return out, time.perf_counter() - t0
+
+
+def stored_cells(out: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{out / 'results.sqlite'}?mode=ro", uri=True, timeout=10) as db:
+            return db.execute("SELECT count(*) FROM cells").fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+
+
+def run_until_killed(cmd: list[str], out: Path, rng: random.Random) -> subprocess.Popen | None:
+    """Start the study and SIGKILL its whole process group at a random moment: a random time after
+    the start (start-up, data loading, training, evaluation), but at most a random fraction of a
+    second after it stored its first new cell, so that every run adds little and kills land
+    between and during the writes of many cells. Returns the process if it finished by itself."""
+    before = stored_cells(out)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    t0, kill_at = time.monotonic(), rng.uniform(0.5, 8.0)
+    while proc.poll() is None:
+        now = time.monotonic()
+        if now - t0 >= kill_at:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None
+        if stored_cells(out) > before:
+            kill_at = min(kill_at, now - t0 + rng.uniform(0.0, 0.6))
+        time.sleep(0.02)
+    return proc
+
+
+def test_killed_at_random_points_many_times_ends_with_the_uninterrupted_store(study, reference, data_dir, tmp_path):
+    ref_out, _ = reference
+    out = tmp_path / "killed"
+    cmd = command(study, out, data_dir)
+    rng = random.Random(8)
+    kills, stored_after_kill = 0, []
+    while kills < 12:
+        finished = run_until_killed(cmd, out, rng)
+        if finished is not None:  # it completed before its kill time
+            assert finished.returncode == 0, finished.stderr.read().decode()
+            break
+        kills += 1
+        stored_after_kill.append(stored_cells(out))
+        # a killed writer never leaves a torn row or a cell without its metrics
+        assert all(n == distinct for n, distinct in row_counts(out).values())
+    final = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr  # e.g. a half-written checkpoint would be reported here
+    assert kills >= 10, f"only {kills} kills: the study finished too soon to be interrupted"
+    assert any(0 < n < N_CELLS for n in stored_after_kill), stored_after_kill  # kills fell between cells too
+    assert contents(out) == contents(ref_out)
+    assert row_counts(out) == row_counts(ref_out)
+    assert every_checkpoint_loads(out) == every_checkpoint_loads(ref_out)
+    assert not list(out.rglob("*.tmp"))  # temporaries of killed writers are cleaned up by the next run
+
+
+def test_killing_only_the_main_process_stops_its_workers(study, data_dir, tmp_path):
+    """A worker dies with the study process (no orphan keeps computing or writing)."""
+    proc = subprocess.Popen(command(study, tmp_path / "out", data_dir), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(group_members(proc.pid)) < 3:  # main, manager, workers
+        time.sleep(0.2)
+    assert len(group_members(proc.pid)) >= 3
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and group_members(proc.pid):
+        time.sleep(0.2)
+    left = group_members(proc.pid)
+    if left:
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert not left, f"processes outlived the study: {left}"
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.parametrize("executors", [("local", "local"), ("ray", "local")])
+def test_two_processes_on_one_store_never_duplicate_or_lose_rows(executors, study, reference, data_dir, tmp_path):
+    if "ray" in executors:
+        pytest.importorskip("ray") if not os.environ.get("CI") else None
+    ref_out, _ = reference
+    out = tmp_path / "shared"
+    procs = [subprocess.Popen(command(study, out, data_dir, "--executor", ex), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for ex in executors]
+    outputs = [p.communicate(timeout=900) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stderr
+    assert contents(out) == contents(ref_out)
+    assert row_counts(out) == row_counts(ref_out)
+    computed = [int(stdout.split("computed ")[1].split()[0]) for stdout, _ in outputs]
+    assert sum(computed) >= N_CELLS  # both worked; a cell both computed is stored once
+
+
+def test_same_cell_and_seed_give_bit_identical_metrics(study, reference, data_dir, tmp_path):
+    """A fresh run (new process, new checkpoints) reproduces every stored number bit for bit."""
+    ref_out, _ = reference
+    out = tmp_path / "again"
+    proc = subprocess.run(command(study, out, data_dir), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    mine, theirs = contents(out), contents(ref_out)
+    assert [(h, m, v.hex()) for h, m, v in mine["results"]] == [(h, m, v.hex()) for h, m, v in theirs["results"]]
+    assert mine == theirs
+    with sqlite3.connect(out / "results.sqlite") as db:
+        configs = {h: json.loads(c) for h, c in db.execute("SELECT hash, config FROM cells")}
+    assert len(configs) == N_CELLS
+
+
+DIVERGING = {"blowup": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [1],
+                        "finetune": {"lr": 1.0e12}}}
+
+
+def test_a_diverging_fine_tuning_is_stored_as_failed_and_the_study_goes_on(study, data_dir, tmp_path):
+    raw = yaml.safe_load(study.read_text())
+    raw["pruning"] = {"magnitude": raw["pruning"]["magnitude"], **DIVERGING}
+    raw["seeds"] = [0]
+    path = tmp_path / "nan.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    proc = subprocess.run(command(path, out, data_dir), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "computed 3 cells, 0 from the store, 1 failed" in proc.stdout
+    with sqlite3.connect(out / "results.sqlite") as db:
+        cells = {json.loads(a)["pruning"]: (s, e) for a, s, e in db.execute("SELECT axes, status, error FROM cells")}
+        failed_rows = db.execute("SELECT count(*) FROM results r JOIN cells c USING (hash) "
+                                 "WHERE c.status = 'failed'").fetchone()[0]
+    assert cells["dense"] == ("done", None) and cells["magnitude"][0] == "done"
+    status, error = cells["blowup"]
+    assert status == "failed" and "loss became" in error and ("nan" in error or "inf" in error)
+    assert failed_rows == 0  # no half-computed metrics of a failed cell
+    report = subprocess.run([sys.executable, "-m", "robustprune", "report", str(out)], capture_output=True,
+                            text=True, timeout=300)
+    assert report.returncode == 0
+    failed_table = report.stdout[report.stdout.index("Failed cells"):]
+    assert "blowup s=0.5, FT 1 ep" in failed_table and "loss became" in failed_table
+    again = subprocess.run(command(path, out, data_dir), capture_output=True, text=True, timeout=600)
+    assert "computed 0 cells, 4 from the store" in again.stdout  # a failed cell is not retried
+
+
+def test_a_diverging_dense_model_fails_its_pruned_cells_without_retraining(study, data_dir, tmp_path):
+    raw = yaml.safe_load(study.read_text())
+    raw["seeds"] = [0]
+    raw["train"]["lr"] = 1.0e12
+    path = tmp_path / "nan_dense.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    proc = subprocess.run(command(path, out, data_dir), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "computed 0 cells, 0 from the store, 5 failed" in proc.stdout
+    with sqlite3.connect(out / "results.sqlite") as db:
+        rows = [(json.loads(a)["pruning"], e, w) for a, e, w in db.execute("SELECT axes, error, wall_time_s FROM cells")]
+    dense = [r for r in rows if r[0] == "dense"]
+    assert len(dense) == 1 and "loss became" in dense[0][1]
+    pruned = [r for r in rows if r[0] != "dense"]
+    assert len(pruned) == 4 and all(e.startswith("the dense model diverged: loss became") for _, e, _ in pruned)
+    assert all(w < 1.0 for _, _, w in pruned)  # the diverging training is remembered, not repeated
