@@ -409,3 +409,23 @@ def test_weights_file_is_the_dense_model(reference, data_dir, tmp_path):
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
     assert all(json.loads(c)["model"]["weights_sha256"] == sha for *_, c in rows)
     assert not list((out / "checkpoints").glob("dense-*.pt"))  # nothing was trained
+
+
+def test_a_bad_checkpoint_found_by_a_ray_worker_is_one_sentence(reference, data_dir, tmp_path):
+    """The same sentence and exit code when the error happens inside a Ray task."""
+    if not os.environ.get("CI"):
+        pytest.importorskip("ray")
+    study, ref_out, _ = reference
+    out = tmp_path / "out"
+    shutil.copytree(ref_out, out)
+    half_file(next((out / "checkpoints").glob("dense-*.pt")))
+    before = snapshot(out)
+    proc = subprocess.run([sys.executable, "-m", "robustprune", "run", str(study), "--data-dir", str(data_dir),
+                           "--out", str(out), "--executor", "ray", *NEW_EVAL], capture_output=True, text=True,
+                          timeout=600)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, err
+    last = err.splitlines()[-1]  # (Ray may print its own notices first)
+    assert last.startswith("robustprune: error: checkpoint") and "is truncated or corrupt" in last
+    assert "Traceback" not in err and "RayTaskError" not in err
+    assert snapshot(out) == before

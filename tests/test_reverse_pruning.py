@@ -200,4 +200,4 @@ def test_reverse_pruning_study_through_the_cli(tmp_path, data_dir):
     assert "weights:l1" in (tmp_path / "report" / "results.csv").read_text()
     (tmp_path / "a_file").write_text("x")
     bad = run_cli("report", out, "--out", tmp_path / "a_file")
-    assert bad.returncode == 2 and "cannot write the report" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "is a file, not a folder" in bad.stderr and "Traceback" not in bad.stderr

@@ -148,18 +148,21 @@ class QueueProgress(Progress):
             self.q.put(("advance", self.pid, completed, info))
 
 
-def _die_with_parent() -> None:
-    """Linux: a worker is killed when the study process dies (no orphan keeps computing)."""
+def _die_with_parent(parent: int) -> None:
+    """Linux: a worker is killed when the study process dies (no orphan keeps computing). A
+    parent that died while the worker was still starting is caught by the pid check."""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent:
+        os._exit(1)
 
 
-def _init_worker(threads: int, q) -> None:
-    _die_with_parent()
+def _init_worker(threads: int, q, parent: int) -> None:
+    _die_with_parent(parent)
     torch.set_num_threads(threads)
     _STATE["queue"] = q
 
@@ -215,10 +218,11 @@ def run_parallel(study: StudyConfig, cells: list[Cell], store: Store, out_dir: P
     dense_threads = max(threads, workers * threads // max(1, min(workers, n_dense)))
     ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
     manager = SyncManager(ctx=ctx)
-    manager.start(_die_with_parent)  # the queue's server process, too, dies with the study
+    manager.start(_die_with_parent, (os.getpid(),))  # the queue's server process, too, dies with the study
     with manager:
         q = manager.Queue()
-        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, q))
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(threads, q, os.getpid()))
         running: dict = {}
         study_dump = study.model_dump(mode="json")
 

@@ -100,6 +100,8 @@ def _schedule(ray, study, cells, store, out_dir, data_dir, device, progress, che
         try:
             results = ray.get(ref)
         except ray.exceptions.RayTaskError as e:  # the job raised (e.g. a corrupt checkpoint): stop here
+            if isinstance(e.cause, UserError):  # its one sentence, without Ray's traceback text
+                raise UserError(str(e.cause)) from None
             raise e.as_instanceof_cause() from None
         for h, status, wall in results:
             counts["failed" if status == "failed" else "computed"] += 1
