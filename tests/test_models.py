@@ -130,7 +130,7 @@ def test_default_init_is_kaiming_fan_out():
     assert all(not b.body.bn2.weight.any() for _, b in residual_blocks(z))
 
 
-@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2", "mobilevit_xs"])
 def test_channels_last_matches_contiguous_and_trains(name):
     model = build(name).eval()
     x = torch.rand(2, 3, 32, 32)

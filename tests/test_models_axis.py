@@ -29,6 +29,39 @@ TWO_MODELS = {
 }
 
 
+def test_an_architecture_may_change_training_and_run_fewer_seeds():
+    import copy
+
+    raw = copy.deepcopy(TWO_MODELS) | {"seeds": [0, 1, 2]}
+    before = {(c.axes["model"], c.axes["pruning"], c.axes["finetune_epochs"], c.axes["seed"]): c.hash
+              for c in expand(resolve_study(raw, "test"))}
+    raw["models"]["wide"] = {"name": "mnist_cnn", "train": {"epochs": 3, "lr": 0.02}, "seeds": [1]}
+    cells = expand(resolve_study(raw, "test"))
+    after = {(c.axes["model"], c.axes["pruning"], c.axes["finetune_epochs"], c.axes["seed"]): c for c in cells}
+    # the narrow model's cells are the same cells; the wide one trains longer, on seed 1 only
+    assert {k: c.hash for k, c in after.items() if k[0] == "narrow"} == {k: h for k, h in before.items()
+                                                                         if k[0] == "narrow"}
+    wide = [c for c in cells if c.axes["model"] == "wide"]
+    assert {c.axes["seed"] for c in wide} == {1} and len(wide) == 3
+    assert all(c.config["train"]["epochs"] == 3 and c.config["train"]["lr"] == 0.02 for c in wide)
+    assert all(c.hash != before[k] for k, c in after.items() if k[0] == "wide")
+    assert all("train" not in c.config["model"] and "seeds" not in c.config["model"] for c in cells)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"train": {"epochz": 3}}, "model 'wide'.train.epochz: unknown key"),
+    ({"train": {"lr": -1}}, "model 'wide'.train.lr: Input should be greater than 0"),
+    ({"seeds": [7]}, "model 'wide' runs seeds [7], none of the study's seeds [0]"),
+])
+def test_bad_architecture_settings(change, expected):
+    import copy
+
+    raw = copy.deepcopy(TWO_MODELS)
+    raw["models"]["wide"] |= change
+    with pytest.raises(UserError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+        resolve_study(raw, "test")
+
+
 def test_models_axis_cells():
     study = resolve_study(TWO_MODELS, "test")
     cells = expand(study)

@@ -341,3 +341,29 @@ def test_mrpf_study_through_the_cli_stores_mrs_and_ratios(tmp_path, data_dir):
     again = stored_results(out)
     assert {k: v for k, v in again.items() if k[1] != "latency_ms"} == {k: v for k, v in first.items()
                                                                           if k[1] != "latency_ms"}
+
+
+def test_the_study_file_has_the_papers_resnet50_and_mobilevit_rows():
+    """Tables 6 and 7: ResNet-50 and MobileViT-xs in the full budget; one MobileViT-xs row (Magnitude
+    + MRPF, one seed, 2 dense epochs) in the cpu budget, beside the ResNet-20 cells."""
+    from pathlib import Path
+
+    from robustprune.study.cells import expand
+    from robustprune.study.schema import load_study
+
+    path = Path(__file__).resolve().parents[1] / "studies" / "cifar_mrpf.yaml"
+    full = expand(load_study(path, "full"))
+    by_model = lambda cells, m: {c.axes["pruning"] for c in cells if c.axes.get("model") == m}  # noqa: E731
+    assert by_model(full, "resnet50") == {"dense", "taylor", "taylor_mrpf", "magnitude", "magnitude_mrpf"}
+    assert by_model(full, "mobilevit") == {"dense", "taylor", "taylor_at", "taylor_mrpf", "magnitude",
+                                           "magnitude_at", "magnitude_mrpf"}
+    study = load_study(path, "full")
+    assert study.tables["architectures"].models == ["resnet50", "mobilevit", "vgg16"]
+    assert study.tables["mobilevit"].models == ["mobilevit"]
+    cpu = expand(load_study(path, "cpu"))
+    mvit = [c for c in cpu if c.axes.get("model") == "mobilevit"]
+    assert sorted((c.axes["pruning"], c.axes["sparsity"], c.axes["seed"]) for c in mvit) == [
+        ("dense", 0.0, 0), ("magnitude_mrpf", 0.3, 0), ("magnitude_mrpf", 0.5, 0)]
+    assert all(c.config["train"]["epochs"] == 2 and c.config["train"]["optimizer"] == "adam" for c in mvit)
+    assert all(c.config["train"]["epochs"] == 15 for c in cpu if c.axes["model"] == "resnet20")
+    assert len(cpu) == 63

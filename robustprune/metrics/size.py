@@ -15,12 +15,14 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]:
-    """Multiply-accumulates of conv and linear layers for one image: (dense, non-zero weights only)."""
+    """Multiply-accumulates of conv and linear layers for one image: (dense, non-zero weights only).
+    The attention matrix products of a transformer (no weights) are not counted."""
     dense, nonzero = [0], [0]
 
     def hook(mod, inp, out):
-        per_weight_uses = out[0, 0].numel() if isinstance(mod, nn.Conv2d) else 1
-        # Each weight of a conv filter is used once per output position (grouped convs included).
+        # Each weight of a conv filter is used once per output position (grouped convs included),
+        # each weight of a linear layer once per token (one for a classifier, P·N in a transformer).
+        per_weight_uses = out[0, 0].numel() if isinstance(mod, nn.Conv2d) else out[0].numel() // out.shape[-1]
         dense[0] += mod.weight.numel() * per_weight_uses
         nonzero[0] += int((mod.weight != 0).sum()) * per_weight_uses
 

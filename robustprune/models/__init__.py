@@ -33,3 +33,4 @@ def build_model(name: str, *, num_classes: int, image_shape, mean, std, **args) 
 
 from robustprune.models import mnist_cnn  # noqa: E402,F401  (registers)
 from robustprune.models import mobilenetv2, resnet_cifar, vgg  # noqa: E402,F401  (registers)
+from robustprune.models import mobilevit, resnet_imagenet  # noqa: E402,F401  (registers)

@@ -37,19 +37,21 @@ def round_channels(channels: float, divisor: int = 8) -> int:
     return rounded + divisor if rounded < 0.9 * channels else rounded
 
 
-def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True):
+def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True,
+            activation=nn.ReLU6):
     layers = [("conv", nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False)),
               ("bn", nn.BatchNorm2d(cout))]
     if act:
-        layers.append(("relu", nn.ReLU6(inplace=True)))
+        layers.append(("act", activation(inplace=True)))
     return nn.Sequential(OrderedDict(layers))
 
 
-def inverted_bottleneck(cin: int, cout: int, stride: int, expansion: int) -> nn.Sequential:
-    """1x1 expansion (left out when t = 1), 3x3 depthwise with the stride, linear 1x1 projection."""
+def inverted_bottleneck(cin: int, cout: int, stride: int, expansion: int, activation=nn.ReLU6) -> nn.Sequential:
+    """1x1 expansion (left out when t = 1), 3x3 depthwise with the stride, linear 1x1 projection
+    (MobileViT uses the same block with SiLU)."""
     hidden = cin * expansion
-    layers = [("expand", conv_bn(cin, hidden, 1))] if expansion != 1 else []
-    layers += [("depthwise", conv_bn(hidden, hidden, 3, stride, groups=hidden)),
+    layers = [("expand", conv_bn(cin, hidden, 1, activation=activation))] if expansion != 1 else []
+    layers += [("depthwise", conv_bn(hidden, hidden, 3, stride, groups=hidden, activation=activation)),
                ("project", conv_bn(hidden, cout, 1, act=False))]
     return nn.Sequential(OrderedDict(layers))
 
@@ -57,9 +59,9 @@ def inverted_bottleneck(cin: int, cout: int, stride: int, expansion: int) -> nn.
 class InvertedResidual(ResidualBlock):
     """x + bottleneck(x): stride 1 and as many output channels as input channels."""
 
-    def __init__(self, channels: int, expansion: int):
+    def __init__(self, channels: int, expansion: int, activation=nn.ReLU6):
         super().__init__()
-        self.body = inverted_bottleneck(channels, channels, 1, expansion)
+        self.body = inverted_bottleneck(channels, channels, 1, expansion, activation)
         self.shortcut = nn.Identity()
         self.act = nn.Identity()
 
@@ -67,9 +69,9 @@ class InvertedResidual(ResidualBlock):
 class InvertedBottleneck(nn.Module):
     """bottleneck(x) without a skip connection: the block that changes the stride or the width."""
 
-    def __init__(self, cin: int, cout: int, stride: int, expansion: int):
+    def __init__(self, cin: int, cout: int, stride: int, expansion: int, activation=nn.ReLU6):
         super().__init__()
-        self.body = inverted_bottleneck(cin, cout, stride, expansion)
+        self.body = inverted_bottleneck(cin, cout, stride, expansion, activation)
 
     def forward(self, x):
         return self.body(x)

@@ -39,6 +39,19 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def add_head(model: nn.Module, channels: int, num_classes: int, zero_init_residual: bool) -> None:
+    """Global average pooling and the classifier, then the initialisation of every layer; with
+    zero_init_residual each block's last BN starts at 0, so the block starts as the identity
+    (Goyal et al. 2017)."""
+    model.pool = nn.AdaptiveAvgPool2d(1)
+    model.classifier = nn.Linear(channels, num_classes)
+    init_weights(model)
+    if zero_init_residual:
+        for m in model.modules():
+            if isinstance(m, ResidualBlock) and isinstance(m.body[-1], nn.BatchNorm2d):
+                nn.init.zeros_(m.body[-1].weight)
+
+
 class BasicBlock(ResidualBlock):
     """relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)), 3x3 convs; projection shortcut (option B)
     when the stride or the width changes."""
@@ -82,13 +95,7 @@ class CifarResNet(nn.Module):
             self.add_module(f"layer{i}", nn.Sequential(*stage))
             cin = w
         self.num_stages = len(widths)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(cin, num_classes)
-        init_weights(self)
-        if zero_init_residual:  # each block starts as the identity (Goyal et al. 2017)
-            for m in self.modules():
-                if isinstance(m, BasicBlock):
-                    nn.init.zeros_(m.body.bn2.weight)
+        add_head(self, cin, num_classes, zero_init_residual)
 
     def forward(self, x):
         x = self.stem(self.normalize(x))

@@ -10,7 +10,8 @@ Two layers of API:
 - the engine for any model and any criterion:
   - `prune_filters_(model, criterion, ratio, example_input, scope=..., layer_ratios=...)` removes a
     share of the filters of every group of coupled channels (uniform), or the globally lowest
-    (global), or per-layer shares;
+    (global), or per-layer shares; a transformer's MLP hidden units and attention heads are groups
+    too (ROOT_TYPES, UNIT_KINDS);
   - `prune_blocks_` (robustprune.prune.blocks) removes whole residual blocks (layer pruning);
   - `prune_structured_` runs filters, blocks or both; `iterative_prune` is Algorithm 1 of Jordão &
     Pedrini (K rounds of prune p % of what remains, then adjust).
@@ -31,7 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from robustprune.errors import UserError
+from robustprune.models.blocks import HiddenLinear, MultiHeadSelfAttention
 from robustprune.prune.criteria.base import Criterion
+from robustprune.registry import Registry
 
 TARGETS = ("filters", "blocks", "both")
 SCOPES = ("uniform", "global")
@@ -151,6 +154,8 @@ class _Unit:
     """One group of coupled filters: its root layer, the layers whose filters it removes, its scores
     (one per channel of a channel group) and how many of them to remove."""
 
+    keeps_one = False  # True: a ratio that would remove every structure removes all but one instead
+
     def __init__(self, root, pruning_fn, layers: list[str], scores: torch.Tensor, ch_groups: int):
         self.root, self.pruning_fn, self.layers = root, pruning_fn, layers
         self.scores, self.ch_groups = scores, ch_groups
@@ -164,17 +169,53 @@ class _Unit:
         """Chosen positions, repeated in every channel group."""
         return sorted(g * self.size + i for g in range(self.ch_groups) for i in self.remove)
 
+    def prune(self, graph) -> None:
+        graph.get_pruning_group(self.root, self.pruning_fn, self.idxs()).prune()
+
+
+class _HeadUnit(_Unit):
+    """The heads of one MultiHeadSelfAttention (root), one score per head. An attention has few
+    heads, so a high ratio keeps one rather than failing."""
+
+    keeps_one = True
+
+    def prune(self, graph) -> None:
+        self.root.prune_heads_(self.remove)
+
+
+# Layers whose output channels root a group of coupled filters: convolutions, and the Linear layers
+# a model marks as a hidden width (HiddenLinear, a transformer MLP); other Linear layers (classifiers,
+# the MNIST CNN's fc) are only narrowed as consumers, so the stored MNIST/VGG numbers stay as they are.
+ROOT_TYPES = (nn.modules.conv._ConvNd, HiddenLinear)
+
+# What filter pruning removes besides Torch-Pruning's channel groups: name -> fn(model, graph,
+# criterion, ignored) -> units. Kinds run in name order, so the criterion is called in a fixed order
+# (Replay depends on it); a new kind of structure is one registered function.
+UNIT_KINDS: Registry = Registry("prunable structure")
+
+
+def _scores(criterion, group) -> torch.Tensor | None:
+    with torch.no_grad():
+        imp = criterion(group)
+    if imp is None:  # Torch-Pruning's convention: the criterion skips this group
+        return None
+    return torch.as_tensor(imp).detach().float().cpu().flatten()
+
 
 def _units(model, graph, criterion, ignored) -> list[_Unit]:
+    return [u for kind in UNIT_KINDS.names() for u in UNIT_KINDS.get(kind)(model, graph, criterion, ignored)]
+
+
+@UNIT_KINDS.register("channels")
+def _channel_units(model, graph, criterion, ignored) -> list[_Unit]:
+    """Torch-Pruning's groups of coupled channels rooted at ROOT_TYPES layers."""
     names = {m: n for n, m in model.named_modules()}
     units = []
-    groups = graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.modules.conv._ConvNd])
+    groups = graph.get_all_groups(ignored_layers=ignored, root_module_types=list(ROOT_TYPES))
     for group in groups:
-        with torch.no_grad():
-            imp = criterion(group)
-        if imp is None:  # Torch-Pruning's convention: the criterion skips this group
+        imp = _scores(criterion, group)
+        if imp is None:
             continue
-        imp = torch.as_tensor(imp).detach().float().cpu().flatten()
         ch_groups = _channel_groups(graph, group)
         if imp.numel() % ch_groups:
             raise ValueError(f"criterion returned {imp.numel()} scores for a group of {ch_groups} channel groups")
@@ -186,8 +227,43 @@ def _units(model, graph, criterion, ignored) -> list[_Unit]:
     return units
 
 
+def _head_group(graph, attn: MultiHeadSelfAttention):
+    """A Torch-Pruning group for scoring an attention's heads, built by hand (Torch-Pruning's own
+    index mapping through the head reshapes is wrong): every qkv row (the root), and the proj
+    columns that read the value rows. Criteria score it as any group, one score per qkv row."""
+    qkv, proj = graph.module2node[attn.qkv], graph.module2node[attn.proj]
+    rows, inner = attn.qkv.out_features, attn.proj.in_features
+    group = tp.dependency.Group()
+    out_fn, in_fn = tp.prune_linear_out_channels, tp.prune_linear_in_channels
+    group.add_dep(tp.dependency.Dependency(out_fn, out_fn, source=qkv, target=qkv), list(range(rows)))
+    group.add_dep(tp.dependency.Dependency(out_fn, in_fn, source=qkv, target=proj), list(range(inner)))
+    group[0].root_idxs = list(range(rows))
+    group[1].root_idxs = [2 * inner + i for i in range(inner)]  # column i reads value row i
+    return group
+
+
+@UNIT_KINDS.register("heads")
+def _head_units(model, graph, criterion, ignored) -> list[_Unit]:
+    """One unit per MultiHeadSelfAttention with at least two heads: a head's score is the mean of
+    its query, key and value rows' scores."""
+    units = []
+    for name, attn in model.named_modules():
+        if (not isinstance(attn, MultiHeadSelfAttention) or attn.num_heads < 2
+                or any(m in ignored for m in (attn, attn.qkv, attn.proj))):
+            continue
+        imp = _scores(criterion, _head_group(graph, attn))
+        if imp is None:
+            continue
+        heads = range(attn.num_heads)
+        scores = torch.stack([imp[attn.head_rows([h])].mean() for h in heads])
+        units.append(_HeadUnit(attn, None, [f"{name}.qkv", name], scores, 1))
+    return units
+
+
 def _plan_local(unit: _Unit, ratio: float, why: str) -> None:
     n = int(round(ratio * unit.size))
+    if n >= unit.size and unit.keeps_one:
+        n = unit.size - 1
     if n >= unit.size:
         raise UserError(f"pruning {ratio:.0%} of the {unit.size} filters of layer '{unit.layers[0]}' ({why}) "
                         f"would remove all of them; use a smaller ratio")
@@ -256,8 +332,12 @@ def prune_filters_(model: nn.Module, criterion, ratio: float, example_input: tor
 
     The final classifier (the last nn.Linear whose out_features is the output width) and
     `ignored_layers` (names or modules) are never pruned, nor any group coupled to them. Linear
-    layers are only narrowed as consumers of pruned filters. The model keeps its train/eval mode
-    and is returned, smaller."""
+    layers are only narrowed as consumers of pruned filters, except HiddenLinear layers (a
+    transformer MLP's hidden width), whose output features are filters like a conv's. Every
+    MultiHeadSelfAttention with two or more heads is one more group whose structures are its heads
+    (scored by the mean of their q/k/v rows' scores; at least one head stays, even at high ratios;
+    `layer_ratios` may name the attention or its qkv layer; ignoring either keeps its heads). The
+    model keeps its train/eval mode and is returned, smaller."""
     ratio = check_ratio(ratio)
     check_choice(scope, SCOPES, "pruning scope")
     layer_ratios = {k: check_ratio(v, f"pruning ratio of layer '{k}'") for k, v in (layer_ratios or {}).items()}
@@ -303,7 +383,7 @@ def prune_filters_(model: nn.Module, criterion, ratio: float, example_input: tor
             _plan_global(rest, ratio, normalize)
         for u in units:
             if u.remove:
-                graph.get_pruning_group(u.root, u.pruning_fn, u.idxs()).prune()
+                u.prune(graph)
     finally:
         model.train(was_training)  # Torch-Pruning's tracing leaves the model in eval mode
     return model

@@ -69,6 +69,8 @@ def model_key(model: ModelConfig) -> dict:
     """The architecture, and for a loaded dense model its file with the file's SHA-256 (a changed
     file gives new cells, and every stored number names the exact weights it came from)."""
     out = dump(model, True)
+    for k in ("train", "seeds"):  # in the study's own settings (dense_key) and in the grid (expand)
+        out.pop(k, None)
     if out.pop("weights", None) is not None:
         st = os.stat(model.weights)
         out |= {"weights": model.weights, "weights_sha256": _file_sha256(model.weights, st.st_mtime_ns, st.st_size)}
@@ -81,7 +83,7 @@ def dense_key(study: StudyConfig, regime: str, seed: int, full: bool = False,
         "dataset": study.dataset,
         "data": dump(study.data, full),
         "model": model_key(model or study.model),
-        "train": dump(study.train, full),
+        "train": dump(study.model_train(model or study.model), full),
         "regime": _regime(regime, study.regimes[regime], full),
         "seed": seed,
     }
@@ -94,7 +96,8 @@ def expand(study: StudyConfig) -> list[Cell]:
     for seed in study.seeds:
         for regime in study.regimes:
             for model_label, model in study.model_items():
-                cells += _setting_cells(study, seed, regime, model_label, model)
+                if model.seeds is None or seed in model.seeds:
+                    cells += _setting_cells(study, seed, regime, model_label, model)
     return cells
 
 

@@ -42,6 +42,11 @@ ROUND_SEED_STRIDE = 1000  # fine-tuning after iteration k of iterative pruning: 
 CRITERION_IMAGES = 512  # training images a data-driven pruning criterion sees
 
 
+def dense_training(key: dict) -> TrainConfig:
+    """The training settings of a dense key: the study's `train`, with the architecture's own changes."""
+    return TrainConfig(**key["train"])
+
+
 class Progress:
     """What the runner reports; the CLI draws it with rich, tests leave it silent."""
 
@@ -172,7 +177,7 @@ class Workspace:
                     rewind[epoch] = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
 
             try:
-                history = self._train(model, data, self.study.train, key["seed"],
+                history = self._train(model, data, dense_training(key), key["seed"],
                                       f"train dense ({key['regime']['name']})", on_epoch_end=keep if wanted else None)
             except TrainingDiverged as e:  # remembered, so the pruned cells of this model do not retrain it
                 checkpoint.save({"diverged": str(e), "key": key}, path)
@@ -320,14 +325,14 @@ class Workspace:
         else:
             masks = {n: m.to(self.device) for n, m in masks.items()}
             apply_masks_(model, masks)
-        epochs = self.study.train.epochs
+        epochs = dense_training(key).epochs
         if scheme == "scratch_b":  # as many FLOPs as the dense model's training
             ex = self.example_input()
             dense_flops = size_metrics(dense.model, ex, 1)["flops_nonzero"]
             epochs = max(1, round(epochs * dense_flops / max(size_metrics(model, ex, 1)["flops_nonzero"], 1.0)))
         elif scheme == "winning_ticket":
             epochs = max(0, epochs - pr["rewind_epoch"])
-        cfg = self.study.train.model_copy(update={"epochs": epochs})
+        cfg = dense_training(key).model_copy(update={"epochs": epochs})
         return self._trained_or_cached("adjusted", key, pr, model, lambda: self._train(
             model, self.regime_data(key), cfg, key["seed"] + ADJUST_SEED_OFFSET, f"{scheme} {epochs} epochs", masks))
 
@@ -357,7 +362,8 @@ class Workspace:
         rewind_(model, dense.init_state, masks)
         model = to_device(model, self.device)
         data = self.regime_data(key)
-        cfg = self.study.train if params.epochs is None else self.study.train.model_copy(update={"epochs": params.epochs})
+        cfg = dense_training(key)
+        cfg = cfg if params.epochs is None else cfg.model_copy(update={"epochs": params.epochs})
         history = self._train(model, data, cfg, key["seed"] + r, f"lottery ticket round {r}", masks)
         checkpoint.save({"state": model.state_dict(), "masks": masks, "history": history}, path)
         return model.eval(), masks, history

@@ -30,6 +30,17 @@ def _check_params(params_cls, params: dict, where: str) -> None:
         raise ValueError(f"'{where}.{key}': {err['msg']}") from None
 
 
+def _changes_valid(build, where: str) -> None:
+    """Build a TrainConfig with a section's changes applied, naming the bad key in the error."""
+    try:
+        build()
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        what = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise ValueError(f"{where}.{key}: {what}") from None
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -44,6 +55,10 @@ class ModelConfig(Strict):
     args: dict[str, Any] = Field(default_factory=dict)
     weights: str | None = Field(None, description="a state-dict file (torch.save(model.state_dict(), path)) that "
                                 "is the dense model instead of training one; relative to the working folder")
+    train: dict[str, Any] = Field(default_factory=dict, description="this architecture's changes to the study's "
+                                  "train settings, e.g. {epochs: 2, lr: 0.05}")
+    seeds: list[int] | None = Field(None, description="the study's seeds this architecture runs (default all): "
+                                    "one seed for an expensive model")
 
 
 class PruningConfig(Strict):
@@ -372,6 +387,11 @@ class StudyConfig(Strict):
                 builder(**model.args)
             except TypeError as e:
                 raise ValueError(f"model '{model.name}' does not accept args {model.args} ({e})") from None
+            if model.train:
+                _changes_valid(lambda: self.model_train(model), f"model '{label or model.name}'.train")
+            if model.seeds is not None and not set(model.seeds) & set(self.seeds):
+                raise ValueError(f"model '{label or model.name}' runs seeds {model.seeds}, none of the study's "
+                                 f"seeds {self.seeds}; list some of those")
             if model.weights is not None and not Path(model.weights).is_file():
                 raise ValueError(f"model.weights file {model.weights} does not exist; give the path of a state dict "
                                  f"saved with torch.save(model.state_dict(), path)")
@@ -390,13 +410,7 @@ class StudyConfig(Strict):
                 if "epochs" in p.finetune:
                     raise ValueError(f"pruning '{label}': fine-tuning epochs come from finetune_epochs; remove "
                                      f"'finetune.epochs'")
-                try:
-                    self.entry_finetune(label)
-                except ValidationError as e:
-                    err = e.errors()[0]
-                    key = ".".join(str(x) for x in err["loc"])
-                    what = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-                    raise ValueError(f"pruning '{label}'.finetune.{key}: {what}") from None
+                _changes_valid(lambda: self.entry_finetune(label), f"pruning '{label}'.finetune")
             if p.models is not None:
                 if not self.models:
                     raise ValueError(f"pruning '{label}' lists models, but the study has one model; remove 'models'")
@@ -493,6 +507,10 @@ class StudyConfig(Strict):
         """The study's finetune settings with a pruning entry's own changes applied."""
         changes = self.pruning[label].finetune
         return TrainConfig(**(self.finetune.model_dump() | changes)) if changes else self.finetune
+
+    def model_train(self, model: ModelConfig) -> TrainConfig:
+        """The dense training of one architecture: the study's train settings and the model's changes."""
+        return TrainConfig(**(self.train.model_dump() | model.train)) if model.train else self.train
 
     def model_items(self) -> list[tuple[str | None, ModelConfig]]:
         """The architectures of the grid: (None, model) for a one-model study, else (label, config)."""
