@@ -69,7 +69,7 @@ def fast_resnet20(console, device, data_dir, epochs: int | None = None, train_im
 
 # ---- `--section cifar`: pruning speed and training throughput of the CIFAR models ---------------------
 
-CIFAR_MODELS = ("resnet20", "resnet56", "vgg16_bn", "mobilenetv2", "resnet18")
+CIFAR_MODELS = ("resnet20", "resnet56", "vgg16_bn", "mobilenetv2", "resnet18", "mobilevit_xs", "resnet50")
 SHAPE = (3, 32, 32)
 STATS = dict(num_classes=10, image_shape=SHAPE, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
 
