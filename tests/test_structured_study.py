@@ -153,7 +153,7 @@ def test_bad_single_element_settings(single, expected):
     assert expected in str(e.value)
 
 
-@pytest.mark.parametrize("budget, cells", [("full", 28), ("smoke", 14), ("cpu", 14)])
+@pytest.mark.parametrize("budget, cells", [("full", 35), ("smoke", 14), ("cpu", 14)])  # full: 7 cells of ResNet-50
 def test_every_budget_of_the_cifar_study_is_valid(budget, cells):
     from conftest import REPO_ROOT
     from robustprune.study.schema import load_study
