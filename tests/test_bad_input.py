@@ -300,14 +300,21 @@ def test_a_malicious_pickle_runs_its_payload_when_loaded_unsafely_but_not_here(t
     assert (tmp_path / "pwned").exists()
 
 
-def test_full_disk_while_writing_a_checkpoint(reference, data_dir, tmp_path, monkeypatch, capsys):
-    """ENOSPC halfway through a checkpoint: exit 2, no half-written file left, the store unchanged."""
-    from robustprune import checkpoint
-
+def run_on_a_copy(reference, data_dir, tmp_path, capsys, *extra) -> tuple[int, str, Path, dict]:
+    """Run the tiny study again (with `extra` options) on a copy of the finished folder; returns the
+    exit code, stderr, the folder and its snapshot from before the run."""
     _, ref_out, _ = reference
     out = tmp_path / "out"
     shutil.copytree(ref_out, out)
     before = snapshot(out)
+    code = main([str(a) for a in run_args(Env(reference[0], out, data_dir, tmp_path), *extra)])
+    return code, capsys.readouterr().err.strip(), out, before
+
+
+def test_full_disk_while_writing_a_checkpoint(reference, data_dir, tmp_path, monkeypatch, capsys):
+    """ENOSPC halfway through a checkpoint: exit 2, no half-written file left, the store unchanged."""
+    from robustprune import checkpoint
+
     real_save = torch.save
 
     def save_until_full(obj, f, *a, **kw):
@@ -317,8 +324,7 @@ def test_full_disk_while_writing_a_checkpoint(reference, data_dir, tmp_path, mon
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", save_until_full)
-    code = main([str(a) for a in run_args(Env(reference[0], out, data_dir, tmp_path), *NEW_TRAINING)])
-    err = capsys.readouterr().err.strip()
+    code, err, out, before = run_on_a_copy(reference, data_dir, tmp_path, capsys, *NEW_TRAINING)
     assert code == 2 and "No space left on device" in err and "free some space" in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert snapshot(out) == before
@@ -329,17 +335,11 @@ def test_read_only_checkpoint_folder(reference, data_dir, tmp_path, monkeypatch,
     """EROFS when a checkpoint is moved in place: exit 2, nothing left behind."""
     from robustprune import checkpoint
 
-    _, ref_out, _ = reference
-    out = tmp_path / "out"
-    shutil.copytree(ref_out, out)
-    before = snapshot(out)
-
     def refuse(src, dst):
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr(checkpoint.os, "replace", refuse)
-    code = main([str(a) for a in run_args(Env(reference[0], out, data_dir, tmp_path), *NEW_TRAINING)])
-    err = capsys.readouterr().err.strip()
+    code, err, out, before = run_on_a_copy(reference, data_dir, tmp_path, capsys, *NEW_TRAINING)
     assert code == 2 and "Read-only file system" in err and "choose a writable folder" in err
     assert snapshot(out) == before and not list(out.rglob("*.tmp"))
 
@@ -349,10 +349,6 @@ def test_full_disk_while_writing_the_store(reference, data_dir, tmp_path, monkey
     transaction rolled back, the rows already there intact."""
     from robustprune.study import store as store_mod
 
-    _, ref_out, _ = reference
-    out = tmp_path / "out"
-    shutil.copytree(ref_out, out)
-    before = snapshot(out)
     real_init = store_mod.Store.__init__
 
     def capped(self, *a, **kw):
@@ -361,8 +357,7 @@ def test_full_disk_while_writing_the_store(reference, data_dir, tmp_path, monkey
         self.db.execute(f"PRAGMA max_page_count = {pages}")
 
     monkeypatch.setattr(store_mod.Store, "__init__", capped)
-    code = main([str(a) for a in run_args(Env(reference[0], out, data_dir, tmp_path), *NEW_EVAL)])
-    err = capsys.readouterr().err.strip()
+    code, err, out, before = run_on_a_copy(reference, data_dir, tmp_path, capsys, *NEW_EVAL)
     assert code == 2 and "database or disk is full" in err and "free some space" in err, err
     assert len(err.splitlines()) == 1
     assert snapshot(out) == before

@@ -200,15 +200,19 @@ DIVERGING = {"blowup": {"method": "global_magnitude", "sparsities": [0.5], "fine
                         "finetune": {"lr": 1.0e12}}}
 
 
-def test_a_diverging_fine_tuning_is_stored_as_failed_and_the_study_goes_on(study, data_dir, tmp_path):
-    raw = yaml.safe_load(study.read_text())
-    raw["pruning"] = {"magnitude": raw["pruning"]["magnitude"], **DIVERGING}
-    raw["seeds"] = [0]
-    path = tmp_path / "nan.yaml"
-    path.write_text(yaml.safe_dump(raw))
+def run_variant(study: Path, data_dir: Path, tmp_path: Path, **changes):
+    """The study on seed 0 with some top-level sections replaced, run to the end (exit 0)."""
+    path = tmp_path / "variant.yaml"
+    path.write_text(yaml.safe_dump(yaml.safe_load(study.read_text()) | {"seeds": [0]} | changes))
     out = tmp_path / "out"
     proc = subprocess.run(command(path, out, data_dir), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
+    return path, out, proc
+
+
+def test_a_diverging_fine_tuning_is_stored_as_failed_and_the_study_goes_on(study, data_dir, tmp_path):
+    path, out, proc = run_variant(study, data_dir, tmp_path, pruning={"magnitude": STUDY["pruning"]["magnitude"],
+                                                                    **DIVERGING})
     assert "computed 3 cells, 0 from the store, 1 failed" in proc.stdout
     with sqlite3.connect(out / "results.sqlite") as db:
         cells = {json.loads(a)["pruning"]: (s, e) for a, s, e in db.execute("SELECT axes, status, error FROM cells")}
@@ -228,14 +232,7 @@ def test_a_diverging_fine_tuning_is_stored_as_failed_and_the_study_goes_on(study
 
 
 def test_a_diverging_dense_model_fails_its_pruned_cells_without_retraining(study, data_dir, tmp_path):
-    raw = yaml.safe_load(study.read_text())
-    raw["seeds"] = [0]
-    raw["train"]["lr"] = 1.0e12
-    path = tmp_path / "nan_dense.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    out = tmp_path / "out"
-    proc = subprocess.run(command(path, out, data_dir), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    _, out, proc = run_variant(study, data_dir, tmp_path, train=STUDY["train"] | {"lr": 1.0e12})
     assert "computed 0 cells, 0 from the store, 5 failed" in proc.stdout
     with sqlite3.connect(out / "results.sqlite") as db:
         rows = [(json.loads(a)["pruning"], e, w) for a, e, w in db.execute("SELECT axes, error, wall_time_s FROM cells")]

@@ -28,14 +28,6 @@ NARROW = {"resnet34": {"width": 8}, "resnet50": {"width": 8}, "mobilevit_xs": {"
 LARGE = list(NARROW)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def build(name, num_classes=10, image_shape=(3, 32, 32), seed=0, **args):
     torch.manual_seed(seed)
     return build_model(name, num_classes=num_classes, image_shape=image_shape, mean=MEAN, std=STD, **args)

@@ -75,7 +75,17 @@ class BasicBlock(ResidualBlock):
         self.act = nn.ReLU()
 
 
-class CifarResNet(nn.Module):
+class StagedResNet(nn.Module):
+    """normalize, stem, layer1..layerN, pooling, classifier: the forward pass of every ResNet here."""
+
+    def forward(self, x):
+        x = self.stem(self.normalize(x))
+        for i in range(1, self.num_stages + 1):
+            x = getattr(self, f"layer{i}")(x)
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+
+class CifarResNet(StagedResNet):
     """Stem conv-BN-ReLU, stages of BasicBlocks (attributes layer1, layer2, ...), adaptive average
     pooling (so any image size works) and a linear classifier."""
 
@@ -96,12 +106,6 @@ class CifarResNet(nn.Module):
             cin = w
         self.num_stages = len(widths)
         add_head(self, cin, num_classes, zero_init_residual)
-
-    def forward(self, x):
-        x = self.stem(self.normalize(x))
-        for i in range(1, self.num_stages + 1):
-            x = getattr(self, f"layer{i}")(x)
-        return self.classifier(torch.flatten(self.pool(x), 1))
 
 
 def _he_resnet(n: int, width: int, **kwargs) -> CifarResNet:

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
 from torch import nn
 
 from robustprune.errors import UserError
 from robustprune.models import MODELS, Normalize
 from robustprune.models.blocks import ResidualBlock, StridedPointwiseConv
-from robustprune.models.resnet_cifar import CIFAR10_MEAN, CIFAR10_STD, BasicBlock, add_head, conv3x3
+from robustprune.models.resnet_cifar import (CIFAR10_MEAN, CIFAR10_STD, BasicBlock, StagedResNet, add_head,
+                                            conv3x3)
 
 STEMS = ("auto", "imagenet", "cifar")
 IMAGENET_STEM_MIN_SIDE = 128  # smaller images (CIFAR 32, Tiny-ImageNet 64) get the CIFAR stem
@@ -83,7 +83,7 @@ def make_stem(kind: str, cin: int, cout: int) -> nn.Sequential:
     ]))
 
 
-class ResNet(nn.Module):
+class ResNet(StagedResNet):
     """Stem, stages layer1..layer4 of `block`s, adaptive average pooling, linear classifier."""
 
     def __init__(self, block: str, blocks_per_stage, num_classes=10, image_shape=(3, 32, 32), mean=CIFAR10_MEAN,
@@ -104,12 +104,6 @@ class ResNet(nn.Module):
             self.add_module(f"layer{i}", nn.Sequential(*stage))
         self.num_stages = len(blocks_per_stage)
         add_head(self, cin, num_classes, zero_init_residual)
-
-    def forward(self, x):
-        x = self.stem(self.normalize(x))
-        for i in range(1, self.num_stages + 1):
-            x = getattr(self, f"layer{i}")(x)
-        return self.classifier(torch.flatten(self.pool(x), 1))
 
 
 @MODELS.register("resnet34")
