@@ -63,8 +63,7 @@ class Store:
             uri = self.path.resolve().as_uri() + ("?mode=ro" if readonly else "")
             self.db = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None)
             if not readonly:
-                self.db.execute("PRAGMA journal_mode=WAL")
-                self.db.executescript(SCHEMA)
+                self._set_up()
             self.db.execute("SELECT count(*) FROM cells").fetchone()
         except sqlite3.OperationalError as e:
             raise self._write_error(e) from None
@@ -74,6 +73,28 @@ class Store:
         except OSError as e:
             raise UserError(f"cannot write the result store {self.path} ({e.strerror}); choose a writable --out folder") from None
         self._versions = None
+
+    def _set_up(self) -> None:
+        """WAL mode and the tables."""
+        def attempt():
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(SCHEMA)
+        self._patiently(attempt)
+
+    def _patiently(self, attempt, patience_s: float = 60.0):
+        """Run a write, retrying while another process holds the lock. SQLite's busy timeout does
+        not cover every case (e.g. switching the journal mode, or a lock met in the middle of a
+        transaction), so 'locked' is retried here for up to `patience_s`."""
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                return attempt()
+            except sqlite3.OperationalError as e:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                if not ("locked" in str(e) or "busy" in str(e)) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def close(self):
         self.db.close()
@@ -111,7 +132,7 @@ class Store:
         versions = json.dumps(self.versions())
         axes, config = json.dumps(cell.axes), json.dumps(cell.config, sort_keys=True)
         seed = cell.axes["seed"]
-        try:
+        def attempt() -> bool:
             self.db.execute("BEGIN IMMEDIATE")
             if self.is_done(cell.hash):
                 self.db.execute("ROLLBACK")
@@ -126,6 +147,9 @@ class Store:
                                 [(cell.hash, m, len(v), pack(v)) for m, v in (per_image or {}).items()])
             self.db.execute("COMMIT")
             return True
+
+        try:
+            return self._patiently(attempt)
         except BaseException as e:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
@@ -150,7 +174,7 @@ class Store:
 
     def record_run(self, study: str, budget: str | None, command: str, study_config: dict, hashes: Iterable[str]) -> None:
         try:
-            self._record_run(study, budget, command, study_config, hashes)
+            self._patiently(lambda: self._record_run(study, budget, command, study_config, hashes))
         except sqlite3.OperationalError as e:
             raise self._write_error(e) from None
 
