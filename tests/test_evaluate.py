@@ -48,9 +48,9 @@ def test_check_pairs_cover_each_rule():
         ("iterative_vs_fgsm", "acc_adv:apgd@0.2", "acc_adv:fgsm@0.2"),
         # PGD-20 vs PGD-10: same attack and step size, more steps
         ("steps", "acc_adv:pgd20@0.1", "acc_adv:pgd10@0.1"),
-        # larger eps vs smaller, per attack
+        # larger eps vs smaller for FGSM; an attack swept over eps on its survivors must fall at all
         ("eps", "acc_adv:fgsm@0.2", "acc_adv:fgsm@0.1"),
-        ("eps", "acc_adv:pgd20@0.2", "acc_adv:pgd20@0.1"),
+        ("eps_flat", "acc_adv:pgd20@0.2", "acc_adv:pgd20@0.1"),
         # white-box vs transfer: the study's matrix and the regime's FGSM test set
         ("transfer", "acc_adv:pgd20@0.1", "acc_transfer:pgd20@0.1|dense"),
         ("transfer", "acc_adv:fgsm@0.2", "acc_fgsm_data"),

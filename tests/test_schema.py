@@ -121,7 +121,7 @@ BAD_OVERRIDES = [
     ("evaluation.attacks.fgsm.eps=[-0.1]", "'evaluation.attacks.fgsm.eps': eps -0.1 is outside [0, 1]"),
     ("evaluation.attacks.fgsm.eps=[1.5]", "'evaluation.attacks.fgsm.eps': eps 1.5 is outside [0, 1]"),
     ("evaluation.attacks.fgsm.eps=[]", "'evaluation.attacks.fgsm.eps': needs at least one eps"),
-    ("evaluation.attacks.cw={eps: [0.1]}", "unknown attack 'cw'; known: apgd_ce, fgsm, ni_fgsm, pgd, vmi_fgsm"),
+    ("evaluation.attacks.cw={eps: [0.1]}", "unknown attack 'cw'; known: apgd_ce, apgd_dlr, apgd_t, autoattack, fab"),
     ("evaluation.attacks.pgd20.attack=pgdd", "unknown attack 'pgdd'; did you mean 'pgd'?"),
     ("evaluation.attacks.pgd20.params.steps=0", "attack 'pgd20': PGD steps must be an integer >= 1, got 0"),
     ("evaluation.attacks.apgd_ce.params.steps=-3", "attack 'apgd_ce': APGD-CE steps must be an integer >= 1"),

@@ -29,7 +29,7 @@ def check_radius(attack: str, eps, norm: str) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise UserError(f"{attack} eps must be a finite number >= 0, got {eps!r}; use e.g. 8/255 (Linf) or 0.5 (L2)")
     if norm == "Linf" and eps > 1:
-        raise UserError(f"{attack} Linf eps must be in [0, 1] (pixels are in [0, 1]), got {eps!r}; use e.g. 0.3 or 8/255")
+        raise UserError(f"{attack} eps must be in [0, 1] for the Linf norm (pixels are in [0, 1]), got {eps!r}; use e.g. 0.3 or 8/255")
     return float(eps)
 
 
@@ -54,6 +54,24 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor, nor
         n = delta.flatten(1).norm(p=2, dim=1).view(shape)
         delta = delta * torch.clamp(r / n.clamp_min(1e-12), max=1.0)
     return (x + delta).clamp_(0.0, 1.0)
+
+
+def random_start(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator) -> torch.Tensor:
+    """A uniform point of the L-inf ball, or a point on the L2 sphere in a Gaussian direction."""
+    if norm == "Linf":
+        u = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype).mul_(2 * eps).sub_(eps)
+        return project(x + u, x, eps, norm)
+    t = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    t = t / t.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).view((len(x),) + (1,) * (x.dim() - 1))
+    return project(x + eps * t, x, eps, norm)
+
+
+def ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    """The steepest-ascent direction of unit norm: sign for L-inf, the normalised gradient for L2."""
+    if norm == "Linf":
+        return grad.sign()
+    n = grad.flatten(1).norm(p=2, dim=1).view((len(grad),) + (1,) * (grad.dim() - 1))
+    return grad / (n + 1e-12)
 
 
 def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
     acc_clean                             clean test accuracy (all test images)
     acc_<test>                            a regime's extra test set, e.g. acc_patched, acc_fgsm_data
     acc_adv:<attack>@<eps>                white-box attack entry <attack> of the study at eps
+    acc_adv:<attack>/white_box@<eps>      ... a cascade (AutoAttack) counting its white-box stages only
     acc_occlusion@<size>                  centre square of zeros, side <size> pixels
     acc_corruption:<type>@<severity>      one common corruption at one severity
     acc_corruption:<type>                 ... mean over the evaluated severities
@@ -13,6 +14,7 @@
                                           same images; a value above the tolerance is a violation
     masking_violations                    number of checks above the tolerance
     images:attacks, images:shifts         how many test images the attacks / shifts used
+    images:<attack>                       ... an attack entry with a subset of its own
     width:<layer>                         output channels (conv) or features (linear) of a layer
     weights:q0 ... weights:q100           quantiles of the conv/linear weights; weights:l1, l2, linf their
                                           norms; weights:log10_bound the Eq. 3 product (metrics/weights.py)
@@ -29,6 +31,8 @@ CHECK_KINDS = {
     "steps": "more steps weaker than fewer",
     "eps": "larger eps weaker than smaller",
     "transfer": "white-box weaker than transfer",
+    "black_box": "black-box (Square) broke points white-box missed",
+    "eps_flat": "robust accuracy does not fall as eps grows",
 }
 
 
@@ -63,6 +67,16 @@ def plan_metric(kind: str, group: str) -> str:
 
 def adv(attack: str, eps: float) -> str:
     return f"acc_adv:{attack}@{strength(eps)}"
+
+
+def stage(attack: str, eps: float, part: str) -> str:
+    """Robust accuracy after part of a cascade, e.g. AutoAttack's white-box stages before Square."""
+    return f"acc_adv:{attack}/{part}@{strength(eps)}"
+
+
+def images(attack: str) -> str:
+    """How many images an attack entry with its own subset used."""
+    return f"images:{attack}"
 
 
 def occlusion(size: int) -> str:

@@ -9,11 +9,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from robustprune.attacks import adversarial_accuracy
+from robustprune.attacks.autoattack import BLACK_BOX, AutoAttack
+from robustprune.attacks.base import frozen_eval
 from robustprune.attacks.occlusion import occlude
 from robustprune.evaluate import names
 from robustprune.evaluate.checks import masking_checks, pairs
-from robustprune.train import accuracy
+from robustprune.train import accuracy, to_float
 
 # corrupted(type) -> (images uint8 (severities, n, C, H, W), labels (severities, n)), severities as listed
 CorruptedSets = Callable[[str], tuple[torch.Tensor, torch.Tensor]]
@@ -23,14 +24,53 @@ def first(x: torch.Tensor, n: int | None) -> torch.Tensor:
     return x if n is None else x[:n]
 
 
+def attack_hits(model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                alive: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per image whether it stayed correct under the attack, batch by batch; only the images marked
+    `alive` are attacked (the others count as broken). For a cascade also the mask after its
+    white-box stages alone (Square's breaks undone), for the black-box masking check."""
+    device = next(model.parameters()).device
+    idx = torch.arange(len(x)) if alive is None else alive.nonzero().squeeze(1)
+    hits = torch.zeros(len(x), dtype=torch.bool)
+    white = torch.zeros(len(x), dtype=torch.bool) if isinstance(attack, AutoAttack) else None
+    for i in range(0, len(idx), batch_size):
+        rows = idx[i:i + batch_size]
+        xb, yb = to_float(x[rows].to(device)), y[rows].to(device)
+        if white is not None:
+            result = attack.run(model, xb, yb)
+            hits[rows] = result.robust
+            white[rows] = torch.tensor([b == "" or b in BLACK_BOX for b in result.broken_by], dtype=torch.bool)
+            continue
+        x_adv = attack(model, xb, yb)
+        with torch.inference_mode(), frozen_eval(model):
+            hits[rows] = (model(x_adv).argmax(1) == yb).cpu()
+    return hits, white
+
+
 def attack_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ev, progress,
                    record: dict | None = None) -> dict[str, float]:
+    """acc_adv:<label>@<eps> for every entry and eps. An attack that searches the whole eps-ball
+    (searches_ball) sweeps its eps upwards on the survivors: a point broken inside a smaller ball
+    is broken inside every larger one, so only the points that survived are attacked again."""
     out = {}
     for label, entry in ev.attacks.items():
-        for eps in entry.eps:
-            progress.advance(0, f"{label} eps={eps:g} on {len(x)} images")
+        xe, ye = first(x, entry.subset), first(y, entry.subset)
+        if entry.subset is not None:
+            out[names.images(label)] = float(len(xe))
+        alive = None
+        for eps in sorted(entry.eps):
+            attack = entry.build(label, eps)
+            sweep = getattr(attack, "searches_ball", False)
+            n = len(xe) if alive is None or not sweep else int(alive.sum())
+            progress.advance(0, f"{label} eps={eps:g} on {n} images")
             name = names.adv(label, eps)
-            out[name] = adversarial_accuracy(model, entry.build(label, eps), x, y, ev.batch_size, record, name)
+            hits, white = attack_hits(model, attack, xe, ye, ev.batch_size, alive if sweep else None)
+            alive = hits if sweep else None
+            out[name] = int(hits.sum()) / len(xe) if len(xe) else float("nan")
+            if record is not None:
+                record[name] = hits
+            if white is not None:
+                out[names.stage(label, eps, "white_box")] = int(white.sum()) / len(xe) if len(xe) else float("nan")
     return out
 
 

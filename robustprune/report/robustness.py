@@ -52,8 +52,8 @@ def check_metrics(cells: list[dict]):
 
 def violations(study: StudyConfig, cells: list[dict]) -> list[Violation]:
     tol = study.evaluation.masking_tolerance
-    return [Violation(c, p.name, p.stronger, p.weaker, gap)
-            for c, p, gap in check_metrics(cells) if gap is not None and checks.violated(gap, tol)]
+    return [Violation(c, p.name, p.stronger, p.weaker, gap) for c, p, gap in check_metrics(cells)
+            if gap is not None and checks.violated(gap, tol, p.name, c["metrics"].get(p.weaker))]
 
 
 def masking_flags(study: StudyConfig, cells: list[dict]) -> set[tuple[tuple, str]]:
@@ -96,8 +96,10 @@ def masking_table(study: StudyConfig, cells: list[dict]) -> Table | None:
     found = violations(study, cells)
     title = "Gradient-masking checks"
     rule = (f"On the same images a stronger attack (iterative vs FGSM, more steps, larger ε, white-box vs "
-            f"transfer) must leave no more images correct than a weaker one (Carlini et al. 2019); a check fails "
-            f"when acc(stronger) − acc(weaker) exceeds evaluation.masking_tolerance = {100 * tol:g} p.p.")
+            f"transfer, white-box vs black-box Square) must leave no more images correct than a weaker one "
+            f"(Carlini et al. 2019); a check fails when acc(stronger) − acc(weaker) exceeds "
+            f"evaluation.masking_tolerance = {100 * tol:g} p.p. An attack swept over ε on its survivors fails "
+            f"its check when its accuracy does not fall at all from its smallest to its largest ε.")
     if not found:
         return Table(title, ["Result"], [[f"All {n_checks} checks passed in every regime, setting and seed."]], rule)
     rank = _setting_rank(study, cells)
@@ -212,8 +214,14 @@ def table_notes(rows: list[list[str]]) -> list[str]:
     return ([MARK_NOTE] if marked(rows) else []) + ([DENSE_NOTE] if significant else [])
 
 
+TITLES = {"autoattack": "AutoAttack", "white_box": "white-box stages"}
+
+
 def attack_title(label: str) -> str:
-    return label.upper().replace("_", "-")
+    """'PGD20' for pgd20, 'AutoAttack' for autoattack, 'AutoAttack (white-box stages)' for a stage metric."""
+    label, _, part = label.partition("/")
+    title = TITLES.get(label, label.upper().replace("_", "-"))
+    return f"{title} ({TITLES.get(part, part)})" if part else title
 
 
 def summary_table(study: StudyConfig, cells: list[dict], regime: str, flags: set | None = None) -> Table | None:
@@ -403,12 +411,18 @@ def signed(gains: list[float]) -> str:
 
 def attack_columns(view: Regime, columns: dict[str, Column]) -> list[str]:
     """Adds one column per attack at its report eps; returns the caption's words on them."""
-    for label in view.study.evaluation.attacks:
+    subsets = []
+    for label, entry in view.study.evaluation.attacks.items():
         eps = view.study.evaluation.shown_eps(label)
         if view.has(names.adv(label, eps)):
-            columns[f"{attack_title(label)} ε={names.eps_text(eps)}"] = metric_column(view, names.adv(label, eps))
-    return [f"white-box L∞ attacks at the ε in the header (pixel scale [0, 1]) on the first "
-            f"{view.images('images:attacks')} test images"] if columns else []
+            norm = entry.params.get("norm", "Linf")
+            columns[f"{attack_title(label)} ε={names.eps_text(eps)}{'' if norm == 'Linf' else ' (L2)'}"] = \
+                metric_column(view, names.adv(label, eps))
+            if entry.subset is not None:
+                subsets.append(f"{attack_title(label)} on the first {view.images(names.images(label))} of them")
+    return [f"white-box attacks (L∞ unless marked) at the ε in the header (pixel scale [0, 1]) on the first "
+            f"{view.images('images:attacks')} test images" + (f" ({'; '.join(subsets)})" if subsets else "")
+            ] if columns else []
 
 
 def shift_columns(view: Regime, columns: dict[str, Column]) -> list[str]:

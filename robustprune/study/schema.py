@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from robustprune.errors import UserError, closest
 from robustprune.train import TrainConfig
@@ -110,8 +110,10 @@ class AttackEntry(Strict):
     """One white-box attack of the registry at a list of strengths (a severity sweep)."""
 
     attack: str | None = Field(None, description="registry name; defaults to the entry's label")
-    eps: list[float] = Field(description="L-inf radii, pixel scale [0, 1]")
     params: dict[str, Any] = Field(default_factory=dict, description="the attack's other arguments")
+    eps: list[float] = Field(description="radii in the attack's norm (L-inf by default), pixel scale [0, 1]")
+    subset: int | None = Field(None, ge=1, description="attack only the first N of the attacked images (an "
+                                                       "expensive attack such as AutoAttack; None: all of them)")
 
     def name(self, label: str) -> str:
         """The registry name of the attack this entry (listed under `label`) runs."""
@@ -125,13 +127,17 @@ class AttackEntry(Strict):
 
     @field_validator("eps")
     @classmethod
-    def _eps(cls, v):
+    def _eps(cls, v, info: ValidationInfo):
         if not v:
             raise ValueError("needs at least one eps")
         _no_repeats(v)
+        l2 = str((info.data.get("params") or {}).get("norm", "Linf")).lower() == "l2"
         for e in v:
-            if not 0.0 <= e <= 1.0:
-                raise ValueError(f"eps {e} is outside [0, 1] (images are in [0, 1])")
+            if l2 and not 0.0 <= e < float("inf"):
+                raise ValueError(f"eps {e} must be a finite L2 radius >= 0")
+            if not l2 and not 0.0 <= e <= 1.0:
+                raise ValueError(f"eps {e} is outside [0, 1] (images are in [0, 1]; an L2 radius needs "
+                                 f"params: {{norm: L2}})")
         return v
 
 
