@@ -8,7 +8,8 @@ Evaluation section: PGD-20 (eps 0.1) on the MNIST test images against the study'
 one epoch, robustprune's PGD and torchattacks' on the same inputs in the same run (images/s of
 both and their ratio), then the 15 x 5 corruption suite on CIFAR-sized images.
 
-CIFAR section and the ResNet-20 fast-trainer run: bench_cifar.py."""
+CIFAR section and the ResNet-20 fast-trainer run: bench_cifar.py; the attacks section (PGD-20 and
+AutoAttack against the torchattacks reference): bench_attacks.py."""
 from __future__ import annotations
 
 import json
@@ -220,8 +221,8 @@ def _print_evaluation(console, n: int, clean: float, pgd: dict, corr: dict) -> N
 # ---- the command ---------------------------------------------------------------------------------
 
 def _check_sizes(args) -> None:
-    for flag in ("train_images", "eval_images", "corruption_images", "epochs"):
-        n = getattr(args, flag)
+    for flag in ("train_images", "eval_images", "corruption_images", "epochs", "autoattack_images"):
+        n = getattr(args, flag, None)
         if n is not None and n < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {n}")
 
@@ -243,7 +244,7 @@ def run_bench(console, args) -> dict:
     json_path = _check_json_path(args.json)
     device = pick_device(args.device)
     # data first: a missing folder is reported before any time is spent measuring
-    data = load_mnist_or_explain(args.data_dir) if section in ("all", "evaluation") else None
+    data = load_mnist_or_explain(args.data_dir) if section in ("all", "evaluation", "attacks") else None
     if section == "resnet20":
         from robustprune.bench_cifar import load_cifar10_or_explain
 
@@ -252,8 +253,12 @@ def run_bench(console, args) -> dict:
     out: dict = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
     if section in ("all", "training"):
         out.update(_training_section(console, device, args))
-    if data is not None:
+    if section in ("all", "evaluation"):
         out["evaluation"] = _evaluation_section(console, device, args, data)
+    if section == "attacks":  # not part of `all`: the reference AutoAttack alone takes minutes
+        from robustprune.bench_attacks import attacks_section
+
+        out["attacks"] = attacks_section(console, device, args, data)
     if section in ("all", "cifar"):
         from robustprune.bench_cifar import cifar_section
 

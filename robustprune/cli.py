@@ -181,11 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="registered datasets, models, regimes, pruning methods, attacks")
     ls.set_defaults(func=cmd_list)
     b = sub.add_parser("bench", help="training throughput vs the matrix-multiply peak; attack and corruption speed")
-    b.add_argument("--section", choices=["all", "training", "evaluation", "cifar", "resnet20"], default="all",
+    b.add_argument("--section", choices=["all", "training", "evaluation", "cifar", "attacks", "resnet20"],
+                   default="all",
                    help="training (matmul peak, training, FGSM), evaluation (PGD-20 vs torchattacks on MNIST, "
                         "corruption suite), cifar (pruning speed of ResNet-56, training throughput of the CIFAR "
-                        "models), all (default: those three), or resnet20 (the fast trainer on real CIFAR-10, "
-                        "about 20 minutes)")
+                        "models), all (default: those three), attacks (PGD-20 and AutoAttack vs the torchattacks "
+                        "reference on a clean and an adversarially trained MNIST CNN, several minutes), or "
+                        "resnet20 (the fast trainer on real CIFAR-10, about 20 minutes)")
     b.add_argument("--seconds", type=float, default=5.0, help="time spent on each training measurement")
     b.add_argument("--batch-size", type=int, default=128)
     b.add_argument("--device", default="auto")
@@ -196,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--epochs", type=int, metavar="N", help="resnet20 section: train N epochs (default the recipe's 40)")
     b.add_argument("--eval-images", type=int, default=10000, metavar="N",
                    help="attack the first N MNIST test images (default 10000)")
+    b.add_argument("--autoattack-images", type=int, default=500, metavar="N",
+                   help="attacks section: run both AutoAttacks on the first N test images (default 500)")
     b.add_argument("--corruption-images", type=int, default=10000, metavar="N",
                    help="corrupt N CIFAR-sized images (default 10000)")
     b.set_defaults(func=cmd_bench)

@@ -35,9 +35,17 @@ class AdversarialTraining(BaseModel):
         return self
 
     def build(self):
+        import inspect
+
+        from robustprune.attacks import ATTACKS
         from robustprune.attacks.base import build_attack
 
-        return build_attack(self.attack, self.eps, self.params)
+        params = dict(self.params)
+        # training wants the loss maximiser (Madry's last PGD iterate), not an evaluation attack's first
+        # point over the boundary; an explicit early_stop in params still wins
+        if "early_stop" in inspect.signature(ATTACKS.get(self.attack)).parameters:
+            params.setdefault("early_stop", False)
+        return build_attack(self.attack, self.eps, params)
 
 
 class MagnitudePenalty(BaseModel):

@@ -99,16 +99,16 @@ def _train_mnist_cnn(data_dir: Path, n: int, cfg) -> torch.nn.Module:
 def mnist_cnns(data_dir):
     """Two real MNIST CNNs for the attack cross-checks and the first 500 test images (float, labels):
     'clean' (1 epoch on 10 000 images, ~97 %) and 'robust' (3 epochs on 20 000 images, each batch
-    plus its PGD-5 adversarial copies at eps 0.3: ~95 % clean, ~58 % under APGD-CE at eps 0.3)."""
+    plus its PGD-5 adversarial copies at eps 0.3, as `robustprune bench --section attacks` trains it)."""
+    from robustprune.bench_attacks import ROBUST_TRAIN_IMAGES, ROBUST_TRAINING
     from robustprune.data import load_dataset
-    from robustprune.train import AdversarialTraining, TrainConfig, to_float
+    from robustprune.train import TrainConfig, to_float
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         clean = _train_mnist_cnn(data_dir, 10000, TrainConfig(epochs=1))
-        robust = _train_mnist_cnn(data_dir, 20000, TrainConfig(epochs=3, adversarial=AdversarialTraining(
-            attack="pgd", eps=0.3, ratio=1.0, params={"steps": 5, "step_size": 0.1})))
+        robust = _train_mnist_cnn(data_dir, ROBUST_TRAIN_IMAGES, ROBUST_TRAINING)
     finally:
         torch.set_num_threads(threads)
     ds = load_dataset("mnist", data_dir)

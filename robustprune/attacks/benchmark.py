@@ -1,4 +1,5 @@
-"""Throughput of robustprune's PGD against torchattacks' PGD, same model, inputs and settings."""
+"""Speed and strength of robustprune's attacks against torchattacks' (PGD) and against the reference
+AutoAttack built from torchattacks' four attacks, on the same model and inputs in the same run."""
 from __future__ import annotations
 
 import time
@@ -29,11 +30,7 @@ def pgd_benchmark(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
                   batch_size: int = 500) -> dict:
     """Images/s of robustprune's PGD and of torchattacks.PGD (no random start, step eps/4) on the
     same inputs in the same run; x uint8 or float in [0, 1]. Also returns both accuracies."""
-    try:
-        import torchattacks
-    except ImportError:
-        raise UserError("the PGD benchmark compares with torchattacks, which is not installed; "
-                        "run `pip install --no-deps torchattacks`") from None
+    torchattacks = _torchattacks("the PGD benchmark's comparison")
     if len(x) == 0:
         raise UserError("the PGD benchmark needs at least one image")
     if batch_size < 1:
@@ -63,3 +60,65 @@ def pgd_benchmark(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         out[f"{name}_accuracy"] = correct[name] / len(x)
     out["ratio"] = out["robustprune_images_per_s"] / out["torchattacks_images_per_s"]
     return out
+
+
+def reference_autoattack(model: nn.Module, eps: float, norm: str = "Linf", n_classes: int = 10, seed: int = 0):
+    """The reference AutoAttack (standard version) built from torchattacks' four attacks with the
+    original's settings, as a cascade (MultiAttack): APGD-CE and APGD-T with 100 steps, APGD-T and
+    FAB-T against 9 target classes, Square with 5000 queries. torchattacks' own AutoAttack class is
+    not the reference: it leaves APGD, APGD-T and FAB at 10 steps. Called as attack(x, y)."""
+    torchattacks = _torchattacks("the AutoAttack reference")
+    common = {"norm": norm, "eps": eps, "seed": seed}
+    return torchattacks.MultiAttack([
+        torchattacks.APGD(model, steps=100, n_restarts=1, loss="ce", **common),
+        torchattacks.APGDT(model, steps=100, n_restarts=1, n_classes=n_classes, **common),
+        torchattacks.FAB(model, steps=100, n_restarts=1, multi_targeted=True, n_classes=n_classes, **common),
+        torchattacks.Square(model, n_queries=5000, n_restarts=1, p_init=0.8, loss="margin", **common),
+    ])
+
+
+def _torchattacks(what: str):
+    try:
+        import torchattacks
+    except ImportError:
+        raise UserError(f"{what} comes from torchattacks, which is not installed; "
+                        "run `pip install --no-deps torchattacks`") from None
+    return torchattacks
+
+
+def autoattack_benchmark(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "Linf",
+                         batch_size: int = 500, n_classes: int = 10) -> dict:
+    """Robust accuracy and seconds of robustprune's AutoAttack (standard) and of the torchattacks
+    reference on the same images in the same run (ours first, then theirs, batch by batch in
+    alternating order); also ours per stage. x uint8 or float in [0, 1]."""
+    from robustprune.attacks.autoattack import AutoAttack
+
+    if len(x) == 0:
+        raise UserError("the AutoAttack benchmark needs at least one image")
+    device = next(model.parameters()).device
+    ours = AutoAttack(eps, norm=norm, version="standard", seed=0)
+    theirs = reference_autoattack(model, eps, norm, n_classes)
+    seconds = {"robustprune": 0.0, "reference": 0.0}
+    robust = {"robustprune": 0, "reference": 0}
+    stages: dict[str, float] = {}
+    for b, i in enumerate(range(0, len(x), batch_size)):
+        xb, yb = to_float(x[i:i + batch_size].to(device)), y[i:i + batch_size].to(device)
+        order = ["robustprune", "reference"] if b % 2 == 0 else ["reference", "robustprune"]
+        for name in order:
+            _sync(device)
+            t0 = time.perf_counter()
+            if name == "robustprune":
+                result = ours.run(model, xb, yb)
+                x_adv = result.x_adv
+                for stage, sec in result.seconds.items():
+                    stages[stage] = stages.get(stage, 0.0) + sec
+            else:
+                x_adv = theirs(xb, yb)
+            _sync(device)
+            seconds[name] += time.perf_counter() - t0
+            with torch.inference_mode(), frozen_eval(model):
+                robust[name] += int((model(x_adv).argmax(1) == yb).sum())
+    return {"images": len(x), "eps": eps, "norm": norm, "device": str(device),
+            "robustprune_accuracy": robust["robustprune"] / len(x), "reference_accuracy": robust["reference"] / len(x),
+            "robustprune_seconds": seconds["robustprune"], "reference_seconds": seconds["reference"],
+            "speedup": seconds["reference"] / max(seconds["robustprune"], 1e-9), "robustprune_stage_seconds": stages}

@@ -12,11 +12,20 @@ then steps delta <- delta - alpha_k g / ||g||_2 and projects onto the eps_k-ball
 gamma_k and alpha_k decay by cosine annealing, gamma from 0.05 to 0.001, alpha from alpha_init (1 for
 L2, 10 for L-inf, the paper's defaults) to alpha_init / 100.
 
+One change to the paper's algorithm: the gradient loses its components that point out of the [0, 1]
+box at pixels already on a face of it (x = 0 and the step would lower it, x = 1 and it would raise it)
+before it is normalised and before the boundary estimate uses it. The paper steps along them and the
+box clamp cancels them; on MNIST, most of whose pixels are exactly 0 or 1, L2 FMN then stalls: the
+clamped iterate stays inside its radius, the boundary estimate ||delta|| + margin / ||g||_2 stays put,
+and no point is ever broken (on a clean MNIST CNN, robust accuracy at L2 eps 2 was 59 % for the
+paper's rule against 18 % under APGD-CE, and 20 % with the masked gradient).
+
 Per point FMN keeps the smallest-norm iterate that the fp32 model misclassifies: every candidate is
 checked by a separate fp32 forward pass before it replaces the best one, and its norm is the fp32
 distance of the stored point, so a reported norm is always the size of a point that really breaks
 the model. Points misclassified on the clean input have norm 0 and are not attacked; points FMN
-never broke have norm inf."""
+never broke have norm inf. FMN has no random start: the seed only draws the direction of a step where
+the gradient vanishes (a saturated model), from a torch.Generator, so a run is deterministic."""
 from __future__ import annotations
 
 import math
@@ -30,8 +39,7 @@ from robustprune.attacks.pgd import check_count, check_seed, make_generator
 from robustprune.errors import UserError
 
 ALPHA_INIT = {"Linf": 10.0, "L2": 1.0}  # the paper's step sizes; alpha_final defaults to alpha_init / 100
-DUAL = {"Linf": 1, "L2": 2}
-MASK = True              # the dual norm q of the boundary estimate margin / ||g||_q
+DUAL = {"Linf": 1, "L2": 2}              # the dual norm q of the boundary estimate margin / ||g||_q
 
 
 def _positive(name: str, value) -> float:
@@ -50,6 +58,13 @@ def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     zy = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.scatter(1, y[:, None], float("-inf"))
     return zy - others.amax(1)
+
+
+def feasible(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The margin's gradient without the components whose descent step would leave the [0, 1] box at
+    pixels already on its faces (x = 0 and grad > 0, x = 1 and grad < 0): the clamp would undo them."""
+    x = x.float()
+    return grad.masked_fill(((x <= 0) & (grad > 0)) | ((x >= 1) & (grad < 0)), 0.0)
 
 
 @ATTACKS.register("fmn")
@@ -120,10 +135,11 @@ class FMN:
         best_norm = torch.full((n,), math.inf, device=x.device)
         best = x.clone()
         for k in range(self.steps + 1):
-            x_k = (x + delta).detach().requires_grad_(True)
-            logits = model(x_k)
-            margin = margin_loss(logits.float(), y)
-            (grad,) = torch.autograd.grad(margin.sum(), x_k)
+            last = k == self.steps  # the last iterate is only checked: no gradient, no step after it
+            x_k = (x + delta).detach().requires_grad_(not last)
+            with torch.set_grad_enabled(not last):
+                margin = margin_loss(model(x_k).float(), y)
+            grad = None if last else torch.autograd.grad(margin.sum(), x_k)[0]
             x_k, margin = x_k.detach(), margin.detach()
             x_norm = distance(x_k, x, norm)
             # candidates: adversarial per this pass and smaller than the best; kept only if fp32 agrees
@@ -133,14 +149,11 @@ class FMN:
                 cand = cand[ok]
                 best[cand] = x_k[cand]
                 best_norm[cand] = distance(x_k[cand], x[cand], norm)
-            if k == self.steps:  # the last iterate is checked above; no step after it
+            if last:
                 break
             gamma = cosine(self.gamma_init, self.gamma_final, k, self.steps)
             alpha = cosine(self.alpha_init, self.alpha_final, k, self.steps)
-            grad = grad.float()
-            if MASK:
-                xf = x_k.float()
-                grad = grad.masked_fill(((xf <= 0) & (grad > 0)) | ((xf >= 1) & (grad < 0)), 0.0)
+            grad = feasible(grad.float(), x_k)
             is_adv = margin < 0
             boundary = x_norm + margin.abs() / grad.flatten(1).norm(p=DUAL[norm], dim=1).clamp_min(1e-12)
             grown = torch.where(torch.isfinite(best_norm), eps * (1 + gamma), boundary)

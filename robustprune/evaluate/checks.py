@@ -24,11 +24,13 @@ def _steps(entry, label: str) -> int | None:
     return getattr(entry.build(label, entry.eps[0]), "steps", None)
 
 
-def pairs(attacks: dict, transfer_metrics: list[str], regime_transfer: dict[str, tuple[str, float]]):
+def pairs(attacks: dict, transfer_metrics: list[str], regime_transfer: dict[str, tuple[str, float]],
+          security=None):
     """(kind, stronger metric, weaker metric) for every check the evaluated metrics allow.
 
     attacks: the study's evaluation.attacks; transfer_metrics: acc_transfer:... names evaluated;
-    regime_transfer: {metric of a regime test set: (attack name, eps)} crafted on another model."""
+    regime_transfer: {metric of a regime test set: (attack name, eps)} crafted on another model;
+    security: the security-curve settings, whose points are checked against AutoAttack."""
     out = []
     fgsm = [lab for lab, e in attacks.items() if e.name(lab) == "fgsm"]
     for lab, e in attacks.items():
@@ -65,6 +67,12 @@ def pairs(attacks: dict, transfer_metrics: list[str], regime_transfer: dict[str,
         if e.name(lab) == "autoattack" and "square" in [n for n, _ in _stages(e, lab)]:
             for x in eps:
                 out.append(("black_box", names.stage(lab, x, "white_box"), names.adv(lab, x)))
+    if security is not None:  # AutoAttack must break every point FMN broke inside the same ball
+        for lab, e in attacks.items():
+            if e.name(lab) == "autoattack" and e.subset == security.subset and _norm(e) == security.norm:
+                for x in e.eps:
+                    if x in security.eps:
+                        out.append(("min_norm", names.adv(lab, x), names.curve(security.norm, x)))
     for m in transfer_metrics:
         p = names.parse(m)
         if p.name in attacks and attacks[p.name].subset is None:  # transfer sets cover all attacked images

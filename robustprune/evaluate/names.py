@@ -4,6 +4,8 @@
     acc_<test>                            a regime's extra test set, e.g. acc_patched, acc_fgsm_data
     acc_adv:<attack>@<eps>                white-box attack entry <attack> of the study at eps
     acc_adv:<attack>/white_box@<eps>      ... a cascade (AutoAttack) counting its white-box stages only
+    acc_curve:<norm>@<eps>                robust accuracy at eps from the security curve (FMN minimum norms)
+    median_norm:<norm>                    the median of those minimum norms (inf: FMN broke under half)
     acc_occlusion@<size>                  centre square of zeros, side <size> pixels
     acc_corruption:<type>@<severity>      one common corruption at one severity
     acc_corruption:<type>                 ... mean over the evaluated severities
@@ -15,6 +17,7 @@
     masking_violations                    number of checks above the tolerance
     images:attacks, images:shifts         how many test images the attacks / shifts used
     images:<attack>                       ... an attack entry with a subset of its own
+    images:curve                          ... the security curve
     width:<layer>                         output channels (conv) or features (linear) of a layer
     weights:q0 ... weights:q100           quantiles of the conv/linear weights; weights:l1, l2, linf their
                                           norms; weights:log10_bound the Eq. 3 product (metrics/weights.py)
@@ -33,6 +36,7 @@ CHECK_KINDS = {
     "transfer": "white-box weaker than transfer",
     "black_box": "black-box (Square) broke points white-box missed",
     "eps_flat": "robust accuracy does not fall as eps grows",
+    "min_norm": "minimum-norm attack (FMN) broke points AutoAttack missed",
 }
 
 
@@ -74,6 +78,15 @@ def stage(attack: str, eps: float, part: str) -> str:
     return f"acc_adv:{attack}/{part}@{strength(eps)}"
 
 
+def curve(norm: str, eps: float) -> str:
+    """Robust accuracy at eps read off the security curve (FMN's minimum norms)."""
+    return f"acc_curve:{norm}@{strength(eps)}"
+
+
+def median_norm(norm: str) -> str:
+    return f"median_norm:{norm}"
+
+
 def images(attack: str) -> str:
     """How many images an attack entry with its own subset used."""
     return f"images:{attack}"
@@ -99,7 +112,7 @@ def check(kind: str, stronger: str, weaker: str) -> str:
 
 @dataclass(frozen=True)
 class Parsed:
-    family: str              # clean, test, adv, occlusion, corruption, transfer, check, other
+    family: str              # clean, test, adv, curve, occlusion, corruption, transfer, check, other
     name: str | None = None  # attack label, corruption type, test name, check kind
     strength: str | None = None
     source: str | None = None
@@ -124,7 +137,7 @@ def parse(metric: str) -> Parsed:
     if "@" in body:
         body, at = body.rsplit("@", 1)
     family, _, name = body.partition(":")
-    if family in ("adv", "transfer"):
+    if family in ("adv", "transfer", "curve"):
         return Parsed(family, name, at, source)
     if family in ("occlusion", "corruption"):
         return Parsed(family, name or None, at)

@@ -17,6 +17,7 @@ tools read only the fields they know, so the two extra keys do no harm."""
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import tempfile
 from pathlib import Path
@@ -30,9 +31,9 @@ MEASURED = ("dataset", "eps", "clean_acc", "autoattack_acc", "threat_model", "n_
 
 def percent(acc: float, what: str = "accuracy") -> str:
     """An accuracy in [0, 1] as RobustBench stores it: percent, rounded to 2 decimals, str()."""
-    if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not 0 <= acc <= 1:
+    if isinstance(acc, bool) or not isinstance(acc, numbers.Real) or not 0 <= acc <= 1:
         raise UserError(f"{what} must be a fraction in [0, 1], got {acc!r}; e.g. 0.5953 for 59.53 %")
-    return str(round(acc * 100, 2))
+    return str(round(float(acc) * 100, 2))
 
 
 def eps_string(eps: float, norm: str) -> str:

@@ -137,14 +137,14 @@ def plot_security_curves(curves: dict[str, dict], path, norm: str,
 
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
     try:
-        marked = False
+        star = {"marker": "*", "markersize": 13, "markeredgecolor": "black", "linestyle": "none"}
         for label, c in curves.items():
             (line,) = ax.plot(c["eps"], c["robust_accuracy"], label=label, linewidth=1.6)
             if label in checked:
                 eps, acc = checked[label]
-                ax.plot([eps], [acc], marker="*", markersize=13, color=line.get_color(), markeredgecolor="black",
-                        linestyle="none", zorder=5, label=None if marked else "AutoAttack check")
-                marked = True
+                ax.plot([eps], [acc], color=line.get_color(), zorder=5, **star)
+        if checked:  # one legend entry for all the stars, after the models
+            ax.plot([], [], color="lightgray", label="AutoAttack check (same colour)", **star)
         ax.set_xlabel(f"perturbation size eps ({norm})")
         ax.set_ylabel("robust accuracy")
         ax.set_ylim(-0.02, 1.02)

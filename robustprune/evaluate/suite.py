@@ -74,6 +74,20 @@ def attack_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ev, progr
     return out
 
 
+def curve_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ev, progress) -> dict[str, float]:
+    """acc_curve:<norm>@<eps> at every eps of the grid from one FMN run, and the median minimum norm."""
+    from robustprune.evaluate.security import security_curve
+
+    sec = ev.security
+    xc, yc = first(x, sec.subset), first(y, sec.subset)
+    progress.advance(0, f"security curve (FMN {sec.norm}) on {len(xc)} images")
+    curve = security_curve(model, xc, yc, sec.norm, sec.eps, sec.steps, sec.seed, ev.batch_size)
+    out = {names.curve(sec.norm, e): a for e, a in zip(curve["eps"], curve["robust_accuracy"])}
+    out[names.median_norm(sec.norm)] = curve["median_norm"]
+    out["images:curve"] = float(len(xc))
+    return out
+
+
 def corruption_metrics(model: nn.Module, ev, corrupted: CorruptedSets, progress,
                        record: dict | None = None) -> dict[str, float]:
     out = {}
@@ -114,6 +128,8 @@ def evaluate_robustness(model: nn.Module, x_test: torch.Tensor, y_test: torch.Te
             name = names.transfer(ev.transfer.attack, eps, source)
             out[name] = accuracy(model, x_adv, ya, ev.batch_size, record, name)
             transfer_names.append(name)
+    if ev.security:
+        out.update(curve_metrics(model, xa, ya, ev, progress))
     xs, ys = first(x_test, ev.shift_subset), first(y_test, ev.shift_subset)
     if ev.occlusion or ev.corruptions:
         out["images:shifts"] = float(len(xs))
@@ -126,6 +142,7 @@ def evaluate_robustness(model: nn.Module, x_test: torch.Tensor, y_test: torch.Te
     on_subset = {f"acc_{t}": accuracy(model, first(regime_tests[t][0], ev.attack_subset),
                                       first(regime_tests[t][1], ev.attack_subset), ev.batch_size)
                  for t in (regime_transfer or {}) if t in (regime_tests or {})}
-    check_pairs = pairs(ev.attacks, transfer_names, {f"acc_{t}": v for t, v in (regime_transfer or {}).items()})
+    check_pairs = pairs(ev.attacks, transfer_names, {f"acc_{t}": v for t, v in (regime_transfer or {}).items()},
+                        ev.security)
     out.update(masking_checks(out | on_subset, check_pairs, ev.masking_tolerance))
     return out

@@ -10,6 +10,8 @@ Error bars are the standard deviation over seeds.
     dynamics_figures     training dynamics per epoch (Jordão & Pedrini Fig. 2)
     weight_figures       distribution of the conv/linear weights per setting, as box plots of the
                          stored quantiles (reverse-pruning paper, Table 1)
+    security_figures     robust accuracy vs eps from FMN's minimum norms (Pintor et al. 2021), one line per
+                         setting, each with its AutoAttack point at the study's eps
     mrs_figures          MRPF (Bai et al.): per architecture, the Module Robust Sensitivity of every
                          group of coupled filters (top) and the share of its filters each MRPF setting
                          removed (bottom), in network order
@@ -332,7 +334,47 @@ def weight_figures(study: StudyConfig, cells: list[dict], folder, regime: str = 
     return [_save(fig, folder, f"weights{_suffix(None, regime)}.png")]
 
 
-FIGURES = [sparsity_figures, strength_figures, correlation_figures, dynamics_figures, weight_figures, mrs_figures]
+def security_figures(study: StudyConfig, cells: list[dict], folder, regime: str = "clean") -> list[Path]:
+    """Robust accuracy against eps from the security curve (FMN minimum norms), one line per setting
+    (mean over seeds), and each setting's AutoAttack result at the study's eps as a star: the point
+    of the curve that the strongest attack checked."""
+    from robustprune.evaluate import names
+    from robustprune.evaluate.security import plot_security_curves
+    from robustprune.report.tables import setting_label
+
+    sec = study.evaluation.security
+    view = _view(study, cells, regime)
+    if sec is None or view is None:
+        return []
+    grid = [e for e in sec.eps if view.has(names.curve(sec.norm, e))]
+    checks = [(label, e) for label, entry in study.evaluation.attacks.items()
+              if entry.name(label) == "autoattack" and entry.params.get("norm", "Linf") == sec.norm
+              and entry.subset == sec.subset for e in entry.eps]
+    written = []
+    for model in _models(view):
+        keys = [k for k in view.keys if k.model == model][:MAX_LINES]
+        curves, checked = {}, {}
+        for k in keys:
+            pts = [(e, _mean_std([c["metrics"].get(names.curve(sec.norm, e)) for c in view.groups[k]])[0]) for e in grid]
+            pts = [p for p in pts if p[1] == p[1]]
+            if not pts:
+                continue
+            label = setting_label(k)
+            curves[label] = {"eps": [p[0] for p in pts], "robust_accuracy": [p[1] for p in pts]}
+            for attack, e in checks:  # the study's AutoAttack eps (the report eps when it has several)
+                acc = _mean_std([c["metrics"].get(names.adv(attack, e)) for c in view.groups[k]])[0]
+                if acc == acc and (label not in checked or e == study.evaluation.shown_eps(attack)):
+                    checked[label] = (e, acc)
+        if not curves:
+            continue
+        path = Path(folder) / f"security_curves{_suffix(model, regime)}.png"
+        title = f"Security curves, FMN {sec.norm} ({model or study.name}, regime '{regime}', {_seeds_title(view)})"
+        written.append(plot_security_curves(curves, path, sec.norm, checked, title=title))
+    return written
+
+
+FIGURES = [sparsity_figures, strength_figures, correlation_figures, dynamics_figures, weight_figures, mrs_figures,
+           security_figures]
 
 
 def all_figures(study: StudyConfig, cells: list[dict], folder: str | Path) -> list[Path]:

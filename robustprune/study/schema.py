@@ -228,6 +228,28 @@ class SingleElementConfig(Strict):
                                                         "each removal costs one run of each)")
 
 
+class SecurityConfig(Strict):
+    """A security curve per model: FMN (Pintor et al. 2021) gives every attacked image its smallest
+    breaking perturbation, so one run gives robust accuracy at every eps of the grid."""
+
+    norm: Literal["Linf", "L2"] = "Linf"
+    eps: list[float] = Field(description="radii at which the curve is stored (pixel scale [0, 1] for Linf)")
+    steps: int = Field(100, ge=1, description="FMN iterations")
+    subset: int | None = Field(None, ge=1, description="only the first N of the attacked images (None: all)")
+    seed: int = Field(0, ge=0)
+
+    @field_validator("eps")
+    @classmethod
+    def _grid(cls, v, info: ValidationInfo):
+        if not v:
+            raise ValueError("needs at least one eps")
+        _no_repeats(v)
+        for e in v:
+            if not 0.0 <= e < float("inf") or (info.data.get("norm") == "Linf" and e > 1.0):
+                raise ValueError(f"eps {e} must be >= 0 (and at most 1 for Linf)")
+        return sorted(v)
+
+
 class EvaluationConfig(Strict):
     batch_size: int = Field(500, ge=1)
     attack_subset: int | None = Field(1000, ge=1, description="attack the first N test images (None: all)")
@@ -236,6 +258,7 @@ class EvaluationConfig(Strict):
     occlusion: list[int] = Field(default_factory=list, description="sides of the centre square, pixels")
     corruptions: CorruptionsConfig | None = None
     transfer: TransferConfig | None = None
+    security: SecurityConfig | None = Field(None, description="a security curve per model (FMN)")
     masking_tolerance: float = Field(0.005, ge=0.0, le=1.0,
                                      description="accuracy gap (fraction) a masking check allows")
     report_eps: float | None = Field(None, ge=0.0, le=1.0, description="eps shown in summary tables")
