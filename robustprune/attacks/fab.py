@@ -142,6 +142,7 @@ class _FABBase:
     """The FAB iteration shared by the targeted and the untargeted attack."""
 
     NAME = "FAB"
+    searches_ball = True  # robust accuracy at eps is a search of the whole ball (see evaluate/suite.py)
 
     def __init__(self, eps: float, norm: str = "Linf", steps: int = 100, restarts: int = 1, alpha_max: float = 0.1,
                  eta: float = 1.05, beta: float = 0.9, seed: int = 0):

@@ -71,6 +71,8 @@ def feasible(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 class FMN:
     """FMN (Pintor et al. 2021): minimum-norm attack; per point its smallest breaking perturbation."""
 
+    searches_ball = True  # robust accuracy at eps is a search of the whole ball (see evaluate/suite.py)
+
     def __init__(self, norm: str = "Linf", steps: int = 100, alpha_init: float | None = None,
                  alpha_final: float | None = None, gamma_init: float = 0.05, gamma_final: float = 0.001,
                  seed: int = 0, eps: float | None = None):

@@ -518,7 +518,7 @@ def single_element_metrics(model, x_test, y_test, ev, progress: Progress) -> dic
     se = ev.single_element
     x, y = to_float(x_test[:se.images]), y_test[:se.images]
     attacks = {names.adv(label, ev.shown_eps(label)): e.build(label, ev.shown_eps(label))
-               for label, e in ev.attacks.items() if se.attacks is None or label in se.attacks}
+               for label, e in ev.attacks.items() if (e.subset is None if se.attacks is None else label in se.attacks)}
     evaluate_fn = make_evaluator(x, y, attacks, ev.batch_size)
     baseline = evaluate_fn(model)
 

@@ -224,7 +224,8 @@ class SingleElementConfig(Strict):
     images: int = Field(500, ge=1, description="evaluate each removal on the first N test images")
     tolerances: list[float] = Field(default_factory=lambda: [0, 1, 2, 3, 4, 5], description="p.p.")
     seed: int = Field(0, ge=0)
-    attacks: list[str] | None = Field(None, description="labels of evaluation.attacks to count (default: all; "
+    attacks: list[str] | None = Field(None, description="labels of evaluation.attacks to count (default: every "
+                                                        "attack without a subset of its own, such as AutoAttack; "
                                                         "each removal costs one run of each)")
 
 
