@@ -181,7 +181,7 @@ def robust_accuracy(model, x, y) -> float:
 
 @pytest.mark.parametrize("norm, eps, seeds, tol", [("Linf", 0.3, (0,), 0.01), ("L2", 2.0, (0, 1, 2), 0.04)])
 def test_square_is_no_weaker_than_torchattacks(mnist_cnns, norm, eps, seeds, tol):
-    """Robust accuracy of the adversarially trained CNN on 200 images, 1000 queries (5000 take ~15-20 s a
+    """Robust accuracy of the adversarially trained CNN on 200 images, 1000 queries (5000 take 9-14 s a
     run here; both rescale the paper's schedule the same way), mean over the seeds: robustprune's may exceed
     torchattacks' by at most `tol`. Seen on the shared 2-core machine, 1 thread, robustprune vs torchattacks:
 
@@ -214,7 +214,8 @@ def test_square_is_no_weaker_than_torchattacks(mnist_cnns, norm, eps, seeds, tol
     clean = robust_accuracy(model, x, y)
     ours_mean, theirs_mean = sum(ours) / len(ours), sum(theirs) / len(theirs)
     print(f"\nSquare {norm} eps={eps}, 200 images, 1000 queries, seeds {seeds}: clean {clean:.3f}; robust accuracy "
-          f"robustprune {ours} (mean {ours_mean:.3f}, {t_ours:.1f} s), torchattacks {theirs} "
+          f"robustprune {[round(a, 3) for a in ours]} (mean {ours_mean:.3f}, {t_ours:.1f} s), torchattacks "
+          f"{[round(a, 3) for a in theirs]} "
           f"(mean {theirs_mean:.3f}, {t_theirs:.1f} s)")
     assert clean > 0.9 and ours_mean < clean - 0.2  # a robust model, and an attack that bites
     assert ours_mean <= theirs_mean + tol + 1e-9

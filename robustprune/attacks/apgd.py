@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustprune.attacks.base import ATTACKS, check_image_range, frozen_eval
+from robustprune.attacks.base import ATTACKS, attack_autocast, check_image_range, check_precision, frozen_eval
 from robustprune.attacks.norms import (ascent_direction, check_norm, check_radius, dlr_loss, dlr_targeted_loss,
                                        project, random_start, verified)
 from robustprune.attacks.pgd import check_count, check_seed, make_generator
@@ -57,7 +57,7 @@ class APGD:
     loss = "ce"
 
     def __init__(self, eps: float, norm: str = "Linf", steps: int = 100, restarts: int = 1, seed: int = 0,
-                 rho: float = 0.75, eot_iter: int = 1, n_target_classes: int = 9):
+                 rho: float = 0.75, eot_iter: int = 1, n_target_classes: int = 9, precision: str = "fp32"):
         self.norm = check_norm(self.name, norm)
         self.eps = check_radius(self.name, eps, self.norm)
         self.steps = check_count(self.name, "steps", steps, 100)
@@ -68,6 +68,7 @@ class APGD:
         self.rho = float(rho)
         self.eot_iter = check_count(self.name, "eot_iter", eot_iter, 1)
         self.n_target_classes = check_count(self.name, "n_target_classes", n_target_classes, 9)
+        self.precision = check_precision(self.name, precision)
         self.checks = set(checkpoints(self.steps))
         self._loss = loss_fn(self.loss)
 
@@ -77,7 +78,8 @@ class APGD:
         grad = torch.zeros_like(x)
         for _ in range(self.eot_iter):
             xr = x.detach().requires_grad_(True)
-            logits = model(xr)
+            with attack_autocast(self.precision, x.device):
+                logits = model(xr).float()
             loss = self._loss(logits, y, t)
             grad += torch.autograd.grad(loss.sum(), xr)[0]
         if self.eot_iter > 1:

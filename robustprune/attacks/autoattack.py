@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from robustprune.attacks.base import ATTACKS, check_image_range, frozen_eval
+from robustprune.attacks.base import ATTACKS, check_image_range, check_precision, frozen_eval
 from robustprune.attacks.norms import check_norm, check_radius, verified
 from robustprune.attacks.pgd import check_seed
 from robustprune.errors import UserError
@@ -77,8 +77,9 @@ class AutoAttack:
     searches_ball = True  # robust accuracy at eps is a search of the whole ball (see evaluate/suite.py)
 
     def __init__(self, eps: float, norm: str = "Linf", version: str = "standard", seed: int = 0,
-                 attacks: list[str] | None = None):
+                 attacks: list[str] | None = None, precision: str = "fp32"):
         self.norm = check_norm("AutoAttack", norm)
+        self.precision = check_precision("AutoAttack", precision)
         self.eps = check_radius("AutoAttack", eps, self.norm)
         self.seed = check_seed("AutoAttack", seed)
         if version not in VERSIONS:
@@ -91,8 +92,9 @@ class AutoAttack:
                 raise UserError(f"AutoAttack attacks must be a non-empty list drawn from the {version} version's "
                                 f"{', '.join(known)}, got {attacks!r}")
             plan = [(name, p) for name, p in plan if name in attacks]
-        self.stages = [(name, ATTACKS.get(name)(eps=self.eps, norm=self.norm, seed=self.seed, **params))
-                       for name, params in plan]
+        # precision: the autocast of every stage's iterations; their candidates are checked in fp32
+        self.stages = [(name, ATTACKS.get(name)(eps=self.eps, norm=self.norm, seed=self.seed, precision=precision,
+                                                **params)) for name, params in plan]
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> CascadeResult:
         """The cascade on one batch, with what broke each point and the robust accuracy after each stage."""

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from robustprune.attacks.base import ATTACKS, check_image_range, frozen_eval
+from robustprune.attacks.base import ATTACKS, attack_autocast, check_image_range, check_precision, frozen_eval
 from robustprune.attacks.norms import check_norm, check_radius, verified
 from robustprune.attacks.pgd import check_count, check_seed, make_generator
 from robustprune.errors import UserError
@@ -145,8 +145,9 @@ class _FABBase:
     searches_ball = True  # robust accuracy at eps is a search of the whole ball (see evaluate/suite.py)
 
     def __init__(self, eps: float, norm: str = "Linf", steps: int = 100, restarts: int = 1, alpha_max: float = 0.1,
-                 eta: float = 1.05, beta: float = 0.9, seed: int = 0):
+                 eta: float = 1.05, beta: float = 0.9, seed: int = 0, precision: str = "fp32"):
         name = self.NAME
+        self.precision = check_precision(name, precision)
         self.norm = check_norm(name, norm)
         self.eps = check_radius(name, eps, self.norm)
         self.steps = check_count(name, "steps", steps, 100)
@@ -228,8 +229,9 @@ class _FABBase:
                                 f"{logits.shape[1]} classes, got values in [{int(y.min())}, {int(y.max())}]")
             left = logits.argmax(1) == y       # misclassified inputs are their own adversarial examples
 
-            def forward(z):  # flat fp32 points -> logits, the model fed in the images' dtype
-                return model(z.view((len(z),) + shape[1:]).to(x.dtype))
+            def forward(z):  # flat fp32 points -> fp32 logits, the model fed in the images' dtype
+                with attack_autocast(self.precision, x.device):
+                    return model(z.view((len(z),) + shape[1:]).to(x.dtype)).float()
 
             for target in self._targets(logits, y):
                 for restart in range(self.restarts):
@@ -252,8 +254,8 @@ class FAB(_FABBase):
     NAME = "FAB"
 
     def __init__(self, eps: float, norm: str = "Linf", steps: int = 100, restarts: int = 5, alpha_max: float = 0.1,
-                 eta: float = 1.05, beta: float = 0.9, seed: int = 0):
-        super().__init__(eps, norm, steps, restarts, alpha_max, eta, beta, seed)
+                 eta: float = 1.05, beta: float = 0.9, seed: int = 0, precision: str = "fp32"):
+        super().__init__(eps, norm, steps, restarts, alpha_max, eta, beta, seed, precision)
 
 
 @ATTACKS.register("fab_t")
@@ -263,8 +265,9 @@ class FABT(_FABBase):
     NAME = "FAB-T"
 
     def __init__(self, eps: float, norm: str = "Linf", steps: int = 100, n_target_classes: int = 9,
-                 restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9, seed: int = 0):
-        super().__init__(eps, norm, steps, restarts, alpha_max, eta, beta, seed)
+                 restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9, seed: int = 0,
+                 precision: str = "fp32"):
+        super().__init__(eps, norm, steps, restarts, alpha_max, eta, beta, seed, precision)
         self.n_target_classes = check_count(self.NAME, "n_target_classes", n_target_classes, 9)
 
     def _targets(self, logits: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:

@@ -99,8 +99,10 @@ def verified(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Te
     EPS_TOLERANCE) and inside [0, 1]; x elsewhere. Whatever the attack did inside (bf16, any
     iterate), a point counts as broken only if this check says so."""
     x32, adv32 = x.float(), x_adv.float()
+    # fp32 unless the model's own weights are in another float type (a model cast to bf16 by its user)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     with frozen_eval(model), torch.autocast(x.device.type, enabled=False):
-        wrong = model(adv32).argmax(1) != y
+        wrong = model(adv32.to(dtype)).argmax(1) != y
     inside = (distance(adv32, x32, norm) <= eps + EPS_TOLERANCE) & (adv32.flatten(1).amin(1) >= 0) \
         & (adv32.flatten(1).amax(1) <= 1)
     ok = (wrong & inside).view((len(x),) + (1,) * (x.dim() - 1))

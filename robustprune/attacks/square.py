@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from robustprune.attacks.base import ATTACKS, check_image_range, frozen_eval
+from robustprune.attacks.base import ATTACKS, attack_autocast, check_image_range, check_precision, frozen_eval
 from robustprune.attacks.norms import check_norm, check_radius, verified
 from robustprune.attacks.pgd import check_count, check_seed, make_generator
 from robustprune.errors import UserError
@@ -95,9 +95,12 @@ def random_window(shape: torch.Size, s: int, gen: torch.Generator, device) -> to
 class Square:
     """Square Attack (Andriushchenko et al. 2020): score-based random search, no gradients."""
 
+    searches_ball = True  # robust accuracy at eps is a search of the whole ball (see evaluate/suite.py)
+
     def __init__(self, eps: float, norm: str = "Linf", n_queries: int = 5000, p_init: float = 0.8,
-                 restarts: int = 1, seed: int = 0):
+                 restarts: int = 1, seed: int = 0, precision: str = "fp32"):
         self.norm = check_norm("Square", norm)
+        self.precision = check_precision("Square", precision)
         self.eps = check_radius("Square", eps, self.norm)
         self.n_queries = check_count("Square", "n_queries", n_queries, 5000)
         if isinstance(p_init, bool) or not isinstance(p_init, (int, float)) or not 0 < p_init <= 1:
@@ -194,6 +197,10 @@ class Square:
         flat.index_copy_(0, w1, new.view(-1))
         return self._l2_place(x, delta)
 
+    def _forward(self, model, x):
+        with attack_autocast(self.precision, x.device):
+            return model(x).float()
+
     def _run(self, model, x, y, out, todo, gen, dtype):
         """One restart on the points `todo` (indices into out). Broken points get their adversarial example
         written into out; returns the indices still unbroken."""
@@ -205,7 +212,7 @@ class Square:
         else:
             lo = hi = None
             x_best = self._l2_start(x_a, gen)
-        m_best = margin(model(x_best.to(dtype)), y_a)
+        m_best = margin(self._forward(model, x_best.to(dtype)), y_a)
         for it in range(self.n_queries + 1):
             broken = m_best < 0
             if bool(broken.any()):  # a broken point leaves the batch with its adversarial example
@@ -221,7 +228,7 @@ class Square:
                 cand, win, new = self._linf_step(x_best, lo, hi, s, gen)
             else:
                 cand = self._l2_step(x_a, x_best, s, gen)
-            m_cand = margin(model(cand.to(dtype)), y_a)
+            m_cand = margin(self._forward(model, cand.to(dtype)), y_a)
             better = m_cand < m_best
             m_best = torch.where(better, m_cand, m_best)
             if self.norm == "Linf":  # the candidate differs from x_best only in the window
