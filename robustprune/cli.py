@@ -90,6 +90,17 @@ def cmd_report(args) -> int:
         path = write_report(args.dirs, args.out)
         _console().print(f"report: {path}", highlight=False)
         return 0
+    if args.robustbench:
+        from robustprune.report.render import load_results
+        from robustprune.report.robustbench_export import export_robustbench
+
+        not_a_folder(Path(args.robustbench), "--robustbench")
+        for folder in args.dirs:
+            study, cells = load_results(folder)
+            target = Path(args.robustbench) / Path(folder).name if len(args.dirs) > 1 else Path(args.robustbench)
+            paths = export_robustbench(study, cells, target)
+            _console().print(f"RobustBench entries: {len(paths)} files in {target}", highlight=False)
+        return 0
     report(args.dirs, args.format, _console(), figures=args.figures)
     return 0
 
@@ -177,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", metavar="FOLDER",
                      help="write a self-contained report instead: FOLDER/report.md with every table and figure, "
                           "the tables as CSV and LaTeX, the figures as PNG and every stored number as CSV")
+    rep.add_argument("--robustbench", metavar="FOLDER",
+                     help="write every stored AutoAttack result as a RobustBench model-info JSON file into FOLDER "
+                          "(one per cell and eps) instead of printing tables")
     rep.set_defaults(func=cmd_report)
     ls = sub.add_parser("list", help="registered datasets, models, regimes, pruning methods, attacks")
     ls.set_defaults(func=cmd_list)

@@ -195,3 +195,97 @@ def test_apgd_and_pgd_points_are_verified(mnist_cnns):
         x_adv = attack(model, x, y)
         changed = fp32_check(model, x, x_adv, y, eps, norm)
         assert int(changed.sum()) > 20
+
+
+def test_autoattack_is_no_weaker_than_the_reference_and_verified(mnist_cnns):
+    """The standard cascade against torchattacks' four attacks with the original's settings run as a
+    cascade (MultiAttack), on the adversarially trained CNN where every stage has points to work on."""
+    from robustprune.attacks.benchmark import reference_autoattack
+
+    model, x, y = mnist_cnns["robust"], mnist_cnns["x"][:100], mnist_cnns["y"][:100]
+    t0 = time.perf_counter()
+    result = AutoAttack(0.3, norm="Linf", version="standard", seed=0).run(model, x, y)
+    t1 = time.perf_counter()
+    theirs = acc(model, ta(reference_autoattack(model, 0.3, "Linf", 10)), x, y)
+    t2 = time.perf_counter()
+    ours = result.robust_accuracy()
+    print(f"\nAutoAttack Linf 0.3, 100 images: robustprune {ours:.3f} ({t1 - t0:.1f} s, stages "
+          f"{ {k: round(v, 1) for k, v in result.seconds.items()} }), reference {theirs:.3f} ({t2 - t1:.1f} s)")
+    assert ours <= theirs + 0.005 + 1e-9  # no point more than the reference left standing
+    assert 0.3 < ours < 0.9
+    # what the cascade says it broke is broken, in fp32, inside the ball; the robust ones come back as x
+    changed = fp32_check(model, x, result.x_adv, y, 0.3, "Linf")
+    with torch.no_grad():
+        correct = model(x).argmax(1) == y
+    broken_by = result.broken_by
+    assert [b == "" for b in broken_by] == result.robust.tolist()
+    assert all((b == "clean") == (not bool(c)) for b, c in zip(broken_by, correct))
+    assert all(bool(changed[i]) == (broken_by[i] not in ("", "clean")) for i in range(len(x)))
+    # the stages' robust accuracies fall monotonically and end at the result
+    after = list(result.robust_after.values())
+    assert after == sorted(after, reverse=True) and after[-1] == pytest.approx(ours)
+    assert adversarial_accuracy(model, AutoAttack(0.3, seed=0), x, y) == pytest.approx(ours)
+
+
+class Quantised(nn.Module):
+    """A linear classifier on inputs rounded to 1/4: its gradient is zero everywhere, so white-box
+    attacks are blind while a score-based one (Square) still finds the boundary."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc((torch.round(x * 4) / 4).flatten(1))  # torch.round passes back a zero gradient
+
+
+def test_masking_by_a_zero_gradient_is_flagged():
+    from robustprune.evaluate.suite import evaluate_robustness
+    from robustprune.study.schema import EvaluationConfig
+
+    torch.manual_seed(0)
+    model = Quantised().eval()
+    x = torch.rand(200, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    ev = EvaluationConfig(attack_subset=None, attacks={"aa": {"attack": "autoattack", "eps": [0.2], "params": {
+        "attacks": ["apgd_ce", "square"], "version": "standard"}}})
+
+    class Quiet:
+        def advance(self, *a):
+            pass
+
+    out = evaluate_robustness(model, x, y, ev, Quiet())
+    white, final = out["acc_adv:aa/white_box@0.2"], out["acc_adv:aa@0.2"]
+    assert white > final + 0.05  # Square broke what the blind white-box stage could not
+    assert out["check:black_box:acc_adv:aa/white_box@0.2|acc_adv:aa@0.2"] == pytest.approx(white - final)
+    assert out["masking_violations"] >= 1
+
+
+def test_eps_sweep_attacks_only_the_survivors(mnist_cnns, monkeypatch):
+    from robustprune.evaluate.suite import attack_metrics
+    from robustprune.study.schema import EvaluationConfig
+
+    model, x, y = mnist_cnns["clean"], mnist_cnns["x"][:100], mnist_cnns["y"][:100]
+    seen = []
+    original = PGD.__call__
+
+    def counting(self, model, xb, yb):
+        seen.append((self.eps, len(xb)))
+        return original(self, model, xb, yb)
+
+    monkeypatch.setattr(PGD, "__call__", counting)
+    ev = EvaluationConfig(attack_subset=None, attacks={"pgd": {"eps": [0.2, 0.05, 0.1], "params": {"steps": 10}}})
+
+    class Quiet:
+        def advance(self, *a):
+            pass
+
+    record: dict = {}
+    out = attack_metrics(model, x, y, ev, Quiet(), record)
+    accs = [out[f"acc_adv:pgd@{e:g}"] for e in (0.05, 0.1, 0.2)]
+    assert accs == sorted(accs, reverse=True) and accs[-1] < accs[0]
+    # ascending eps; each run sees only the images that survived the smaller ball
+    assert [e for e, _ in seen] == [0.05, 0.1, 0.2]
+    assert seen[0][1] == 100 and seen[1][1] == round(accs[0] * 100) and seen[2][1] == round(accs[1] * 100)
+    assert bool((record["acc_adv:pgd@0.2"] <= record["acc_adv:pgd@0.1"]).all())

@@ -60,6 +60,8 @@ def attack_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ev, progr
         alive = None
         for eps in sorted(entry.eps):
             attack = entry.build(label, eps)
+            if isinstance(attack, AutoAttack) and alive is None:  # robust accuracy at eps 0: clean, same images
+                out[names.adv(label, 0.0)] = accuracy(model, xe, ye, ev.batch_size) if len(xe) else float("nan")
             sweep = getattr(attack, "searches_ball", False)
             n = len(xe) if alive is None or not sweep else int(alive.sum())
             progress.advance(0, f"{label} eps={eps:g} on {n} images")

@@ -77,6 +77,8 @@ def masking_flags(study: StudyConfig, cells: list[dict]) -> set[tuple[tuple, str
 def describe(metric: str) -> str:
     """A metric as a reader names it: 'PGD20 ε=0.1', 'PGD20 ε=0.1 from dense', 'FGSM-data acc.'."""
     p = names.parse(metric)
+    if p.family == "curve":
+        return f"FMN security curve ({p.name}) ε={names.eps_text(float(p.strength))}"
     if p.family in ("adv", "transfer"):
         text = f"{attack_title(p.name)} ε={names.eps_text(float(p.strength))}"
         return text + (f" from {p.source}" if p.source else "")
