@@ -107,7 +107,7 @@ def test_fgsm_leaves_the_model_as_it_was():
 
 def test_fgsm_restores_the_model_after_an_error():
     model = bn_model().train()
-    with pytest.raises(Exception):
+    with pytest.raises((RuntimeError, ValueError)):
         FGSM(0.1)(model, rand_images(), torch.tensor([0]))  # batch size mismatch
     assert model.training and all(p.requires_grad for p in model.parameters())
 
@@ -177,7 +177,7 @@ def test_checkpoint_roundtrip(tmp_path):
 def test_failed_save_keeps_the_old_file(tmp_path):
     path = tmp_path / "c.pt"
     checkpoint.save({"v": torch.ones(2)}, path)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017  (pickle raises AttributeError or PicklingError by version)
         checkpoint.save({"v": lambda: 1}, path)  # lambdas cannot be pickled
     assert torch.equal(checkpoint.load(path)["v"], torch.ones(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]

@@ -100,7 +100,7 @@ def test_rerun_computes_nothing_and_prints_same_tables(smoke_run, study_file, da
 def test_report_formats(smoke_run):
     out, _, _ = smoke_run
     md = cli("report", str(out), "--format", "markdown").stdout
-    assert "| Pruning method | Fine-tune | Clean | Spurious corr. | Noisy label | FGSM |" in md
+    assert "| Pruning method | Fine-tune | Clean | Spurious corr. | Noisy label | FGSM | AutoAttack ε=0.2 |" in md
     text = cli("report", str(out), "--format", "csv").stdout
     header = text.splitlines()[0]
     assert header == "regime,pruning,method,sparsity,finetune_epochs,round,seed,metric,value,config_hash,status"
@@ -216,3 +216,44 @@ def test_new_evaluation_reuses_every_trained_model(smoke_run, study_file, data_d
     assert "acc_adv:fgsm@0.15" in csv_out and "acc_adv:fgsm@0.1," not in csv_out
     after = {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").glob("*.pt")}
     assert after == ckpts
+
+
+def test_autoattack_and_security_curve_are_stored_and_consistent(smoke_run):
+    """The smoke budget runs a one-stage AutoAttack (APGD-CE only) at eps 0.1 and 0.2 and a security
+    curve on the same first 25 test images: clean accuracy on them agrees, the sweep never rises."""
+    import json
+
+    out, _, _ = smoke_run
+    with sqlite3.connect(out / "results.sqlite") as db:
+        cells = [(json.loads(a), h) for h, a in db.execute("SELECT hash, axes FROM cells WHERE status = 'done'")]
+        metrics = {h: dict(db.execute("SELECT metric, value FROM results WHERE hash = ?", (h,)).fetchall())
+                   for _, h in cells}
+    assert cells
+    for axes, h in cells:
+        m = metrics[h]
+        assert m["images:autoattack"] == 25 and m["images:curve"] == 25
+        clean, a1, a2 = m["acc_adv:autoattack@0"], m["acc_adv:autoattack@0.1"], m["acc_adv:autoattack@0.2"]
+        assert a2 <= a1 <= clean
+        assert m["acc_curve:Linf@0"] == pytest.approx(clean)  # both are clean accuracy on the same images
+        curve = [m[f"acc_curve:Linf@{e}"] for e in ("0", "0.1", "0.2", "0.3")]
+        assert curve == sorted(curve, reverse=True)
+        assert "check:eps_flat:acc_adv:autoattack@0.2|acc_adv:autoattack@0.1" in m
+        assert "check:min_norm:acc_adv:autoattack@0.1|acc_curve:Linf@0.1" in m
+        assert m["acc_adv:worst@0.1"] <= min(m["acc_adv:fgsm@0.1"], m["acc_adv:pgd20@0.1"], m["acc_adv:apgd_ce@0.1"])
+
+
+def test_robustbench_export_and_security_figures(smoke_run, tmp_path):
+    import json
+
+    out, _, _ = smoke_run
+    proc = cli("report", str(out), "--robustbench", str(tmp_path / "rb"))
+    files = sorted((tmp_path / "rb").glob("*.json"))
+    assert f"RobustBench entries: {len(files)} files" in proc.stdout
+    assert len(files) == 2 * 28  # every cell at eps 0.1 and 0.2
+    entry = json.loads(next(f for f in files if f.name.startswith("clean_Dense_seed_0_autoattack_eps=0.1")).read_text())
+    assert entry["dataset"] == "mnist" and entry["eps"] == "0.1" and entry["threat_model"] == "Linf"
+    assert entry["n_examples"] == 25 and float(entry["autoattack_acc"]) <= float(entry["clean_acc"])
+    cli("report", str(out), "--figures", str(tmp_path / "fig"))
+    assert (tmp_path / "fig" / "security_curves.png").stat().st_size > 10000
+    bad = cli("report", str(out), "--robustbench", str(out / "results.sqlite"), check=False)
+    assert bad.returncode == 2 and "is a file, not a folder" in bad.stderr

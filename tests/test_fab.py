@@ -30,7 +30,9 @@ def proj(t, w, b, norm):
 
 @pytest.mark.parametrize("norm", ["Linf", "L2"])
 def test_projection_hand_made(norm):
-    approx = lambda v: pytest.approx(v, abs=1e-6)
+    def approx(v):
+        return pytest.approx(v, abs=1e-6)
+
     # inside the box: L-inf moves every coordinate by the same amount, L2 along w
     assert proj([0.5, 0.5], [1.0, 1.0], 0.6, norm).tolist() == approx([-0.2, -0.2])
     assert proj([0.5, 0.5], [1.0, 1.0], 1.4, norm).tolist() == approx([0.2, 0.2])     # the other side

@@ -174,7 +174,7 @@ def test_two_processes_on_one_store_never_duplicate_or_lose_rows(executors, stud
     procs = [subprocess.Popen(command(study, out, data_dir, "--executor", ex), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for ex in executors]
     outputs = [p.communicate(timeout=900) for p in procs]
-    for p, (stdout, stderr) in zip(procs, outputs):
+    for p, (_stdout, stderr) in zip(procs, outputs):
         assert p.returncode == 0, stderr
     assert contents(out) == contents(ref_out)
     assert row_counts(out) == row_counts(ref_out)

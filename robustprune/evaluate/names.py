@@ -4,6 +4,8 @@
     acc_<test>                            a regime's extra test set, e.g. acc_patched, acc_fgsm_data
     acc_adv:<attack>@<eps>                white-box attack entry <attack> of the study at eps
     acc_adv:<attack>/white_box@<eps>      ... a cascade (AutoAttack) counting its white-box stages only
+    acc_adv:worst@<eps>                   per image the worst case over every L-inf attack run on all the
+                                          attacked images at eps: robust only if no attack broke it
     acc_curve:<norm>@<eps>                robust accuracy at eps from the security curve (FMN minimum norms)
     median_norm:<norm>                    the median of those minimum norms (inf: FMN broke under half)
     acc_occlusion@<size>                  centre square of zeros, side <size> pixels
@@ -71,6 +73,9 @@ def plan_metric(kind: str, group: str) -> str:
 
 def adv(attack: str, eps: float) -> str:
     return f"acc_adv:{attack}@{strength(eps)}"
+
+
+WORST = "worst"  # the label of the per-image worst case over a cell's attacks (reserved)
 
 
 def stage(attack: str, eps: float, part: str) -> str:

@@ -53,6 +53,7 @@ def attack_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ev, progr
     (searches_ball) sweeps its eps upwards on the survivors: a point broken inside a smaller ball
     is broken inside every larger one, so only the points that survived are attacked again."""
     out = {}
+    same_images: dict[tuple, list[torch.Tensor]] = {}  # (eps, subset, norm) -> per-image hits of each entry
     for label, entry in ev.attacks.items():
         xe, ye = first(x, entry.subset), first(y, entry.subset)
         if entry.subset is not None:
@@ -71,8 +72,16 @@ def attack_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ev, progr
             out[name] = int(hits.sum()) / len(xe) if len(xe) else float("nan")
             if record is not None:
                 record[name] = hits
+            same_images.setdefault((eps, entry.subset, entry.params.get("norm", "Linf")), []).append(hits)
             if white is not None:
                 out[names.stage(label, eps, "white_box")] = int(white.sum()) / len(xe) if len(xe) else float("nan")
+    # per image the worst case over every attack run on the same images at the same eps and norm
+    for (eps, subset, norm), runs in same_images.items():
+        if len(runs) > 1 and subset is None and norm == "Linf" and len(runs[0]):
+            worst = torch.stack(runs).all(0)
+            out[names.adv(names.WORST, eps)] = int(worst.sum()) / len(worst)
+            if record is not None:
+                record[names.adv(names.WORST, eps)] = worst
     return out
 
 

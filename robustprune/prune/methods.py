@@ -33,11 +33,11 @@ class PruningMethod(ABC):
     def needs_data(self, params) -> bool:
         return False
 
-    def validate(self, params) -> None:
+    def validate(self, params) -> None:  # noqa: B027  (optional hook: most methods accept any valid params)
         """Raise ValueError for parameters that pass their types but cannot run (checked when the
         study file is read, before any work)."""
 
-    def validate_sparsity(self, params, sparsity: float) -> None:
+    def validate_sparsity(self, params, sparsity: float) -> None:  # noqa: B027  (optional hook)
         """Raise ValueError for a sparsity these parameters cannot reach (checked with the study file)."""
 
     @abstractmethod

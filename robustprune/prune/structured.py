@@ -360,7 +360,7 @@ def prune_filters_(model: nn.Module, criterion, ratio: float, example_input: tor
             raise UserError(f"model {type(model).__name__} has no filters that can be pruned "
                             f"(every conv is ignored or feeds the output); check ignored_layers")
         own: dict[int, tuple[str, float]] = {}
-        for name, module in by_name.items():
+        for name in by_name:
             hits = [k for k, u in enumerate(units) if name in u.layers]
             if not hits:
                 valid = [n for u in units for n in u.layers]

@@ -216,7 +216,7 @@ def table_notes(rows: list[list[str]]) -> list[str]:
     return ([MARK_NOTE] if marked(rows) else []) + ([DENSE_NOTE] if significant else [])
 
 
-TITLES = {"autoattack": "AutoAttack", "white_box": "white-box stages"}
+TITLES = {"autoattack": "AutoAttack", "white_box": "white-box stages", "worst": "Worst case"}
 
 
 def attack_title(label: str) -> str:
@@ -333,10 +333,10 @@ def gains_table(study: StudyConfig, cells: list[dict], regime: str, flags: set |
                 per_column["Average"].append(statistics.fmean(gains.values()))
         dense_of_seed = {seed: c for (model, seed), c in dense.items() if model == k.model}
         texts = []
-        for name, values in per_column.items():
+        for name, column_gains in per_column.items():
             diff = paired_difference(view.groups[k], dense_of_seed, components[name]) if name in components else None
             tested |= diff is not None
-            texts.append(with_significance(signed(values), diff))
+            texts.append(with_significance(signed(column_gains), diff))
         rows.append([setting_label(k), *texts])
     if not rows or len(measures) < 2:
         return None
@@ -422,6 +422,10 @@ def attack_columns(view: Regime, columns: dict[str, Column]) -> list[str]:
                 metric_column(view, names.adv(label, eps))
             if entry.subset is not None:
                 subsets.append(f"{attack_title(label)} on the first {view.images(names.images(label))} of them")
+    eps = view.study.evaluation.report_eps
+    if eps is not None and view.has(names.adv(names.WORST, eps)):
+        columns[f"Worst case ε={names.eps_text(eps)}"] = metric_column(view, names.adv(names.WORST, eps))
+        subsets.append("worst case: per image, broken by any L∞ attack run on all of them")
     return [f"white-box attacks (L∞ unless marked) at the ε in the header (pixel scale [0, 1]) on the first "
             f"{view.images('images:attacks')} test images" + (f" ({'; '.join(subsets)})" if subsets else "")
             ] if columns else []

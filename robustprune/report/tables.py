@@ -175,7 +175,7 @@ def table1(study: StudyConfig, cells: list[dict], flags: set | None = None) -> T
         p = study.pruning[row.pruning]
         if p.method == "lottery_ticket" or row.sparsity is None:
             cells_out = []
-            for col, (regime, metric) in spec.columns.items():
+            for regime, metric in spec.columns.values():
                 best, best_mean = None, -math.inf
                 for key, cs in groups.items():
                     if key.regime == regime and key.pruning == row.pruning and key.round is not None:
@@ -189,7 +189,8 @@ def table1(study: StudyConfig, cells: list[dict], flags: set | None = None) -> T
         for ft in p.finetune_epochs:
             label = row.label if ft == p.finetune_epochs[0] else ""
             ft_label = "No FT" if ft == 0 else f"With FT ({ft} ep)"
-            rows.append([label, ft_label, *row_values(lambda r: Setting(r, row.pruning, row.sparsity, ft, None))])
+            rows.append([label, ft_label, *row_values(
+                lambda r, row=row, ft=ft: Setting(r, row.pruning, row.sparsity, ft, None))])
     caption = (f"Test accuracy (%) of each regime's model, mean ± std over {seeds_text(n_seeds(cells))}. "
                + "; ".join(f"{col}: {metric} of the '{regime}' model" for col, (regime, metric) in spec.columns.items())
                + ". Lottery ticket: best round per column (round in brackets).")

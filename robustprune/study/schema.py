@@ -284,6 +284,9 @@ class EvaluationConfig(Strict):
         for label, entry in self.attacks.items():
             if not label.replace("_", "").isalnum():
                 raise ValueError(f"attack label '{label}' may hold only letters, digits and '_'")
+            if label == "worst":
+                raise ValueError("attack label 'worst' is reserved for the per-image worst case over the attacks; "
+                                 "choose another label")
             for eps in entry.eps:  # the attack checks its own arguments (steps >= 1, ...)
                 build_attack(entry.name(label), eps, entry.params, what=label)
         if self.corruptions and self.corruptions.types != "all":
@@ -418,7 +421,7 @@ class StudyConfig(Strict):
             except TypeError as e:
                 raise ValueError(f"model '{model.name}' does not accept args {model.args} ({e})") from None
             if model.train:
-                _changes_valid(lambda: self.model_train(model), f"model '{label or model.name}'.train")
+                _changes_valid(lambda model=model: self.model_train(model), f"model '{label or model.name}'.train")
             if model.seeds is not None and not set(model.seeds) & set(self.seeds):
                 raise ValueError(f"model '{label or model.name}' runs seeds {model.seeds}, none of the study's "
                                  f"seeds {self.seeds}; list some of those")
@@ -440,7 +443,7 @@ class StudyConfig(Strict):
                 if "epochs" in p.finetune:
                     raise ValueError(f"pruning '{label}': fine-tuning epochs come from finetune_epochs; remove "
                                      f"'finetune.epochs'")
-                _changes_valid(lambda: self.entry_finetune(label), f"pruning '{label}'.finetune")
+                _changes_valid(lambda label=label: self.entry_finetune(label), f"pruning '{label}'.finetune")
             if p.models is not None:
                 if not self.models:
                     raise ValueError(f"pruning '{label}' lists models, but the study has one model; remove 'models'")

@@ -249,7 +249,7 @@ def channel_sites(model: nn.Module, x1: torch.Tensor) -> dict[nn.Module, Site]:
         return None
 
     sites: dict[nn.Module, Site] = {}
-    for i, (module, k, _, _) in enumerate(calls):
+    for i, (module, _kind, _, _) in enumerate(calls):
         if not isinstance(module, WEIGHT_LAYERS) or module in sites:
             continue  # a layer called twice is read at its first call
         read, j = i, successor(i)

@@ -91,7 +91,7 @@ class Taylor(_WeightSaliency):
         for s in chunks(len(x), self.batch_size):
             outs: list[torch.Tensor | None] = [None] * len(blocks)
 
-            def keep(b):
+            def keep(b, outs=outs):
                 def hook(module, inputs, output):
                     outs[b] = output
                 return hook
