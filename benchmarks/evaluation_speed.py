@@ -6,6 +6,7 @@ in the same run, then the 15 x 5 corruption suite on 10 000 CIFAR-sized images.
 
 Any other `robustprune bench` option may follow (e.g. --eval-images 1000 for a quick look).
 """
+
 from __future__ import annotations
 
 import sys

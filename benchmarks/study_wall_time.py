@@ -4,6 +4,7 @@ fine-tuning, lottery tickets and every evaluation included). Default: the MNIST 
     python benchmarks/study_wall_time.py [--data-dir ../shared/data] [--workers auto] [--budget full]
     python benchmarks/study_wall_time.py --study studies/cifar_structured_pruning_robustness.yaml --budget cpu
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,14 +28,32 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "robustprune", "run", args.study, "--budget", args.budget,
-                        "--data-dir", args.data_dir, "--out", out, "--workers", args.workers],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "robustprune",
+                "run",
+                args.study,
+                "--budget",
+                args.budget,
+                "--data-dir",
+                args.data_dir,
+                "--out",
+                out,
+                "--workers",
+                args.workers,
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         wall = time.perf_counter() - t0
         with sqlite3.connect(Path(out) / "results.sqlite") as db:
             cells = db.execute("SELECT count(*) FROM cells").fetchone()[0]
-    print(f"{Path(args.study).stem}, {args.budget} budget, 1 seed, workers={args.workers}: {cells} cells in {wall:.0f} s "
-          f"on {os.cpu_count()} cores")
+    print(
+        f"{Path(args.study).stem}, {args.budget} budget, 1 seed, workers={args.workers}: {cells} cells in {wall:.0f} s "
+        f"on {os.cpu_count()} cores"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ both and their ratio), then the 15 x 5 corruption suite on CIFAR-sized images.
 
 CIFAR section and the ResNet-20 fast-trainer run: bench_cifar.py; the attacks section (PGD-20 and
 AutoAttack against the torchattacks reference): bench_attacks.py."""
+
 from __future__ import annotations
 
 import json
@@ -48,7 +49,7 @@ def matmul_peak(device: torch.device, seconds: float, n: int = 2048) -> float:
         t0 = time.perf_counter()
         torch.mm(a, b)
         _sync(device)
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
     return best
 
 
@@ -109,8 +110,10 @@ def _training_section(console, device, args) -> dict:
     fgsm_s = fgsm_throughput(device, args.seconds)
     t = _table("robustprune bench: training")
     t.add_row("fp32 matmul peak (2048x2048)", f"{peak:,.1f} GFLOP/s")
-    t.add_row(f"training, {DEFAULT_MODEL[0]}, batch {args.batch_size}, {torch.get_num_threads()} threads",
-              f"{img_s:,.0f} images/s")
+    t.add_row(
+        f"training, {DEFAULT_MODEL[0]}, batch {args.batch_size}, {torch.get_num_threads()} threads",
+        f"{img_s:,.0f} images/s",
+    )
     t.add_row("  forward MACs per image", f"{macs:,}")
     t.add_row("  achieved (6 x MACs x images/s)", f"{achieved:,.1f} GFLOP/s")
     t.add_row("  achieved / peak", f"{achieved / peak:.1%}")
@@ -120,8 +123,14 @@ def _training_section(console, device, args) -> dict:
         t.add_row("  achieved / peak", f"{par / peak:.1%}")
     t.add_row("white-box FGSM evaluation", f"{fgsm_s:,.0f} images/s")
     console.print(t)
-    return {"peak_gflops": peak, "train_images_per_s": img_s, "achieved_gflops": achieved,
-            "fraction_of_peak": achieved / peak, "parallel_train_images_per_s": par_s, "fgsm_images_per_s": fgsm_s}
+    return {
+        "peak_gflops": peak,
+        "train_images_per_s": img_s,
+        "achieved_gflops": achieved,
+        "fraction_of_peak": achieved / peak,
+        "parallel_train_images_per_s": par_s,
+        "fgsm_images_per_s": fgsm_s,
+    }
 
 
 def _table(title: str) -> Table:
@@ -133,6 +142,7 @@ def _table(title: str) -> Table:
 
 # ---- evaluation section --------------------------------------------------------------------------
 
+
 def load_mnist_or_explain(data_dir):
     """MNIST from the data folder, never downloaded: a benchmark should not spend its time on the
     network, and a missing folder deserves one sentence naming the fix."""
@@ -142,17 +152,28 @@ def load_mnist_or_explain(data_dir):
 
     folder = resolve_data_dir(data_dir)
     if not any((f / FILES["test_images"][0]).exists() for f in (folder, folder / "mnist")):
-        raise UserError(f"the evaluation section needs MNIST, which is not in {folder}; pass --data-dir (or set "
-                        f"${DATA_ENV}) to a folder holding mnist/, or run `robustprune run "
-                        f"studies/mnist_pruning_robustness.yaml --budget smoke` once to download it")
+        raise UserError(
+            f"the evaluation section needs MNIST, which is not in {folder}; pass --data-dir (or set "
+            f"${DATA_ENV}) to a folder holding mnist/, or run `robustprune run "
+            f"studies/mnist_pruning_robustness.yaml --budget smoke` once to download it"
+        )
     return load_dataset("mnist", folder, download=False)
 
 
 def trained_study_cnn(data, device, train_images: int | None, seed: int = 0):
     """The study's CNN after one epoch: attack accuracies of an untrained model mean nothing."""
     torch.manual_seed(seed)
-    model = to_device(build_model("mnist_cnn", num_classes=data.num_classes, image_shape=data.image_shape,
-                                  mean=data.mean, std=data.std, **STUDY_CNN_ARGS), device)
+    model = to_device(
+        build_model(
+            "mnist_cnn",
+            num_classes=data.num_classes,
+            image_shape=data.image_shape,
+            mean=data.mean,
+            std=data.std,
+            **STUDY_CNN_ARGS,
+        ),
+        device,
+    )
     x, y = data.x_train[:train_images], data.y_train[:train_images]
     t0 = time.perf_counter()
     train(model, x.to(device), y.to(device), TrainConfig(epochs=1, lr=0.05), seed=seed)
@@ -186,17 +207,22 @@ def corruption_suite(n: int) -> dict:
 
 def _evaluation_section(console, device, args, data) -> dict:
     model, fit = trained_study_cnn(data, device, args.train_images)
-    x, y = data.x_test[:args.eval_images], data.y_test[:args.eval_images]
+    x, y = data.x_test[: args.eval_images], data.y_test[: args.eval_images]
     clean = accuracy(model, x, y)
-    console.print(f"trained the study CNN 1 epoch on {fit['train_images']:,} MNIST images in "
-                  f"{fit['train_seconds']:.1f} s (clean accuracy {clean:.2%}); running PGD-{PGD_STEPS} on "
-                  f"{len(x):,} test images, ours and torchattacks ...")
+    console.print(
+        f"trained the study CNN 1 epoch on {fit['train_images']:,} MNIST images in "
+        f"{fit['train_seconds']:.1f} s (clean accuracy {clean:.2%}); running PGD-{PGD_STEPS} on "
+        f"{len(x):,} test images, ours and torchattacks ..."
+    )
     pgd = pgd_comparison(model, x, y)
     console.print(f"running the 15 x 5 corruption suite on {args.corruption_images:,} 3x32x32 images ...")
     corr = corruption_suite(args.corruption_images)
     _print_evaluation(console, len(x), clean, pgd, corr)
-    return {"model": {"name": "mnist_cnn", "args": STUDY_CNN_ARGS, **fit, "clean_accuracy": clean},
-            "pgd": pgd, "corruptions": corr}
+    return {
+        "model": {"name": "mnist_cnn", "args": STUDY_CNN_ARGS, **fit, "clean_accuracy": clean},
+        "pgd": pgd,
+        "corruptions": corr,
+    }
 
 
 def _print_evaluation(console, n: int, clean: float, pgd: dict, corr: dict) -> None:
@@ -209,16 +235,21 @@ def _print_evaluation(console, n: int, clean: float, pgd: dict, corr: dict) -> N
         t.add_row(label + ": robustprune", f"{pgd['robustprune_images_per_s']:,.0f} images/s")
         t.add_row("  torchattacks (same inputs, interleaved)", f"{pgd['torchattacks_images_per_s']:,.0f} images/s")
         t.add_row("  ratio robustprune / torchattacks (target >= 1)", f"{pgd['ratio']:.2f}")
-        t.add_row("  adversarial accuracy robustprune / torchattacks",
-                  f"{pgd['robustprune_accuracy']:.2%} / {pgd['torchattacks_accuracy']:.2%}")
-    t.add_row(f"corruptions, 15 x 5 severities, {corr['n']:,} 3x32x32 images, {corr['threads']} threads",
-              f"{corr['total_seconds']:.1f} s")
+        t.add_row(
+            "  adversarial accuracy robustprune / torchattacks",
+            f"{pgd['robustprune_accuracy']:.2%} / {pgd['torchattacks_accuracy']:.2%}",
+        )
+    t.add_row(
+        f"corruptions, 15 x 5 severities, {corr['n']:,} 3x32x32 images, {corr['threads']} threads",
+        f"{corr['total_seconds']:.1f} s",
+    )
     slowest = sorted(corr["per_corruption_seconds"].items(), key=lambda kv: -kv[1])[:3]
     t.add_row("  slowest", ", ".join(f"{name} {sec:.1f} s" for name, sec in slowest))
     console.print(t)
 
 
 # ---- the command ---------------------------------------------------------------------------------
+
 
 def _check_sizes(args) -> None:
     for flag in ("train_images", "eval_images", "corruption_images", "epochs", "autoattack_images"):
@@ -266,8 +297,9 @@ def run_bench(console, args) -> dict:
     if section == "resnet20":  # not part of `all`: it trains for about 20 minutes
         from robustprune.bench_cifar import fast_resnet20
 
-        out["resnet20"] = fast_resnet20(console, device, args.data_dir, epochs=args.epochs,
-                                        train_images=args.train_images)
+        out["resnet20"] = fast_resnet20(
+            console, device, args.data_dir, epochs=args.epochs, train_images=args.train_images
+        )
     if json_path:
         try:
             json_path.write_text(json.dumps(out, indent=2) + "\n")

@@ -6,6 +6,7 @@ most points survive APGD-CE, so APGD-T, FAB-T and Square carry the cost).
     AutoAttack    robustprune's standard cascade vs the reference (torchattacks' APGD-CE, APGD-T,
                   FAB-T and Square with the original's settings, as a MultiAttack): robust accuracy
                   and seconds of both; ours also per stage"""
+
 from __future__ import annotations
 
 import time
@@ -17,8 +18,12 @@ from robustprune.models import build_model, to_device
 from robustprune.train import AdversarialTraining, TrainConfig, accuracy, train
 
 # the adversarially trained CNN: each batch plus its PGD-5 copies at eps 0.3 (Madry's last iterate)
-ROBUST_TRAINING = TrainConfig(epochs=3, adversarial=AdversarialTraining(
-    attack="pgd", eps=0.3, ratio=1.0, params={"steps": 5, "step_size": 0.1, "early_stop": False}))
+ROBUST_TRAINING = TrainConfig(
+    epochs=3,
+    adversarial=AdversarialTraining(
+        attack="pgd", eps=0.3, ratio=1.0, params={"steps": 5, "step_size": 0.1, "early_stop": False}
+    ),
+)
 ROBUST_TRAIN_IMAGES = 20000
 CLEAN_EPS, ROBUST_EPS = 0.3, 0.3  # the MNIST threat model of the field (Madry et al. 2018)
 
@@ -28,8 +33,17 @@ def robust_study_cnn(data, device, train_images: int | None = None, seed: int = 
     from robustprune.bench import STUDY_CNN_ARGS
 
     torch.manual_seed(seed)
-    model = to_device(build_model("mnist_cnn", num_classes=data.num_classes, image_shape=data.image_shape,
-                                  mean=data.mean, std=data.std, **STUDY_CNN_ARGS), device)
+    model = to_device(
+        build_model(
+            "mnist_cnn",
+            num_classes=data.num_classes,
+            image_shape=data.image_shape,
+            mean=data.mean,
+            std=data.std,
+            **STUDY_CNN_ARGS,
+        ),
+        device,
+    )
     n = min(train_images or ROBUST_TRAIN_IMAGES, ROBUST_TRAIN_IMAGES)
     t0 = time.perf_counter()
     train(model, data.x_train[:n].to(device), data.y_train[:n].to(device), ROBUST_TRAINING, seed=seed)
@@ -48,24 +62,36 @@ def attacks_section(console, device, args, data) -> dict:
     out: dict = {}
     t = _table("robustprune bench: attacks (same model, images and run; robustprune vs torchattacks)")
     for label, model, eps in (("clean", clean_model, CLEAN_EPS), ("adversarially trained", robust_model, ROBUST_EPS)):
-        x, y = data.x_test[:args.eval_images], data.y_test[:args.eval_images]
+        x, y = data.x_test[: args.eval_images], data.y_test[: args.eval_images]
         n_aa = min(args.autoattack_images, len(x))
         clean = accuracy(model, x, y)
-        console.print(f"{label} CNN ({clean:.2%} clean): PGD-20 on {len(x):,} images, AutoAttack on {n_aa:,} "
-                      f"images at eps {eps}, ours and the reference ...")
+        console.print(
+            f"{label} CNN ({clean:.2%} clean): PGD-20 on {len(x):,} images, AutoAttack on {n_aa:,} "
+            f"images at eps {eps}, ours and the reference ..."
+        )
         pgd = pgd_benchmark(model, x, y, eps=eps, steps=20, batch_size=500)
         aa = autoattack_benchmark(model, x[:n_aa], y[:n_aa], eps=eps, norm="Linf")
         out[label] = {"clean_accuracy": clean, "eps": eps, "pgd": pgd, "autoattack": aa}
         t.add_row(f"[b]{label} CNN[/b], clean accuracy", f"{clean:.2%}")
-        t.add_row(f"  PGD-20 eps {eps}, {len(x):,} images: robustprune / torchattacks",
-                  f"{pgd['robustprune_images_per_s']:,.0f} / {pgd['torchattacks_images_per_s']:,.0f} images/s")
-        t.add_row("    speed-up (target >= 1.5); robust accuracy ours / theirs",
-                  f"{pgd['ratio']:.2f}x; {pgd['robustprune_accuracy']:.2%} / {pgd['torchattacks_accuracy']:.2%}")
-        t.add_row(f"  AutoAttack standard eps {eps}, {n_aa:,} images: robustprune / reference",
-                  f"{aa['robustprune_seconds']:.1f} / {aa['reference_seconds']:.1f} s")
-        t.add_row("    speed-up (target >= 3); robust accuracy ours / reference",
-                  f"{aa['speedup']:.2f}x; {aa['robustprune_accuracy']:.2%} / {aa['reference_accuracy']:.2%}")
-        t.add_row("    robustprune per stage", ", ".join(f"{k} {v:.1f} s" for k, v in aa["robustprune_stage_seconds"].items()))
+        t.add_row(
+            f"  PGD-20 eps {eps}, {len(x):,} images: robustprune / torchattacks",
+            f"{pgd['robustprune_images_per_s']:,.0f} / {pgd['torchattacks_images_per_s']:,.0f} images/s",
+        )
+        t.add_row(
+            "    speed-up (target >= 1.5); robust accuracy ours / theirs",
+            f"{pgd['ratio']:.2f}x; {pgd['robustprune_accuracy']:.2%} / {pgd['torchattacks_accuracy']:.2%}",
+        )
+        t.add_row(
+            f"  AutoAttack standard eps {eps}, {n_aa:,} images: robustprune / reference",
+            f"{aa['robustprune_seconds']:.1f} / {aa['reference_seconds']:.1f} s",
+        )
+        t.add_row(
+            "    speed-up (target >= 3); robust accuracy ours / reference",
+            f"{aa['speedup']:.2f}x; {aa['robustprune_accuracy']:.2%} / {aa['reference_accuracy']:.2%}",
+        )
+        t.add_row(
+            "    robustprune per stage", ", ".join(f"{k} {v:.1f} s" for k, v in aa["robustprune_stage_seconds"].items())
+        )
     out["robust_training"] = fit
     console.print(t)
     return out

@@ -1,5 +1,6 @@
 """Checkpoints are plain tensors and dicts, written to a temporary name then renamed (never
 half-written) and read with torch.load(weights_only=True) (never runs code from the file)."""
+
 from __future__ import annotations
 
 import errno
@@ -77,8 +78,10 @@ def load(path: str | Path, what: str = "checkpoint", fix: str = "delete it so it
     except FileNotFoundError:
         raise UserError(f"{what} {path} does not exist; check the path") from None
     except pickle.UnpicklingError as e:
-        raise UserError(f"{what} {path} holds objects other than tensors and plain values, so it was not "
-                        f"loaded ({_refused_global(e)}); only load files you trust, re-saved as state dicts") from None
+        raise UserError(
+            f"{what} {path} holds objects other than tensors and plain values, so it was not "
+            f"loaded ({_refused_global(e)}); only load files you trust, re-saved as state dicts"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise UserError(f"{what} {path} is truncated or corrupt ({_first_line(e)}); {fix}") from None
 
@@ -103,8 +106,10 @@ def load_weights(path: str | Path) -> dict:
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"weights file {path} holds no state dict (a dict of tensors, alone or under 'state'); "
-                        "save it with torch.save(model.state_dict(), path)")
+        raise UserError(
+            f"weights file {path} holds no state dict (a dict of tensors, alone or under 'state'); "
+            "save it with torch.save(model.state_dict(), path)"
+        )
     return obj
 
 
@@ -115,5 +120,6 @@ def load_state_into(model: torch.nn.Module, state: dict, source: str) -> None:
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         first = first if len(first) <= 200 else first[:200] + " ..."
-        raise UserError(f"{source} does not fit this model ({first}); it was made for another "
-                        "architecture or width") from None
+        raise UserError(
+            f"{source} does not fit this model ({first}); it was made for another architecture or width"
+        ) from None

@@ -1,4 +1,5 @@
 """`robustprune run | report | list | bench`."""
+
 from __future__ import annotations
 
 import argparse
@@ -49,25 +50,46 @@ def _run(args, study, cells, store, out_dir, ws) -> int:
 
     console = _console()
     n_done = len(store.done_hashes() & {c.hash for c in cells})
-    console.print(f"[bold]{study.name}[/] (budget {args.budget}): {len(cells)} cells, {n_done} already stored, "
-                  f"{len(study.seeds)} seed(s) -> {out_dir}/results.sqlite")
+    console.print(
+        f"[bold]{study.name}[/] (budget {args.budget}): {len(cells)} cells, {n_done} already stored, "
+        f"{len(study.seeds)} seed(s) -> {out_dir}/results.sqlite"
+    )
     recorded = []
 
     def record_run() -> None:
         # The run is recorded with its first stored cell (or at its end): a run stopped by bad
         # input before storing anything leaves the store exactly as it was.
         if not recorded:
-            store.record_run(study.name, args.budget, shlex.join(["robustprune", *sys.argv[1:]]),
-                             study.model_dump(mode="json"), [c.hash for c in cells])
+            store.record_run(
+                study.name,
+                args.budget,
+                shlex.join(["robustprune", *sys.argv[1:]]),
+                study.model_dump(mode="json"),
+                [c.hash for c in cells],
+            )
             recorded.append(True)
 
     try:
         with RichProgress(console, len(cells), on_computed=record_run) as progress:
-            counts = run_study(study, cells, store, out_dir, args.data_dir, args.device, progress, args.workers,
-                               args.checkpoints, args.executor, args.address, ws)
+            counts = run_study(
+                study,
+                cells,
+                store,
+                out_dir,
+                args.data_dir,
+                args.device,
+                progress,
+                args.workers,
+                args.checkpoints,
+                args.executor,
+                args.address,
+                ws,
+            )
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]: finished cells are stored in {out_dir}/results.sqlite; "
-                      "run the same command again to resume")
+        console.print(
+            f"[yellow]interrupted[/]: finished cells are stored in {out_dir}/results.sqlite; "
+            "run the same command again to resume"
+        )
         return 130
     record_run()
     console.print(f"computed {counts['computed']} cells, {counts['skipped']} from the store, {counts['failed']} failed")
@@ -111,15 +133,22 @@ def cmd_list(args) -> int:
     from robustprune.attacks import ATTACKS, SHIFTS
     from robustprune.attacks.corruptions import CORRUPTIONS
     from robustprune.data import DATASETS, REGIMES
-    from robustprune.models import MODELS
     from robustprune.data.augment import BATCH_TRANSFORMS
+    from robustprune.models import MODELS
     from robustprune.prune import PRUNING_METHODS
     from robustprune.prune.criteria import CRITERIA
 
     console = _console()
-    for title, reg in [("Datasets", DATASETS), ("Models", MODELS), ("Training regimes", REGIMES),
-                       ("Batch transforms (train.mix)", BATCH_TRANSFORMS), ("Pruning methods", PRUNING_METHODS),
-                       ("Pruning criteria", CRITERIA), ("Attacks", ATTACKS), ("Distribution shifts", SHIFTS)]:
+    for title, reg in [
+        ("Datasets", DATASETS),
+        ("Models", MODELS),
+        ("Training regimes", REGIMES),
+        ("Batch transforms (train.mix)", BATCH_TRANSFORMS),
+        ("Pruning methods", PRUNING_METHODS),
+        ("Pruning criteria", CRITERIA),
+        ("Attacks", ATTACKS),
+        ("Distribution shifts", SHIFTS),
+    ]:
         t = Table(title=title, title_justify="left", show_header=False, box=None)
         for name, doc in reg.describe():
             t.add_row(f"[bold]{name}[/]", doc)
@@ -163,45 +192,79 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", help="data folder (default $ROBUSTPRUNE_DATA or the user cache folder)")
     r.add_argument("--seeds", type=int, help="run seeds 0..N-1 instead of the study's seeds")
     r.add_argument("--budget", default="full", help="named budget from the study file (default full)")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set train.epochs=3 (repeatable)")
-    r.add_argument("--checkpoints", metavar="DIR",
-                   help="folder of trained models and derived data sets (default OUT/checkpoints); they are named "
-                        "by the hash of what they depend on, so studies with the same dense training can share one")
-    r.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="local worker processes (default), or Ray tasks: one per job, on a local Ray instance or "
-                        "the cluster at --address (pip install 'robustprune[ray]')")
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set train.epochs=3 (repeatable)",
+    )
+    r.add_argument(
+        "--checkpoints",
+        metavar="DIR",
+        help="folder of trained models and derived data sets (default OUT/checkpoints); they are named "
+        "by the hash of what they depend on, so studies with the same dense training can share one",
+    )
+    r.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help="local worker processes (default), or Ray tasks: one per job, on a local Ray instance or "
+        "the cluster at --address (pip install 'robustprune[ray]')",
+    )
     r.add_argument("--address", help="Ray cluster address for --executor ray, e.g. 10.0.0.1:6379 or auto")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    r.add_argument("--offline", action="store_true",
-                   help="never download: a missing data file is an error (also ROBUSTPRUNE_OFFLINE=1)")
-    r.add_argument("--workers", default="auto", type=_workers,
-                   help="parallel worker processes (default auto: one per CPU core up to 8, 1 on a GPU)")
+    r.add_argument(
+        "--offline",
+        action="store_true",
+        help="never download: a missing data file is an error (also ROBUSTPRUNE_OFFLINE=1)",
+    )
+    r.add_argument(
+        "--workers",
+        default="auto",
+        type=_workers,
+        help="parallel worker processes (default auto: one per CPU core up to 8, 1 on a GPU)",
+    )
     r.set_defaults(func=cmd_run)
     rep = sub.add_parser("report", help="print the tables of stored results")
     rep.add_argument("dirs", nargs="+", help="study output folder(s) holding results.sqlite")
-    rep.add_argument("--format", choices=["markdown", "csv", "table"], default="table",
-                     help="table (terminal), markdown, or csv (long format: one row per cell and metric)")
-    rep.add_argument("--figures", metavar="FOLDER",
-                     help="also write the figures as PNG files into FOLDER (one subfolder per study folder "
-                          "when several are given)")
-    rep.add_argument("--out", metavar="FOLDER",
-                     help="write a self-contained report instead: FOLDER/report.md with every table and figure, "
-                          "the tables as CSV and LaTeX, the figures as PNG and every stored number as CSV")
-    rep.add_argument("--robustbench", metavar="FOLDER",
-                     help="write every stored AutoAttack result as a RobustBench model-info JSON file into FOLDER "
-                          "(one per cell and eps) instead of printing tables")
+    rep.add_argument(
+        "--format",
+        choices=["markdown", "csv", "table"],
+        default="table",
+        help="table (terminal), markdown, or csv (long format: one row per cell and metric)",
+    )
+    rep.add_argument(
+        "--figures",
+        metavar="FOLDER",
+        help="also write the figures as PNG files into FOLDER (one subfolder per study folder when several are given)",
+    )
+    rep.add_argument(
+        "--out",
+        metavar="FOLDER",
+        help="write a self-contained report instead: FOLDER/report.md with every table and figure, "
+        "the tables as CSV and LaTeX, the figures as PNG and every stored number as CSV",
+    )
+    rep.add_argument(
+        "--robustbench",
+        metavar="FOLDER",
+        help="write every stored AutoAttack result as a RobustBench model-info JSON file into FOLDER "
+        "(one per cell and eps) instead of printing tables",
+    )
     rep.set_defaults(func=cmd_report)
     ls = sub.add_parser("list", help="registered datasets, models, regimes, pruning methods, attacks")
     ls.set_defaults(func=cmd_list)
     b = sub.add_parser("bench", help="training throughput vs the matrix-multiply peak; attack and corruption speed")
-    b.add_argument("--section", choices=["all", "training", "evaluation", "cifar", "attacks", "resnet20"],
-                   default="all",
-                   help="training (matmul peak, training, FGSM), evaluation (PGD-20 vs torchattacks on MNIST, "
-                        "corruption suite), cifar (pruning speed of ResNet-56, training throughput of the CIFAR "
-                        "models), all (default: those three), attacks (PGD-20 and AutoAttack vs the torchattacks "
-                        "reference on a clean and an adversarially trained MNIST CNN, several minutes), or "
-                        "resnet20 (the fast trainer on real CIFAR-10, about 20 minutes)")
+    b.add_argument(
+        "--section",
+        choices=["all", "training", "evaluation", "cifar", "attacks", "resnet20"],
+        default="all",
+        help="training (matmul peak, training, FGSM), evaluation (PGD-20 vs torchattacks on MNIST, "
+        "corruption suite), cifar (pruning speed of ResNet-56, training throughput of the CIFAR "
+        "models), all (default: those three), attacks (PGD-20 and AutoAttack vs the torchattacks "
+        "reference on a clean and an adversarially trained MNIST CNN, several minutes), or "
+        "resnet20 (the fast trainer on real CIFAR-10, about 20 minutes)",
+    )
     b.add_argument("--seconds", type=float, default=5.0, help="time spent on each training measurement")
     b.add_argument("--batch-size", type=int, default=128)
     b.add_argument("--device", default="auto")
@@ -210,12 +273,23 @@ def build_parser() -> argparse.ArgumentParser:
     # smaller sizes for quick checks (tests); their figures are not comparable with the full-size ones
     b.add_argument("--train-images", type=int, metavar="N", help="train on the first N MNIST images (default all)")
     b.add_argument("--epochs", type=int, metavar="N", help="resnet20 section: train N epochs (default the recipe's 40)")
-    b.add_argument("--eval-images", type=int, default=10000, metavar="N",
-                   help="attack the first N MNIST test images (default 10000)")
-    b.add_argument("--autoattack-images", type=int, default=500, metavar="N",
-                   help="attacks section: run both AutoAttacks on the first N test images (default 500)")
-    b.add_argument("--corruption-images", type=int, default=10000, metavar="N",
-                   help="corrupt N CIFAR-sized images (default 10000)")
+    b.add_argument(
+        "--eval-images",
+        type=int,
+        default=10000,
+        metavar="N",
+        help="attack the first N MNIST test images (default 10000)",
+    )
+    b.add_argument(
+        "--autoattack-images",
+        type=int,
+        default=500,
+        metavar="N",
+        help="attacks section: run both AutoAttacks on the first N test images (default 500)",
+    )
+    b.add_argument(
+        "--corruption-images", type=int, default=10000, metavar="N", help="corrupt N CIFAR-sized images (default 10000)"
+    )
     b.set_defaults(func=cmd_bench)
     return p
 

@@ -1,4 +1,5 @@
 """Where tensors live: CUDA when a user has it, else the CPU."""
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -18,11 +19,15 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError(f"--device '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"--device {name} asks for CUDA, which this machine (or this torch build) does not "
-                            "have; use --device cpu or auto")
+            raise UserError(
+                f"--device {name} asks for CUDA, which this machine (or this torch build) does not "
+                "have; use --device cpu or auto"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                            f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+            raise UserError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
     elif device.type != "cpu":
         raise UserError(f"--device {name}: only cpu and cuda devices are supported; use auto, cpu or cuda:N")
     return device

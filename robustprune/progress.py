@@ -1,5 +1,6 @@
 """Progress for long runs, drawn with rich: the study (cells done, time left) and the current stage
 (e.g. the epochs of a training). Without a terminal (CI, logs) it prints one line per cell."""
+
 from __future__ import annotations
 
 import time
@@ -14,9 +15,17 @@ class RichProgress(ProgressBase):
     def __init__(self, console: Console, total_cells: int, on_computed=None):
         self.console, self.on_computed = console, on_computed  # called after each computed (stored) cell
         console._log_render.show_path = False  # the source line of the log call means nothing to users
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("left"),
-                            TimeRemainingColumn(), console=console, transient=False)
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
         self.study_task = self.bar.add_task("study", total=total_cells, info="")
         self.stage_task = None
         self.worker_tasks: dict[int, int] = {}
@@ -59,8 +68,10 @@ class RichProgress(ProgressBase):
         if self.on_computed is not None:
             self.on_computed()
         left = self.time_left(cell, total - index - 1)  # wall time, so parallel workers are accounted for
-        self.console.log(f"[{index + 1}/{total}] {cell.label}: {status} in {seconds:.1f}s "
-                         f"(about {left / 60:.1f} min left)", highlight=False)
+        self.console.log(
+            f"[{index + 1}/{total}] {cell.label}: {status} in {seconds:.1f}s (about {left / 60:.1f} min left)",
+            highlight=False,
+        )
 
     def stage(self, text, total):
         if self.stage_task is None:
@@ -86,8 +97,9 @@ class RichProgress(ProgressBase):
             self.bar.reset(task, total=1, description=f"worker {n}: {args[0]}", info="")
         elif kind == "stage":
             self.worker_stages[worker] = args[0]
-            self.bar.reset(task, total=args[1], description=f"worker {n}: {self.worker_cells.get(worker, '')}",
-                           info=args[0])
+            self.bar.reset(
+                task, total=args[1], description=f"worker {n}: {self.worker_cells.get(worker, '')}", info=args[0]
+            )
         elif kind == "advance":
             info = f"{self.worker_stages.get(worker, '')}: {args[1]}"
             self.bar.update(task, info=info, **({"completed": args[0]} if args[0] else {}))

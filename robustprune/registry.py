@@ -1,5 +1,6 @@
 """Name -> object registries. Adding a dataset, model, regime, pruning method or attack is one
 decorated function or class in its own module; nothing else in the tree changes."""
+
 from __future__ import annotations
 
 from typing import Callable, Generic, TypeVar

@@ -1,5 +1,6 @@
 """One fast training loop: the whole dataset is a tensor on the device, batches are index slices,
 one-cycle learning rate, optional masks that keep pruned weights at zero."""
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,12 @@ class MagnitudePenalty(BaseModel):
     weight: float = Field(gt=0, description="lambda, the scale of the penalty")
     threshold: float | None = Field(None, gt=0, description="tau, explicitly")
     threshold_from_reverse: float | None = Field(
-        None, gt=0, lt=1, description="tau from the dense model, as the paper: the largest |w| that a global "
-                                      "reverse pruning of this share of the dense model's weights keeps (fine-tuning only)")
+        None,
+        gt=0,
+        lt=1,
+        description="tau from the dense model, as the paper: the largest |w| that a global "
+        "reverse pruning of this share of the dense model's weights keeps (fine-tuning only)",
+    )
 
     @model_validator(mode="after")
     def _one_threshold(self):
@@ -86,21 +91,31 @@ class TrainConfig(BaseModel):
     schedule: Literal["onecycle", "cosine", "step", "constant"] = "onecycle"
     warmup: float = Field(0.2, ge=0, le=1, description="share of steps spent warming up (onecycle)")
     min_lr: float = Field(0.0, ge=0, description="the learning rate cosine decays to (MRPF: 1e-4)")
-    step_every: float = Field(1 / 3, gt=0, le=1, description="step schedule: multiply the lr by step_gamma "
-                                                             "after every such share of the steps")
+    step_every: float = Field(
+        1 / 3,
+        gt=0,
+        le=1,
+        description="step schedule: multiply the lr by step_gamma after every such share of the steps",
+    )
     step_gamma: float = Field(0.1, gt=0, le=1, description="step schedule: the factor (MRPF: 10 % of the previous)")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     augment: Literal["none", "crop_flip"] = Field("none", description="per-image augmentation of each batch")
     crop_padding: int = Field(4, ge=0, description="zero padding of the random crop (crop_flip)")
-    mix: Literal["none", "mixup", "cutout", "cutmix"] = Field("none", description="a batch transform of robustprune.data.augment")
+    mix: Literal["none", "mixup", "cutout", "cutmix"] = Field(
+        "none", description="a batch transform of robustprune.data.augment"
+    )
     mix_alpha: float = Field(1.0, gt=0, description="Beta(alpha, alpha) of mixup and cutmix")
     cutout_size: int = Field(16, ge=1, description="side of the cutout square in pixels")
-    dynamics: bool = Field(False, description="record gradient confusion and layer rotation after every epoch "
-                                              "(Jordão & Pedrini Fig. 2; 8 fixed batches of 64 training images)")
+    dynamics: bool = Field(
+        False,
+        description="record gradient confusion and layer rotation after every epoch "
+        "(Jordão & Pedrini Fig. 2; 8 fixed batches of 64 training images)",
+    )
     adversarial: AdversarialTraining | None = Field(None, description="append adversarial examples to every batch")
-    magnitude_penalty: MagnitudePenalty | None = Field(None, description="penalise weights above a threshold "
-                                                                         "(reverse-pruning paper, Eq. 4)")
+    magnitude_penalty: MagnitudePenalty | None = Field(
+        None, description="penalise weights above a threshold (reverse-pruning paper, Eq. 4)"
+    )
 
 
 class TrainingDiverged(RuntimeError):
@@ -117,15 +132,21 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adam":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                           weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        params,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
+        weight_decay=cfg.weight_decay,
+    )
 
 
 def make_schedule(opt, cfg: TrainConfig, total_steps: int):
     if cfg.schedule == "onecycle" and total_steps >= 4:  # shorter runs have no room for a warm-up
         pct = min(max(cfg.warmup, 2.0 / total_steps), 0.5)
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps,
-                                                   pct_start=pct, anneal_strategy="linear")
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=pct, anneal_strategy="linear"
+        )
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=cfg.min_lr)
     if cfg.schedule == "step":
@@ -143,10 +164,16 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> None
                 p.mul_(masks[name])
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int,
-          masks: dict[str, torch.Tensor] | None = None,
-          on_step: Callable[[int, int, int, float], None] | None = None,
-          on_epoch_end: Callable[[int, nn.Module], dict | None] | None = None) -> list[dict]:
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    seed: int,
+    masks: dict[str, torch.Tensor] | None = None,
+    on_step: Callable[[int, int, int, float], None] | None = None,
+    on_epoch_end: Callable[[int, nn.Module], dict | None] | None = None,
+) -> list[dict]:
     """Train in place. x: uint8 or float images on the model's device; y: labels.
     on_step(epoch, step, steps_per_epoch, loss) reports progress; on_epoch_end(epoch, model) runs
     after each epoch (1-based; e.g. to save rewind weights or measure training dynamics) and may
@@ -169,8 +196,10 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, 
     penalty = cfg.magnitude_penalty
     if penalty is not None:
         if penalty.threshold is None:
-            raise UserError("magnitude_penalty.threshold_from_reverse needs the dense model: it is resolved when a "
-                            "study fine-tunes a pruned model; give threshold (tau) to train from scratch")
+            raise UserError(
+                "magnitude_penalty.threshold_from_reverse needs the dense model: it is resolved when a "
+                "study fine-tunes a pruned model; give threshold (tau) to train from scratch"
+            )
         from robustprune.prune.unstructured import prunable_weights
 
         penalised = list(prunable_weights(model).values())
@@ -186,7 +215,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, 
         loss_sum, seen = torch.zeros((), device=device), 0
         correct = torch.zeros((), device=device, dtype=torch.long if mix is None else torch.float64)  # mixed: weighted
         for step in range(steps_per_epoch):
-            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             xb, yb = x[idx], y[idx]
             if cfg.augment == "crop_flip":
                 xb = crop_flip(xb, aug_g, cfg.crop_padding)
@@ -195,7 +224,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, 
                 n_adv = int(round(cfg.adversarial.ratio * len(idx)))
                 if n_adv:
                     xb = torch.cat([xb, adversary(model, xb[:n_adv], yb[:n_adv])]).contiguous(
-                        memory_format=torch.channels_last)
+                        memory_format=torch.channels_last
+                    )
                     yb = torch.cat([yb, yb[:n_adv]])
             yb2, lam = yb, 1.0
             if mix is not None:
@@ -204,8 +234,9 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, 
                 logits = model(xb)
                 loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
                 if lam != 1.0:  # mixed labels: lam * CE(y_a) + (1 - lam) * CE(y_b)
-                    loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits.float(), yb2,
-                                                                     label_smoothing=cfg.label_smoothing)
+                    loss = lam * loss + (1.0 - lam) * F.cross_entropy(
+                        logits.float(), yb2, label_smoothing=cfg.label_smoothing
+                    )
             if penalty is not None:  # on the fp32 weights, outside autocast
                 loss = loss + penalty.weight * magnitude_penalty(penalised, penalty.threshold)
             opt.zero_grad(set_to_none=True)
@@ -216,7 +247,9 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, 
             loss_sum += loss.detach() * len(yb)
             seen += len(yb)  # clean images plus the adversarial ones appended to them
             pred = logits.detach().argmax(1)
-            correct += (pred == yb).sum() if lam == 1.0 else lam * (pred == yb).sum() + (1.0 - lam) * (pred == yb2).sum()
+            correct += (
+                (pred == yb).sum() if lam == 1.0 else lam * (pred == yb).sum() + (1.0 - lam) * (pred == yb2).sum()
+            )
             if on_step is not None and (step % 20 == 0 or step == steps_per_epoch - 1):
                 value = float(loss.detach())
                 if not math.isfinite(value):
@@ -242,7 +275,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 2000) -> torch.
     """Predicted labels for uint8 or float images, in eval mode."""
     model.eval()
     device = next(model.parameters()).device
-    out = [model(to_float(x[i:i + batch_size].to(device))).argmax(1) for i in range(0, len(x), batch_size)]
+    out = [model(to_float(x[i : i + batch_size].to(device))).argmax(1) for i in range(0, len(x), batch_size)]
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
@@ -251,8 +284,14 @@ def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int 
     return predict(model, x, batch_size).cpu() == y.cpu()
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000,
-             record: dict | None = None, name: str | None = None) -> float:
+def accuracy(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 2000,
+    record: dict | None = None,
+    name: str | None = None,
+) -> float:
     """Share of images classified correctly; with `record`, record[name] keeps the per-image result
     (paired significance tests compare two models on the same images)."""
     if len(x) == 0:

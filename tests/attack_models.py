@@ -1,9 +1,9 @@
 """Tiny hand-made models shared by the attack tests."""
+
 import torch
 from torch import nn
 
-W = torch.tensor([[1.0, -2.0, 0.5, 3.0],
-                  [2.0, -3.0, 1.5, -1.0]])
+W = torch.tensor([[1.0, -2.0, 0.5, 3.0], [2.0, -3.0, 1.5, -1.0]])
 SIGN_LABEL0 = torch.tensor([1.0, -1.0, 1.0, -1.0])
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures for the fast unit tests (tiny tensors; only test_data reads the real MNIST files)."""
+
 from __future__ import annotations
 
 import os
@@ -61,7 +62,9 @@ def _few_threads():
 def random_mnist(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """n seeded random uint8 MNIST-shaped images and labels (for training-loop unit tests)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8), torch.randint(0, 10, (n,), generator=g)
+    return torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8), torch.randint(
+        0, 10, (n,), generator=g
+    )
 
 
 def run_cli(*args: str, timeout: int = 600):
@@ -69,8 +72,9 @@ def run_cli(*args: str, timeout: int = 600):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "robustprune", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "robustprune", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def stored_results(out: Path, key=lambda axes: axes["pruning"]) -> dict:
@@ -89,8 +93,9 @@ def _train_mnist_cnn(data_dir: Path, n: int, cfg) -> torch.nn.Module:
 
     ds = load_dataset("mnist", data_dir)
     torch.manual_seed(0)
-    model = to_device(build_model("mnist_cnn", num_classes=10, image_shape=(1, 28, 28), mean=(0.1307,),
-                                  std=(0.3081,)), "cpu")
+    model = to_device(
+        build_model("mnist_cnn", num_classes=10, image_shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,)), "cpu"
+    )
     train(model, ds.x_train[:n], ds.y_train[:n], cfg, seed=0)
     return model.eval()
 

@@ -1,5 +1,6 @@
 """Parameter adjustment after pruning (Jordão & Pedrini Table 3): Scratch-E, Scratch-B and the
 winning ticket put the pruned structure on fresh or rewound weights, exactly; bad input."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,13 +16,26 @@ from robustprune.study.schema import resolve_study
 
 def raw(epochs=2, rewind=2, **entry):
     return {
-        "name": "adjust", "dataset": "mnist", "data": {"train_subset": 600, "test_subset": 100},
+        "name": "adjust",
+        "dataset": "mnist",
+        "data": {"train_subset": 600, "test_subset": 100},
         "train": {"epochs": epochs},
         "pruning": {
-            "mag": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [1],
-                    "adjust": ["finetune", "scratch_e", "scratch_b", "winning_ticket"], "rewind_epoch": rewind},
-            "st": {"method": "structured", "sparsities": [0.5], "params": {"criterion": "l1"},
-                   "adjust": ["scratch_e", "winning_ticket"], "rewind_epoch": rewind} | entry,
+            "mag": {
+                "method": "global_magnitude",
+                "sparsities": [0.5],
+                "finetune_epochs": [1],
+                "adjust": ["finetune", "scratch_e", "scratch_b", "winning_ticket"],
+                "rewind_epoch": rewind,
+            },
+            "st": {
+                "method": "structured",
+                "sparsities": [0.5],
+                "params": {"criterion": "l1"},
+                "adjust": ["scratch_e", "winning_ticket"],
+                "rewind_epoch": rewind,
+            }
+            | entry,
         },
         "evaluation": {"attack_subset": 50, "attacks": {"fgsm": {"eps": [0.1]}}},
     }
@@ -38,14 +52,19 @@ def test_cells_of_the_schemes():
     assert ticket.config["pruning"]["rewind_epoch"] == 2
 
 
-@pytest.mark.parametrize("change, expected", [
-    (raw(rewind=3), "rewind_epoch 3 is after the last of the 2 training epochs"),
-    (raw(adjust=[]), "needs at least one scheme"),
-    (raw(adjust=["scratch"]), "'pruning.st.adjust.0'"),
-    (raw() | {"pruning": {"c": {"method": "channel_l1", "sparsities": [0.3], "adjust": ["scratch_e"]}}},
-     "channel_l1 supports only adjust: [finetune]"),
-    (raw() | {"pruning": {"l": {"method": "lottery_ticket", "adjust": ["scratch_e"]}}}, "retrains itself"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (raw(rewind=3), "rewind_epoch 3 is after the last of the 2 training epochs"),
+        (raw(adjust=[]), "needs at least one scheme"),
+        (raw(adjust=["scratch"]), "'pruning.st.adjust.0'"),
+        (
+            raw() | {"pruning": {"c": {"method": "channel_l1", "sparsities": [0.3], "adjust": ["scratch_e"]}}},
+            "channel_l1 supports only adjust: [finetune]",
+        ),
+        (raw() | {"pruning": {"l": {"method": "lottery_ticket", "adjust": ["scratch_e"]}}}, "retrains itself"),
+    ],
+)
 def test_bad_adjust_input(change, expected):
     with pytest.raises(UserError) as e:
         resolve_study(change, "test")
@@ -94,7 +113,7 @@ def test_structured_winning_ticket_keeps_the_filters_found_on_the_trained_model(
     assert model.conv1.out_channels == n - round(0.5 * n)
     # the kept filters are the rewound weights of the filters with the largest L1 norm on the trained model
     trained = dense.model.conv1.weight.detach().abs().flatten(1).sum(1)
-    keep = sorted(torch.argsort(trained, descending=True, stable=True)[:model.conv1.out_channels].tolist())
+    keep = sorted(torch.argsort(trained, descending=True, stable=True)[: model.conv1.out_channels].tolist())
     assert torch.equal(model.conv1.weight.detach(), w0[keep])
 
 
@@ -104,7 +123,7 @@ def test_scratch_is_freshly_initialised_and_trained(workspace):
     e_model, e_hist = ws.model_of(cell_of(cells, "mag", "scratch_e"))
     b_model, b_hist = ws.model_of(cell_of(cells, "mag", "scratch_b"))
     assert len(e_hist) == 2  # as long as the dense model
-    assert len(b_hist) > 2   # the same FLOPs budget on a smaller network: more epochs
+    assert len(b_hist) > 2  # the same FLOPs budget on a smaller network: more epochs
     w = e_model.conv1.weight.detach()
     assert (w == 0).any()  # the mask stays applied while training
     assert not torch.equal(w, dense.model.conv1.weight.detach() * (w != 0))

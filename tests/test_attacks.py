@@ -1,4 +1,5 @@
 """FGSM (white-box, L-inf) and checkpoints (safe loading, truncation, architecture mismatch)."""
+
 from __future__ import annotations
 
 import math
@@ -6,6 +7,10 @@ import os
 
 import pytest
 import torch
+
+# Two classes, four pixels: logits = W x. For label 0 the gradient of the cross-entropy w.r.t. x is
+# p1 * (w1 - w0) = p1 * [1, -1, 1, -4]; for label 1 it is p0 * (w0 - w1).
+from attack_models import SIGN_LABEL0, W, bn_model, linear2, rand_images  # noqa: E402,F401
 from torch import nn
 
 from robustprune import checkpoint
@@ -14,12 +19,8 @@ from robustprune.attacks.fgsm import FGSM, fgsm_dataset
 from robustprune.errors import UserError
 from robustprune.models.mnist_cnn import MnistCNN
 
-# Two classes, four pixels: logits = W x. For label 0 the gradient of the cross-entropy w.r.t. x is
-# p1 * (w1 - w0) = p1 * [1, -1, 1, -4]; for label 1 it is p0 * (w0 - w1).
-from attack_models import SIGN_LABEL0, W, bn_model, linear2, rand_images  # noqa: E402,F401
-
-
 # ---- FGSM ------------------------------------------------------------------------------------------
+
 
 def test_fgsm_matches_the_analytic_gradient_sign():
     x = torch.full((2, 1, 2, 2), 0.5)
@@ -143,6 +144,7 @@ def test_fgsm_dataset_uint8():
 
 # ---- checkpoints -----------------------------------------------------------------------------------
 
+
 class Payload:
     """Unpickling this runs a shell command."""
 
@@ -156,8 +158,12 @@ class Payload:
 def test_checkpoint_roundtrip(tmp_path):
     torch.manual_seed(0)
     model = MnistCNN(conv1=4, conv2=6, fc=8, kernel_size=3, padding=1)
-    obj = {"state": model.state_dict(), "masks": {"fc2.weight": torch.rand(10, 8) > 0.5},
-           "history": [{"epoch": 1, "loss": 0.5, "train_acc": 0.9}], "key": {"a": None, "b": "x", "c": [1, 2.5]}}
+    obj = {
+        "state": model.state_dict(),
+        "masks": {"fc2.weight": torch.rand(10, 8) > 0.5},
+        "history": [{"epoch": 1, "loss": 0.5, "train_acc": 0.9}],
+        "key": {"a": None, "b": "x", "c": [1, 2.5]},
+    }
     path = tmp_path / "deep" / "dir" / "ckpt.pt"
     checkpoint.save(obj, path)
     assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt.pt"]  # no temporary file left
@@ -229,4 +235,6 @@ def test_load_state_of_another_width(tmp_path):
 
 def test_load_state_of_another_architecture():
     with pytest.raises(UserError, match="does not fit this model"):
-        checkpoint.load_state_into(MnistCNN(conv1=4, conv2=6, fc=8, kernel_size=3, padding=1), linear2().state_dict(), "x.pt")
+        checkpoint.load_state_into(
+            MnistCNN(conv1=4, conv2=6, fc=8, kernel_size=3, padding=1), linear2().state_dict(), "x.pt"
+        )

@@ -1,5 +1,6 @@
 """Iterative white-box L-inf attacks (PGD, APGD-CE, NI-FGSM, VMI-FGSM): cross-checked against the
 independent torchattacks implementations on a CNN trained on real MNIST, plus unit tests on tiny tensors."""
+
 from __future__ import annotations
 
 import sys
@@ -33,8 +34,9 @@ def trained(data_dir):
     torch.set_num_threads(1)  # small model: one thread is fastest when the 2 cores are shared
     try:
         torch.manual_seed(0)
-        model = to_device(build_model("mnist_cnn", num_classes=10, image_shape=(1, 28, 28), mean=(0.1307,),
-                                      std=(0.3081,)), "cpu")
+        model = to_device(
+            build_model("mnist_cnn", num_classes=10, image_shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,)), "cpu"
+        )
         train(model, ds.x_train[:10000], ds.y_train[:10000], TrainConfig(epochs=1), seed=0)
     finally:
         torch.set_num_threads(threads)
@@ -96,8 +98,7 @@ def test_ni_and_vmi_fgsm_match_torchattacks(trained):
     assert abs(ours - theirs) <= 0.01 + 1e-9
     # 3 neighbour samples keep this test fast (the paper and the attack's default use 20)
     ours = acc(model, VMIFGSM(0.1, steps=10, alpha=0.01, decay=1.0, n_samples=3, beta=1.5, seed=0), x, y)
-    theirs = acc(model, ta(torchattacks.VMIFGSM(model, eps=0.1, alpha=0.01, steps=10, decay=1.0, N=3, beta=1.5)),
-                 x, y)
+    theirs = acc(model, ta(torchattacks.VMIFGSM(model, eps=0.1, alpha=0.01, steps=10, decay=1.0, N=3, beta=1.5)), x, y)
     print(f"VMI-FGSM eps=0.1: robustprune {ours:.3f}, torchattacks {theirs:.3f}")
     assert abs(ours - theirs) <= 0.01 + 1e-9
 
@@ -108,8 +109,12 @@ def test_more_steps_and_larger_eps_are_not_weaker(trained):
     assert twenty <= one + 0.002 + 1e-9 and twenty < one  # 20 steps really are stronger here
     xs, ys = x[:200], y[:200]
     clean = acc(model, FGSM(0.0), xs, ys)
-    for make in (lambda e: PGD(e, steps=5), lambda e: APGDCE(e, steps=5), lambda e: NIFGSM(e, steps=5),
-                 lambda e: VMIFGSM(e, steps=3, n_samples=2)):
+    for make in (
+        lambda e: PGD(e, steps=5),
+        lambda e: APGDCE(e, steps=5),
+        lambda e: NIFGSM(e, steps=5),
+        lambda e: VMIFGSM(e, steps=3, n_samples=2),
+    ):
         small, large = acc(model, make(0.05), xs, ys), acc(model, make(0.15), xs, ys)
         assert large <= small + 0.002 + 1e-9 and small <= clean + 0.002 + 1e-9 and large < clean, (clean, small, large)
 
@@ -154,7 +159,6 @@ def test_pgd_benchmark_without_torchattacks(monkeypatch):
 # ---- unit tests on tiny tensors ---------------------------------------------------------------------
 
 from attack_models import SIGN_LABEL0, W, bn_model, linear2, rand_images  # noqa: E402,F401
-
 
 LABELS = torch.arange(8) % 3
 
@@ -237,8 +241,10 @@ def test_check_image_range():
 def test_seeds_change_random_starts():
     model, x = bn_model().eval(), rand_images()
     assert not torch.equal(PGD(0.1, steps=2, seed=0)(model, x, LABELS), PGD(0.1, steps=2, seed=1)(model, x, LABELS))
-    assert not torch.equal(VMIFGSM(0.1, steps=2, n_samples=2, seed=0)(model, x, LABELS),
-                           VMIFGSM(0.1, steps=2, n_samples=2, seed=1)(model, x, LABELS))
+    assert not torch.equal(
+        VMIFGSM(0.1, steps=2, n_samples=2, seed=0)(model, x, LABELS),
+        VMIFGSM(0.1, steps=2, n_samples=2, seed=1)(model, x, LABELS),
+    )
 
 
 def test_pgd_on_a_linear_model():
@@ -272,32 +278,35 @@ def test_registered():
         assert dict(ATTACKS.describe())[name]
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: PGD(-0.1), "PGD eps"),
-    (lambda: PGD(1.5), "PGD eps"),
-    (lambda: PGD(0.1, steps=0), "PGD steps"),
-    (lambda: PGD(0.1, restarts=0), "PGD restarts"),
-    (lambda: PGD(0.1, step_size=-0.01), "PGD step_size"),
-    (lambda: PGD(0.1, random_start="yes"), "PGD random_start"),
-    (lambda: PGD(0.1, seed=1.5), "PGD seed"),
-    (lambda: APGDCE(-0.1), "APGD-CE eps"),
-    (lambda: APGDCE(2.0), "APGD-CE eps"),
-    (lambda: APGDCE(0.1, steps=0), "APGD-CE steps"),
-    (lambda: APGDCE(0.1, restarts=0), "APGD-CE restarts"),
-    (lambda: APGDCE(0.1, rho=1.5), "APGD-CE rho"),
-    (lambda: NIFGSM(-0.1), "NI-FGSM eps"),
-    (lambda: NIFGSM(1.1), "NI-FGSM eps"),
-    (lambda: NIFGSM(0.1, steps=0), "NI-FGSM steps"),
-    (lambda: NIFGSM(0.1, alpha=-0.01), "NI-FGSM alpha"),
-    (lambda: NIFGSM(0.1, decay=-1.0), "NI-FGSM decay"),
-    (lambda: VMIFGSM(-0.1), "VMI-FGSM eps"),
-    (lambda: VMIFGSM(1.1), "VMI-FGSM eps"),
-    (lambda: VMIFGSM(0.1, steps=0), "VMI-FGSM steps"),
-    (lambda: VMIFGSM(0.1, alpha=-0.01), "VMI-FGSM alpha"),
-    (lambda: VMIFGSM(0.1, n_samples=0), "VMI-FGSM n_samples"),
-    (lambda: VMIFGSM(0.1, beta=-1.0), "VMI-FGSM beta"),
-    (lambda: PGD(float("nan")), "PGD eps"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: PGD(-0.1), "PGD eps"),
+        (lambda: PGD(1.5), "PGD eps"),
+        (lambda: PGD(0.1, steps=0), "PGD steps"),
+        (lambda: PGD(0.1, restarts=0), "PGD restarts"),
+        (lambda: PGD(0.1, step_size=-0.01), "PGD step_size"),
+        (lambda: PGD(0.1, random_start="yes"), "PGD random_start"),
+        (lambda: PGD(0.1, seed=1.5), "PGD seed"),
+        (lambda: APGDCE(-0.1), "APGD-CE eps"),
+        (lambda: APGDCE(2.0), "APGD-CE eps"),
+        (lambda: APGDCE(0.1, steps=0), "APGD-CE steps"),
+        (lambda: APGDCE(0.1, restarts=0), "APGD-CE restarts"),
+        (lambda: APGDCE(0.1, rho=1.5), "APGD-CE rho"),
+        (lambda: NIFGSM(-0.1), "NI-FGSM eps"),
+        (lambda: NIFGSM(1.1), "NI-FGSM eps"),
+        (lambda: NIFGSM(0.1, steps=0), "NI-FGSM steps"),
+        (lambda: NIFGSM(0.1, alpha=-0.01), "NI-FGSM alpha"),
+        (lambda: NIFGSM(0.1, decay=-1.0), "NI-FGSM decay"),
+        (lambda: VMIFGSM(-0.1), "VMI-FGSM eps"),
+        (lambda: VMIFGSM(1.1), "VMI-FGSM eps"),
+        (lambda: VMIFGSM(0.1, steps=0), "VMI-FGSM steps"),
+        (lambda: VMIFGSM(0.1, alpha=-0.01), "VMI-FGSM alpha"),
+        (lambda: VMIFGSM(0.1, n_samples=0), "VMI-FGSM n_samples"),
+        (lambda: VMIFGSM(0.1, beta=-1.0), "VMI-FGSM beta"),
+        (lambda: PGD(float("nan")), "PGD eps"),
+    ],
+)
 def test_invalid_parameters(make, match):
     with pytest.raises(UserError, match=match):
         make()

@@ -1,4 +1,5 @@
 """Batch augmentation (crop, flip, MixUp, Cutout, CutMix) and its use in train()."""
+
 from __future__ import annotations
 
 import typing
@@ -27,13 +28,18 @@ def offsets_of(out: torch.Tensor, x: torch.Tensor, pad: int) -> list[tuple[int, 
     h, w = x.shape[-2:]
     found = []
     for i in range(len(x)):
-        hits = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
-                if torch.equal(out[i], padded[i, :, dy:dy + h, dx:dx + w])]
+        hits = [
+            (dy, dx)
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
+            if torch.equal(out[i], padded[i, :, dy : dy + h, dx : dx + w])
+        ]
         found.append(hits)
     return found
 
 
 # ---- crop and flip -------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
 def test_crop_is_a_window_of_the_padded_image(dtype):
@@ -96,6 +102,7 @@ def test_crop_flip_same_on_gpu():
 
 
 # ---- MixUp, Cutout, CutMix -----------------------------------------------------------------------------
+
 
 def test_registry_matches_the_config_choices():
     choices = typing.get_args(TrainConfig.model_fields["mix"].annotation)
@@ -166,7 +173,9 @@ def test_cutmix_lambda_is_the_kept_area(alpha):
                 assert int(own[0].sum()) / (h * w) == pytest.approx(lam, abs=1e-12)  # exactly the kept share
                 pasted = (~own[0]).nonzero()
                 if len(pasted):
-                    assert len(pasted) == (pasted[:, 0].max() - pasted[:, 0].min() + 1) * (pasted[:, 1].max() - pasted[:, 1].min() + 1)
+                    assert len(pasted) == (pasted[:, 0].max() - pasted[:, 0].min() + 1) * (
+                        pasted[:, 1].max() - pasted[:, 1].min() + 1
+                    )
                     boxes.add((*pasted.min(0).values.tolist(), *pasted.max(0).values.tolist()))
         assert len(boxes) <= 1  # one box, the same for the whole batch
 
@@ -181,6 +190,7 @@ def test_cutmix_loss_weights_sum_to_one():
 
 
 # ---- train() ------------------------------------------------------------------------------------------
+
 
 def tiny_data(n: int = 96):
     x = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=gen(11))
@@ -219,8 +229,9 @@ def test_train_defaults_do_not_augment():
     assert not same(w1, w3)  # flips alone change the training
 
 
-@pytest.mark.parametrize("augment, mix", [("crop_flip", "cutmix"), ("crop_flip", "mixup"), ("none", "cutout"),
-                                          ("crop_flip", "none")])
+@pytest.mark.parametrize(
+    "augment, mix", [("crop_flip", "cutmix"), ("crop_flip", "mixup"), ("none", "cutout"), ("crop_flip", "none")]
+)
 def test_train_with_augmentation_is_deterministic(augment, mix):
     cfg = TrainConfig(epochs=2, batch_size=32, augment=augment, mix=mix, mix_alpha=0.5, cutout_size=8, crop_padding=2)
     w1, h1 = run(cfg)
@@ -236,6 +247,12 @@ def test_train_with_augmentation_is_deterministic(augment, mix):
 def test_train_config_refuses_bad_values():
     from pydantic import ValidationError
 
-    for bad in [dict(augment="rotate"), dict(mix="mixmax"), dict(mix_alpha=0), dict(cutout_size=0), dict(crop_padding=-1)]:
+    for bad in [
+        dict(augment="rotate"),
+        dict(mix="mixmax"),
+        dict(mix_alpha=0),
+        dict(cutout_size=0),
+        dict(crop_padding=-1),
+    ]:
         with pytest.raises(ValidationError):
             TrainConfig(**bad)

@@ -1,6 +1,7 @@
 """APGD-CE/-DLR/-T in both norms, PGD on an active set, the norm-ball geometry, and the AutoAttack
 cascade: unit tests on tiny tensors, then cross-checks against torchattacks on a clean and an
 adversarially trained MNIST CNN (the `mnist_cnns` fixture)."""
+
 from __future__ import annotations
 
 import time
@@ -37,6 +38,7 @@ def fp32_check(model, x, x_adv, y, eps, norm):
 
 
 # ---- geometry and losses on hand-made tensors ----------------------------------------------------------
+
 
 def test_project_linf_and_l2():
     x = torch.full((2, 1, 2, 2), 0.5)
@@ -108,16 +110,19 @@ def test_seeds_change_random_starts(tiny_cnn):
     assert not torch.equal(a, b)
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: APGDCE(0.1, norm="L1"), "norm must be 'Linf' or 'L2'"),
-    (lambda: APGDCE(2.0), "eps must be in \\[0, 1\\] for the Linf norm"),
-    (lambda: APGDCE(-1.0, norm="L2"), "eps must be a finite number >= 0"),
-    (lambda: APGDT(0.1, n_target_classes=0), "APGD-T n_target_classes"),
-    (lambda: APGDCE(0.1, eot_iter=0), "APGD-CE eot_iter"),
-    (lambda: AutoAttack(0.1, version="fast"), "version must be one of standard, plus, rand"),
-    (lambda: AutoAttack(0.1, attacks=["cw"]), "AutoAttack attacks must be a non-empty list"),
-    (lambda: PGD(0.1, early_stop="no"), "PGD early_stop"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: APGDCE(0.1, norm="L1"), "norm must be 'Linf' or 'L2'"),
+        (lambda: APGDCE(2.0), "eps must be in \\[0, 1\\] for the Linf norm"),
+        (lambda: APGDCE(-1.0, norm="L2"), "eps must be a finite number >= 0"),
+        (lambda: APGDT(0.1, n_target_classes=0), "APGD-T n_target_classes"),
+        (lambda: APGDCE(0.1, eot_iter=0), "APGD-CE eot_iter"),
+        (lambda: AutoAttack(0.1, version="fast"), "version must be one of standard, plus, rand"),
+        (lambda: AutoAttack(0.1, attacks=["cw"]), "AutoAttack attacks must be a non-empty list"),
+        (lambda: PGD(0.1, early_stop="no"), "PGD early_stop"),
+    ],
+)
 def test_invalid_parameters(make, match):
     with pytest.raises(UserError, match=match):
         make()
@@ -158,6 +163,7 @@ def test_pgd_keeps_the_first_misclassifying_iterate():
 
 # ---- on real MNIST CNNs: torchattacks as the reference --------------------------------------------------
 
+
 def acc(model, attack, x, y):
     return adversarial_accuracy(model, attack, x, y)
 
@@ -176,15 +182,18 @@ def test_apgd_matches_torchattacks_on_the_robust_model(mnist_cnns, norm, eps):
     t1 = time.perf_counter()
     theirs = acc(model, ta(torchattacks.APGD(model, norm=norm, eps=eps, steps=100, n_restarts=1, seed=0)), x, y)
     t2 = time.perf_counter()
-    print(f"\nAPGD-CE {norm} eps={eps}: robustprune {ours:.3f} ({t1 - t0:.1f} s), "
-          f"torchattacks {theirs:.3f} ({t2 - t1:.1f} s)")
+    print(
+        f"\nAPGD-CE {norm} eps={eps}: robustprune {ours:.3f} ({t1 - t0:.1f} s), "
+        f"torchattacks {theirs:.3f} ({t2 - t1:.1f} s)"
+    )
     assert ours <= theirs + 0.01 + 1e-9
     assert 0.2 < ours < 0.9  # a model with robustness to measure, and an attack that bites
     x, y = x[:100], y[:100]  # APGD-T runs 9 x 100 steps on every robust point: fewer images
     ours = acc(model, APGDCE(eps, norm=norm, steps=100), x, y)
     ours_t = acc(model, APGDT(eps, norm=norm, steps=100, n_target_classes=9), x, y)
-    theirs_t = acc(model, ta(torchattacks.APGDT(model, norm=norm, eps=eps, steps=100, n_restarts=1, n_classes=10,
-                                                seed=0)), x, y)
+    theirs_t = acc(
+        model, ta(torchattacks.APGDT(model, norm=norm, eps=eps, steps=100, n_restarts=1, n_classes=10, seed=0)), x, y
+    )
     print(f"APGD-T {norm} eps={eps}: robustprune {ours_t:.3f}, torchattacks {theirs_t:.3f}")
     assert ours_t <= theirs_t + 0.01 + 1e-9
     assert ours_t <= ours + 1e-9 or ours_t <= ours + 0.01  # targeted DLR is the stronger of the two here
@@ -192,8 +201,12 @@ def test_apgd_matches_torchattacks_on_the_robust_model(mnist_cnns, norm, eps):
 
 def test_apgd_and_pgd_points_are_verified(mnist_cnns):
     model, x, y = mnist_cnns["clean"], mnist_cnns["x"][:200], mnist_cnns["y"][:200]
-    for attack, norm, eps in ((APGDCE(0.1, steps=20), "Linf", 0.1), (APGDDLR(1.0, norm="L2", steps=20), "L2", 1.0),
-                              (PGD(0.1, steps=10, norm="Linf"), "Linf", 0.1), (PGD(1.0, steps=10, norm="L2"), "L2", 1.0)):
+    for attack, norm, eps in (
+        (APGDCE(0.1, steps=20), "Linf", 0.1),
+        (APGDDLR(1.0, norm="L2", steps=20), "L2", 1.0),
+        (PGD(0.1, steps=10, norm="Linf"), "Linf", 0.1),
+        (PGD(1.0, steps=10, norm="L2"), "L2", 1.0),
+    ):
         x_adv = attack(model, x, y)
         changed = fp32_check(model, x, x_adv, y, eps, norm)
         assert int(changed.sum()) > 20
@@ -211,8 +224,10 @@ def test_autoattack_is_no_weaker_than_the_reference_and_verified(mnist_cnns):
     theirs = acc(model, ta(reference_autoattack(model, 0.3, "Linf", 10)), x, y)
     t2 = time.perf_counter()
     ours = result.robust_accuracy()
-    print(f"\nAutoAttack Linf 0.3, 100 images: robustprune {ours:.3f} ({t1 - t0:.1f} s, stages "
-          f"{ {k: round(v, 1) for k, v in result.seconds.items()} }), reference {theirs:.3f} ({t2 - t1:.1f} s)")
+    print(
+        f"\nAutoAttack Linf 0.3, 100 images: robustprune {ours:.3f} ({t1 - t0:.1f} s, stages "
+        f"{ {k: round(v, 1) for k, v in result.seconds.items()} }), reference {theirs:.3f} ({t2 - t1:.1f} s)"
+    )
     assert ours <= theirs + 0.005 + 1e-9  # no point more than the reference left standing
     assert 0.3 < ours < 0.9
     # what the cascade says it broke is broken, in fp32, inside the ball; the robust ones come back as x
@@ -250,8 +265,16 @@ def test_masking_by_a_zero_gradient_is_flagged():
     x = torch.rand(200, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         y = model(x).argmax(1)
-    ev = EvaluationConfig(attack_subset=None, attacks={"aa": {"attack": "autoattack", "eps": [0.2], "params": {
-        "attacks": ["apgd_ce", "square"], "version": "standard"}}})
+    ev = EvaluationConfig(
+        attack_subset=None,
+        attacks={
+            "aa": {
+                "attack": "autoattack",
+                "eps": [0.2],
+                "params": {"attacks": ["apgd_ce", "square"], "version": "standard"},
+            }
+        },
+    )
 
     class Quiet:
         def advance(self, *a):

@@ -1,6 +1,7 @@
 """The catalogue of bad input (issue 8): options, study files, data files, checkpoints and output
 folders. Every case gives exit code 2 and one sentence naming the problem and the fix, with no
 traceback, and leaves a finished study's store (and every other file in its folder) unchanged."""
+
 from __future__ import annotations
 
 import errno
@@ -10,7 +11,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,27 +24,40 @@ from robustprune.cli import main
 
 pytestmark = pytest.mark.slow
 
-TINY = {"name": "tiny", "dataset": "mnist", "data": {"train_subset": 600, "test_subset": 100},
-        "model": {"name": "mnist_cnn", "args": {"conv1": 4, "conv2": 8, "fc": 32, "kernel_size": 5, "padding": 0}},
-        "train": {"epochs": 1, "batch_size": 128, "lr": 0.05},
-        "finetune": {"lr": 0.01},
-        "pruning": {"magnitude": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [1]}},
-        "evaluation": {"attack_subset": 50, "attacks": {"fgsm": {"eps": [0.1]}}},
-        "seeds": [0]}
-MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-               "t10k-labels-idx1-ubyte.gz")
+TINY = {
+    "name": "tiny",
+    "dataset": "mnist",
+    "data": {"train_subset": 600, "test_subset": 100},
+    "model": {"name": "mnist_cnn", "args": {"conv1": 4, "conv2": 8, "fc": 32, "kernel_size": 5, "padding": 0}},
+    "train": {"epochs": 1, "batch_size": 128, "lr": 0.05},
+    "finetune": {"lr": 0.01},
+    "pruning": {"magnitude": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [1]}},
+    "evaluation": {"attack_subset": 50, "attacks": {"fgsm": {"eps": [0.1]}}},
+    "seeds": [0],
+}
+MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 # A setting the reference run did not use: its cells are new, so the run must read and write.
-NEW_EVAL = ["--set", "evaluation.attacks.fgsm.eps=[0.2]"]   # reuses the trained models (reads checkpoints)
-NEW_TRAINING = ["--set", "train.lr=0.04"]                     # trains a new dense model (writes a checkpoint)
+NEW_EVAL = ["--set", "evaluation.attacks.fgsm.eps=[0.2]"]  # reuses the trained models (reads checkpoints)
+NEW_TRAINING = ["--set", "train.lr=0.04"]  # trains a new dense model (writes a checkpoint)
 
 
 def snapshot(out: Path) -> dict:
     """Every row of every table of the store, and every file of the folder with its size."""
-    files = sorted((str(p.relative_to(out)), p.stat().st_size) for p in out.rglob("*")
-                   if p.is_file() and not p.name.endswith(("-wal", "-shm")))
+    files = sorted(
+        (str(p.relative_to(out)), p.stat().st_size)
+        for p in out.rglob("*")
+        if p.is_file() and not p.name.endswith(("-wal", "-shm"))
+    )
     with sqlite3.connect(out / "results.sqlite") as db:
-        tables = {t: sorted(map(repr, db.execute(f"SELECT * FROM {t}")))
-                  for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        tables = {
+            t: sorted(map(repr, db.execute(f"SELECT * FROM {t}")))
+            for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
     return {"files": files, "tables": tables}
 
 
@@ -55,17 +68,33 @@ def reference(tmp_path_factory, data_dir):
     study = root / "tiny.yaml"
     study.write_text(yaml.safe_dump(TINY))
     out = root / "out"
-    proc = subprocess.run([sys.executable, "-m", "robustprune", "run", str(study), "--data-dir", str(data_dir),
-                           "--out", str(out), "--workers", "1"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "robustprune",
+            "run",
+            str(study),
+            "--data-dir",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     return study, out, snapshot(out)
 
 
 @dataclass
 class Env:
-    study: Path      # a valid study file
-    out: Path        # a copy of the finished study folder
-    data: Path       # the real data folder
+    study: Path  # a valid study file
+    out: Path  # a copy of the finished study folder
+    data: Path  # the real data folder
     tmp: Path
 
     def study_with(self, text: str | bytes) -> Path:
@@ -103,8 +132,9 @@ class Env:
         from robustprune.models import build_model
 
         kw = TINY["model"]["args"] | args
-        return build_model("mnist_cnn", num_classes=10, image_shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,),
-                           **kw).state_dict()
+        return build_model(
+            "mnist_cnn", num_classes=10, image_shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,), **kw
+        ).state_dict()
 
     def checkpoint(self, prefix: str) -> Path:
         return next((self.out / "checkpoints").glob(f"{prefix}-*.pt"))
@@ -117,8 +147,12 @@ def npz_bytes(**arrays) -> bytes:
 
 
 def cifar_arrays(n_train=50000, shape=(32, 32, 3)) -> dict:
-    return {"x_train": np.zeros((n_train, *shape), np.uint8), "y_train": np.zeros(n_train, np.int64),
-            "x_test": np.zeros((10000, 32, 32, 3), np.uint8), "y_test": np.zeros(10000, np.int64)}
+    return {
+        "x_train": np.zeros((n_train, *shape), np.uint8),
+        "y_train": np.zeros(n_train, np.int64),
+        "x_test": np.zeros((10000, 32, 32, 3), np.uint8),
+        "y_test": np.zeros(10000, np.int64),
+    }
 
 
 class Payload:
@@ -140,8 +174,18 @@ def flip_byte(raw: bytes) -> bytes:
 
 
 def run_args(e: Env, *extra, study: Path | None = None, data: Path | None = None) -> list:
-    return ["run", study or e.study, "--data-dir", data or e.data, "--out", e.out, "--workers", "1", "--offline",
-            *extra]
+    return [
+        "run",
+        study or e.study,
+        "--data-dir",
+        data or e.data,
+        "--out",
+        e.out,
+        "--workers",
+        "1",
+        "--offline",
+        *extra,
+    ]
 
 
 def cifar_study(e: Env) -> Path:
@@ -174,85 +218,170 @@ CASES = [
     Case("bench-section", lambda e: ["bench", "--section", "gpu"], "invalid choice: 'gpu'"),
     # ---- study files ------------------------------------------------------------------------------
     Case("study-missing", lambda e: run_args(e, study=e.tmp / "nope.yaml"), "does not exist; check the path"),
-    Case("yaml-malformed", lambda e: run_args(e, study=e.study_with("name: x\ntrain: [unclosed\n")),
-         "is not valid YAML at line"),
+    Case(
+        "yaml-malformed",
+        lambda e: run_args(e, study=e.study_with("name: x\ntrain: [unclosed\n")),
+        "is not valid YAML at line",
+    ),
     Case("yaml-empty", lambda e: run_args(e, study=e.study_with("")), "must be a YAML mapping"),
     Case("yaml-list", lambda e: run_args(e, study=e.study_with("- a\n- b\n")), "must be a YAML mapping"),
     Case("yaml-not-utf8", lambda e: run_args(e, study=e.study_with(b"name: \xff\xfe\x00")), "cannot read study file"),
     Case("name-missing", lambda e: run_args(e, study=e.study_changed(lambda r: r.pop("name"))), "name"),
-    Case("unknown-top-key", lambda e: run_args(e, study=e.study_changed(lambda r: r.update(trainer={}))),
-         "unknown key 'trainer'"),
+    Case(
+        "unknown-top-key",
+        lambda e: run_args(e, study=e.study_changed(lambda r: r.update(trainer={}))),
+        "unknown key 'trainer'",
+    ),
     Case("unknown-model", lambda e: run_args(e, "--set", "model.name=resnet9000"), "unknown model 'resnet9000'"),
     Case("model-arg-type", lambda e: run_args(e, "--set", "model.args.conv1=wide"), "does not accept args"),
     Case("unknown-dataset", lambda e: run_args(e, "--set", "dataset=mnits"), "did you mean 'mnist'"),
-    Case("unknown-method", lambda e: run_args(e, "--set", "pruning.magnitude.method=magic"),
-         "unknown pruning method 'magic'"),
-    Case("unknown-criterion", lambda e: run_args(e, "--set", "pruning.s={method: structured, sparsities: [0.3], "
-                                                        "params: {criterion: psychic}}"), "psychic"),
-    Case("unknown-attack", lambda e: run_args(e, "--set", "evaluation.attacks.cw={eps: [0.1]}"),
-         "unknown attack 'cw'"),
+    Case(
+        "unknown-method",
+        lambda e: run_args(e, "--set", "pruning.magnitude.method=magic"),
+        "unknown pruning method 'magic'",
+    ),
+    Case(
+        "unknown-criterion",
+        lambda e: run_args(
+            e, "--set", "pruning.s={method: structured, sparsities: [0.3], params: {criterion: psychic}}"
+        ),
+        "psychic",
+    ),
+    Case("unknown-attack", lambda e: run_args(e, "--set", "evaluation.attacks.cw={eps: [0.1]}"), "unknown attack 'cw'"),
     Case("unknown-regime", lambda e: run_args(e, "--set", "regimes.nosy={}"), "unknown training regime 'nosy'"),
     Case("epochs-wrong-type", lambda e: run_args(e, "--set", "train.epochs=ten"), "'train.epochs'"),
     Case("epochs-negative", lambda e: run_args(e, "--set", "train.epochs=-1"), "'train.epochs'"),
     Case("lr-zero", lambda e: run_args(e, "--set", "train.lr=0"), "'train.lr'"),
-    Case("sparsity-above-one", lambda e: run_args(e, "--set", "pruning.magnitude.sparsities=[1.5]"),
-         "sparsity 1.5 is outside [0, 1)"),
-    Case("sparsity-negative", lambda e: run_args(e, "--set", "pruning.magnitude.sparsities=[-0.1]"),
-         "sparsity -0.1 is outside [0, 1)"),
-    Case("sparsity-empty-grid", lambda e: run_args(e, "--set", "pruning.magnitude.sparsities=[]"),
-         "lists no sparsities"),
-    Case("finetune-epochs-empty", lambda e: run_args(e, "--set", "pruning.magnitude.finetune_epochs=[]"),
-         "needs at least one value"),
-    Case("finetune-epochs-negative", lambda e: run_args(e, "--set", "pruning.magnitude.finetune_epochs=[-2]"),
-         "fine-tuning epochs -2 is negative"),
-    Case("eps-negative", lambda e: run_args(e, "--set", "evaluation.attacks.fgsm.eps=[-0.1]"),
-         "eps -0.1 is outside [0, 1]"),
+    Case(
+        "sparsity-above-one",
+        lambda e: run_args(e, "--set", "pruning.magnitude.sparsities=[1.5]"),
+        "sparsity 1.5 is outside [0, 1)",
+    ),
+    Case(
+        "sparsity-negative",
+        lambda e: run_args(e, "--set", "pruning.magnitude.sparsities=[-0.1]"),
+        "sparsity -0.1 is outside [0, 1)",
+    ),
+    Case(
+        "sparsity-empty-grid", lambda e: run_args(e, "--set", "pruning.magnitude.sparsities=[]"), "lists no sparsities"
+    ),
+    Case(
+        "finetune-epochs-empty",
+        lambda e: run_args(e, "--set", "pruning.magnitude.finetune_epochs=[]"),
+        "needs at least one value",
+    ),
+    Case(
+        "finetune-epochs-negative",
+        lambda e: run_args(e, "--set", "pruning.magnitude.finetune_epochs=[-2]"),
+        "fine-tuning epochs -2 is negative",
+    ),
+    Case(
+        "eps-negative",
+        lambda e: run_args(e, "--set", "evaluation.attacks.fgsm.eps=[-0.1]"),
+        "eps -0.1 is outside [0, 1]",
+    ),
     Case("eps-empty-grid", lambda e: run_args(e, "--set", "evaluation.attacks.fgsm.eps=[]"), "needs at least one eps"),
-    Case("attack-steps-zero", lambda e: run_args(e, "--set", "evaluation.attacks.pgd20={attack: pgd, eps: [0.1], params: "
-                                                        "{steps: 0}}"), "PGD steps must be an integer >= 1"),
+    Case(
+        "attack-steps-zero",
+        lambda e: run_args(e, "--set", "evaluation.attacks.pgd20={attack: pgd, eps: [0.1], params: {steps: 0}}"),
+        "PGD steps must be an integer >= 1",
+    ),
     Case("seeds-empty-grid", lambda e: run_args(e, "--set", "seeds=[]"), "needs at least one seed"),
     Case("seeds-negative", lambda e: run_args(e, "--set", "seeds=[-1]"), "seeds must be >= 0"),
     Case("seeds-repeated", lambda e: run_args(e, "--set", "seeds=[0, 0]"), "lists a value twice"),
     Case("regimes-empty", lambda e: run_args(e, "--set", "regimes={}"), "needs at least one training regime"),
-    Case("occlusion-too-large", lambda e: run_args(e, "--set", "evaluation.occlusion=[40]"),
-         "occlusion size 40 is larger than the 28x28 images"),
+    Case(
+        "occlusion-too-large",
+        lambda e: run_args(e, "--set", "evaluation.occlusion=[40]"),
+        "occlusion size 40 is larger than the 28x28 images",
+    ),
     # ---- data files -------------------------------------------------------------------------------
-    Case("data-folder-missing", lambda e: run_args(e, *NEW_TRAINING, data=e.tmp / "no-data"),
-         "is missing and downloading is off"),
+    Case(
+        "data-folder-missing",
+        lambda e: run_args(e, *NEW_TRAINING, data=e.tmp / "no-data"),
+        "is missing and downloading is off",
+    ),
     Case("data-folder-is-file", lambda e: run_args(e, *NEW_TRAINING, data=e.study), "is a file; point --data-dir"),
-    Case("gz-truncated", lambda e: run_args(e, *NEW_TRAINING, data=e.mnist_copy(half)),
-         "is corrupt or not the official file"),
-    Case("gz-checksum", lambda e: run_args(e, *NEW_TRAINING, data=e.mnist_copy(flip_byte, MNIST_FILES[0])),
-         "is corrupt or not the official file (MD5"),
-    Case("gz-not-gzip", lambda e: run_args(e, *NEW_TRAINING, data=e.mnist_copy(lambda raw: b"<html>404</html>")),
-         "is corrupt or not the official file"),
-    Case("npz-truncated", lambda e: run_args(e, study=cifar_study(e), data=e.cifar_folder(
-        "cifar10.npz", half(npz_bytes(**cifar_arrays(n_train=10))))), "is not a readable .npz archive"),
-    Case("npz-wrong-shape", lambda e: run_args(e, study=cifar_study(e), data=e.cifar_folder(
-        "cifar10.npz", npz_bytes(**cifar_arrays(shape=(28, 28, 3))))), "not uint8 of shape (50000, 32, 32, 3)"),
-    Case("npz-missing-array", lambda e: run_args(e, study=cifar_study(e), data=e.cifar_folder(
-        "cifar10.npz", npz_bytes(x_train=np.zeros(3)))), "has no array 'y_train'"),
-    Case("tar-corrupt", lambda e: run_args(e, study=cifar_study(e), data=e.cifar_folder(
-        "cifar-10-python.tar.gz", b"\x1f\x8b" + os.urandom(2000))), "is corrupt or not the official file"),
+    Case(
+        "gz-truncated",
+        lambda e: run_args(e, *NEW_TRAINING, data=e.mnist_copy(half)),
+        "is corrupt or not the official file",
+    ),
+    Case(
+        "gz-checksum",
+        lambda e: run_args(e, *NEW_TRAINING, data=e.mnist_copy(flip_byte, MNIST_FILES[0])),
+        "is corrupt or not the official file (MD5",
+    ),
+    Case(
+        "gz-not-gzip",
+        lambda e: run_args(e, *NEW_TRAINING, data=e.mnist_copy(lambda raw: b"<html>404</html>")),
+        "is corrupt or not the official file",
+    ),
+    Case(
+        "npz-truncated",
+        lambda e: run_args(
+            e, study=cifar_study(e), data=e.cifar_folder("cifar10.npz", half(npz_bytes(**cifar_arrays(n_train=10))))
+        ),
+        "is not a readable .npz archive",
+    ),
+    Case(
+        "npz-wrong-shape",
+        lambda e: run_args(
+            e, study=cifar_study(e), data=e.cifar_folder("cifar10.npz", npz_bytes(**cifar_arrays(shape=(28, 28, 3))))
+        ),
+        "not uint8 of shape (50000, 32, 32, 3)",
+    ),
+    Case(
+        "npz-missing-array",
+        lambda e: run_args(e, study=cifar_study(e), data=e.cifar_folder("cifar10.npz", npz_bytes(x_train=np.zeros(3)))),
+        "has no array 'y_train'",
+    ),
+    Case(
+        "tar-corrupt",
+        lambda e: run_args(
+            e, study=cifar_study(e), data=e.cifar_folder("cifar-10-python.tar.gz", b"\x1f\x8b" + os.urandom(2000))
+        ),
+        "is corrupt or not the official file",
+    ),
     # ---- checkpoints and weights files ------------------------------------------------------------
-    Case("weights-missing", lambda e: run_args(e, "--set", f"model.weights={e.tmp / 'none.pt'}"),
-         "model.weights file"),
-    Case("weights-other-architecture", lambda e: run_args(
-        e, "--set", f"model.weights={e.weights(e.tiny_state(conv1=6))}"), "does not fit this model"),
-    Case("weights-truncated", lambda e: run_args(
-        e, "--set", f"model.weights={half_file(e.weights(e.tiny_state()))}"), "is truncated or corrupt"),
-    Case("weights-not-state-dict", lambda e: run_args(
-        e, "--set", f"model.weights={e.weights([1, 2, 3])}"), "holds no state dict"),
-    Case("weights-pickle-payload", lambda e: run_args(
-        e, "--set", f"model.weights={e.weights({'state': Payload(e.tmp / 'pwned')})}"),
-         "holds objects other than tensors"),
-    Case("cached-checkpoint-truncated", lambda e: [half_file(e.checkpoint("dense")), run_args(e, *NEW_EVAL)][1],
-         "is truncated or corrupt"),
-    Case("cached-checkpoint-payload", lambda e: [shutil.copy(e.weights({"state": Payload(e.tmp / "pwned")}),
-                                                             e.checkpoint("dense")), run_args(e, *NEW_EVAL)][1],
-         "holds objects other than tensors"),
+    Case("weights-missing", lambda e: run_args(e, "--set", f"model.weights={e.tmp / 'none.pt'}"), "model.weights file"),
+    Case(
+        "weights-other-architecture",
+        lambda e: run_args(e, "--set", f"model.weights={e.weights(e.tiny_state(conv1=6))}"),
+        "does not fit this model",
+    ),
+    Case(
+        "weights-truncated",
+        lambda e: run_args(e, "--set", f"model.weights={half_file(e.weights(e.tiny_state()))}"),
+        "is truncated or corrupt",
+    ),
+    Case(
+        "weights-not-state-dict",
+        lambda e: run_args(e, "--set", f"model.weights={e.weights([1, 2, 3])}"),
+        "holds no state dict",
+    ),
+    Case(
+        "weights-pickle-payload",
+        lambda e: run_args(e, "--set", f"model.weights={e.weights({'state': Payload(e.tmp / 'pwned')})}"),
+        "holds objects other than tensors",
+    ),
+    Case(
+        "cached-checkpoint-truncated",
+        lambda e: [half_file(e.checkpoint("dense")), run_args(e, *NEW_EVAL)][1],
+        "is truncated or corrupt",
+    ),
+    Case(
+        "cached-checkpoint-payload",
+        lambda e: [
+            shutil.copy(e.weights({"state": Payload(e.tmp / "pwned")}), e.checkpoint("dense")),
+            run_args(e, *NEW_EVAL),
+        ][1],
+        "holds objects other than tensors",
+    ),
     # ---- output folders ---------------------------------------------------------------------------
-    Case("out-is-a-file", lambda e: ["run", e.study, "--data-dir", e.data, "--out", e.study], "is a file, not a folder"),
+    Case(
+        "out-is-a-file", lambda e: ["run", e.study, "--data-dir", e.data, "--out", e.study], "is a file, not a folder"
+    ),
     Case("report-out-is-a-file", lambda e: ["report", e.out, "--out", e.study], "is a file, not a folder"),
 ]
 
@@ -393,8 +522,23 @@ def test_weights_file_is_the_dense_model(reference, data_dir, tmp_path):
     weights = tmp_path / "w.pt"
     torch.save({"state": checkpoint.load(dense_ckpt)["state"]}, weights)
     out = tmp_path / "loaded"
-    assert main(["run", str(study), "--data-dir", str(data_dir), "--out", str(out), "--workers", "1",
-                 "--set", f"model.weights={weights}"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(study),
+                "--data-dir",
+                str(data_dir),
+                "--out",
+                str(out),
+                "--workers",
+                "1",
+                "--set",
+                f"model.weights={weights}",
+            ]
+        )
+        == 0
+    )
     with sqlite3.connect(out / "results.sqlite") as db:
         rows = db.execute("SELECT axes, metric, value, config FROM results").fetchall()
     with sqlite3.connect(ref_out / "results.sqlite") as db:
@@ -415,9 +559,25 @@ def test_a_bad_checkpoint_found_by_a_ray_worker_is_one_sentence(reference, data_
     shutil.copytree(ref_out, out)
     half_file(next((out / "checkpoints").glob("dense-*.pt")))
     before = snapshot(out)
-    proc = subprocess.run([sys.executable, "-m", "robustprune", "run", str(study), "--data-dir", str(data_dir),
-                           "--out", str(out), "--executor", "ray", *NEW_EVAL], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "robustprune",
+            "run",
+            str(study),
+            "--data-dir",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--executor",
+            "ray",
+            *NEW_EVAL,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     err = proc.stderr.strip()
     assert proc.returncode == 2, err
     last = err.splitlines()[-1]  # (Ray may print its own notices first)

@@ -1,4 +1,5 @@
 """`robustprune bench`: the evaluation section at a tiny scale, its JSON figures and its errors."""
+
 from __future__ import annotations
 
 import json
@@ -52,11 +53,14 @@ def test_without_torchattacks_the_rest_still_runs(tmp_path, data_dir, monkeypatc
     assert "pip install --no-deps torchattacks" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--data-dir", "{tmp}/nothing"], "needs MNIST, which is not in"),
-    (["--eval-images", "0"], "--eval-images must be at least 1"),
-    (["--json", "{tmp}/no/such/folder/f.json"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--data-dir", "{tmp}/nothing"], "needs MNIST, which is not in"),
+        (["--eval-images", "0"], "--eval-images must be at least 1"),
+        (["--json", "{tmp}/no/such/folder/f.json"], "does not exist"),
+    ],
+)
 def test_bad_input_one_sentence_exit_2(args, expected, tmp_path, data_dir, capsys):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     code = main(["bench", "--section", "evaluation", "--data-dir", str(data_dir), *args])
@@ -81,8 +85,21 @@ def test_resnet20_section_trains_the_fast_recipe_on_real_cifar10(tmp_path, data_
     if not (data_dir / "cifar10" / "cifar10.npz").exists():
         pytest.skip("real CIFAR-10 not found")
     out = tmp_path / "r.json"
-    code = main(["bench", "--section", "resnet20", "--data-dir", str(data_dir), "--epochs", "1",
-                 "--train-images", "512", "--json", str(out)])
+    code = main(
+        [
+            "bench",
+            "--section",
+            "resnet20",
+            "--data-dir",
+            str(data_dir),
+            "--epochs",
+            "1",
+            "--train-images",
+            "512",
+            "--json",
+            str(out),
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 0
     r = json.loads(out.read_text())["resnet20"]
@@ -93,10 +110,13 @@ def test_resnet20_section_trains_the_fast_recipe_on_real_cifar10(tmp_path, data_
     assert "fp32 matmul peak" not in text  # only the section asked for
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--data-dir", "{tmp}"], "the resnet20 section needs CIFAR-10, which is not in"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--data-dir", "{tmp}"], "the resnet20 section needs CIFAR-10, which is not in"),
+    ],
+)
 def test_resnet20_section_bad_input(args, expected, tmp_path, data_dir, capsys):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     code = main(["bench", "--section", "resnet20", "--data-dir", str(data_dir), *args])

@@ -1,5 +1,6 @@
 """Checkpoint files: written whole or not at all, temporaries of dead writers cleaned up, user
 weights files accepted in the usual layouts and refused with one sentence otherwise."""
+
 from __future__ import annotations
 
 import os
@@ -31,11 +32,17 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path
 
 
 def test_only_temporaries_of_dead_writers_on_this_host_are_removed(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     host = socket.gethostname()
-    files = {"dead": f"a.pt.{host}.{dead}.tmp", "alive": f"b.pt.{host}.{os.getpid()}.tmp",
-             "other_host": f"c.pt.elsewhere.{dead}.tmp", "not_ours": "notes.tmp", "checkpoint": "d.pt"}
+    files = {
+        "dead": f"a.pt.{host}.{dead}.tmp",
+        "alive": f"b.pt.{host}.{os.getpid()}.tmp",
+        "other_host": f"c.pt.elsewhere.{dead}.tmp",
+        "not_ours": "notes.tmp",
+        "checkpoint": "d.pt",
+    }
     for name in files.values():
         (tmp_path / name).write_bytes(b"x")
     assert checkpoint.remove_stale_temporaries(tmp_path) == 1
@@ -52,11 +59,14 @@ def test_weights_files_in_the_usual_layouts(tmp_path, layout, tiny_cnn):
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
 
 
-@pytest.mark.parametrize("obj, expected", [
-    ([1, 2], "holds no state dict"),
-    ({}, "holds no state dict"),
-    ({"state": {"w": 3}}, "holds no state dict"),
-])
+@pytest.mark.parametrize(
+    "obj, expected",
+    [
+        ([1, 2], "holds no state dict"),
+        ({}, "holds no state dict"),
+        ({"state": {"w": 3}}, "holds no state dict"),
+    ],
+)
 def test_weights_files_that_hold_no_state_dict(tmp_path, obj, expected):
     path = tmp_path / "w.pt"
     torch.save(obj, path)

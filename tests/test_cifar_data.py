@@ -1,4 +1,5 @@
 """CIFAR-10/100 (the real .npz; synthetic archives in the official pickle format) and image folders."""
+
 from __future__ import annotations
 
 import gzip
@@ -17,8 +18,17 @@ import torch
 
 from robustprune.data import load_dataset
 from robustprune.data.base import md5_of
-from robustprune.data.cifar import (CIFAR10, CIFAR100, BatchUnpickler, ForbiddenGlobal, find_cifar_file,
-                                    load_cifar, read_cifar_npz, read_cifar_tar, unpickle_batch)
+from robustprune.data.cifar import (
+    CIFAR10,
+    CIFAR100,
+    BatchUnpickler,
+    ForbiddenGlobal,
+    find_cifar_file,
+    load_cifar,
+    read_cifar_npz,
+    read_cifar_tar,
+    unpickle_batch,
+)
 from robustprune.data.imagefolder import channel_stats, load_image_folder
 from robustprune.errors import UserError
 
@@ -28,6 +38,7 @@ FIRST_TEST_LABELS = [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
 
 
 # ---- the real CIFAR-10 .npz ---------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def real_npz(data_dir) -> Path:
@@ -72,6 +83,7 @@ def test_real_cifar10_normalisation_constants(cifar10):
 
 # ---- synthetic files in the official formats ---------------------------------------------------------
 
+
 class Py2Pickler(pickle._Pickler):
     """Writes str and bytes as Python 2 `str` (BINSTRING opcodes), as the official batches were made
     with Python 2's cPickle, so loading them with encoding='bytes' gives bytes keys."""
@@ -99,8 +111,12 @@ def py2_pickle(obj) -> bytes:
 
 def batch(x: torch.Tensor, labels, label_key="labels", **extra) -> bytes:
     """One official-format batch: 'data' uint8 (N, 3072) in CHW order, labels a list of ints."""
-    d = {b"batch_label": b"synthetic batch", b"data": x.reshape(len(x), -1).numpy(),
-         label_key.encode(): [int(v) for v in labels], b"filenames": [b"img_%d.png" % i for i in range(len(x))]}
+    d = {
+        b"batch_label": b"synthetic batch",
+        b"data": x.reshape(len(x), -1).numpy(),
+        label_key.encode(): [int(v) for v in labels],
+        b"filenames": [b"img_%d.png" % i for i in range(len(x))],
+    }
     d.update({k.encode(): v for k, v in extra.items()})
     return py2_pickle(d)
 
@@ -132,8 +148,10 @@ def small10():
     """5 train batches of 4 images and a test batch of 6, with the spec that expects them."""
     x_train, y_train = images(20, 1), labels(20, 10, 2)
     x_test, y_test = images(6, 3), labels(6, 10, 4)
-    members = {f"cifar-10-batches-py/data_batch_{i + 1}": batch(x_train[4 * i:4 * i + 4], y_train[4 * i:4 * i + 4])
-               for i in range(5)}
+    members = {
+        f"cifar-10-batches-py/data_batch_{i + 1}": batch(x_train[4 * i : 4 * i + 4], y_train[4 * i : 4 * i + 4])
+        for i in range(5)
+    }
     members["cifar-10-batches-py/test_batch"] = batch(x_test, y_test)
     spec = replace(CIFAR10, counts={"train": 20, "test": 6})
     return spec, members, (x_train, y_train, x_test, y_test)
@@ -141,8 +159,12 @@ def small10():
 
 def write_npz(path: Path, x_train, y_train, x_test, y_test, **kw) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"x_train": x_train.permute(0, 2, 3, 1).numpy(), "y_train": y_train.numpy().astype(np.uint8),
-              "x_test": x_test.permute(0, 2, 3, 1).numpy(), "y_test": y_test.numpy().astype(np.uint8)}
+    arrays = {
+        "x_train": x_train.permute(0, 2, 3, 1).numpy(),
+        "y_train": y_train.numpy().astype(np.uint8),
+        "x_test": x_test.permute(0, 2, 3, 1).numpy(),
+        "y_test": y_test.numpy().astype(np.uint8),
+    }
     arrays.update(kw)
     np.savez_compressed(path, **arrays)
     return path
@@ -155,8 +177,12 @@ def test_tar_and_npz_give_identical_tensors(tmp_path, small10):
     spec = replace(spec, md5=md5_of(tar))
     from_tar = load_cifar(tmp_path / "a", download=False, spec=spec)
     from_npz = load_cifar(tmp_path / "b", download=False, spec=spec)
-    for a, b, want in [(from_tar.x_train, from_npz.x_train, x_train), (from_tar.y_train, from_npz.y_train, y_train),
-                       (from_tar.x_test, from_npz.x_test, x_test), (from_tar.y_test, from_npz.y_test, y_test)]:
+    for a, b, want in [
+        (from_tar.x_train, from_npz.x_train, x_train),
+        (from_tar.y_train, from_npz.y_train, y_train),
+        (from_tar.x_test, from_npz.x_test, x_test),
+        (from_tar.y_test, from_npz.y_test, y_test),
+    ]:
         assert a.dtype == b.dtype == want.dtype and a.shape == b.shape == want.shape
         assert a.is_contiguous() and b.is_contiguous()
         assert torch.equal(a, b) and torch.equal(a, want)
@@ -186,7 +212,9 @@ def test_npz_is_preferred_to_the_archive(tmp_path, small10):
 def test_archive_md5_is_checked(tmp_path, small10):
     _, members, _ = small10
     write_tar(tmp_path / "cifar10" / CIFAR10.archive, members)
-    with pytest.raises(UserError, match=r"corrupt or not the official file \(MD5 .*expected c58f30108f718f92721af3b95e74349a"):
+    with pytest.raises(
+        UserError, match=r"corrupt or not the official file \(MD5 .*expected c58f30108f718f92721af3b95e74349a"
+    ):
         load_dataset("cifar10", tmp_path, download=False)
 
 
@@ -213,8 +241,10 @@ def test_cifar100_from_official_archive(tmp_path):
     x_train, y_train = images(12, 5), labels(12, 100, 6)
     x_test, y_test = images(5, 7), labels(5, 100, 8)
     y_train[0] = 99
-    members = {"cifar-100-python/train": batch(x_train, y_train, "fine_labels", coarse_labels=[int(v) // 5 for v in y_train]),
-               "cifar-100-python/test": batch(x_test, y_test, "fine_labels", coarse_labels=[int(v) // 5 for v in y_test])}
+    members = {
+        "cifar-100-python/train": batch(x_train, y_train, "fine_labels", coarse_labels=[int(v) // 5 for v in y_train]),
+        "cifar-100-python/test": batch(x_test, y_test, "fine_labels", coarse_labels=[int(v) // 5 for v in y_test]),
+    }
     tar = write_tar(tmp_path / "cifar100" / CIFAR100.archive, members, extra_first=False)
     spec = replace(CIFAR100, md5=md5_of(tar), counts={"train": 12, "test": 5})
     ds = load_cifar(tmp_path, download=False, spec=spec)
@@ -223,12 +253,16 @@ def test_cifar100_from_official_archive(tmp_path):
     assert torch.equal(ds.x_train, x_train) and torch.equal(ds.y_train, y_train) and ds.y_train.dtype == torch.int64
     assert torch.equal(ds.x_test, x_test) and torch.equal(ds.y_test, y_test)
     # coarse labels are not what CIFAR-100 is classified on
-    no_fine = {"cifar-100-python/train": batch(x_train, y_train, "coarse_labels"), "cifar-100-python/test": members["cifar-100-python/test"]}
+    no_fine = {
+        "cifar-100-python/train": batch(x_train, y_train, "coarse_labels"),
+        "cifar-100-python/test": members["cifar-100-python/test"],
+    }
     with pytest.raises(UserError, match="has no 'fine_labels' entry"):
         read_cifar_tar(write_tar(tmp_path / "nofine.tar.gz", no_fine), spec)
 
 
 # ---- broken archives and .npz files -----------------------------------------------------------------
+
 
 def test_truncated_archive(tmp_path, small10):
     spec, members, _ = small10
@@ -261,15 +295,18 @@ def test_archive_missing_member(tmp_path, small10):
         read_cifar_tar(write_tar(tmp_path / "m.tar.gz", members), spec)
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({b"data": np.zeros((4, 3000), np.uint8), b"labels": [0] * 4}, r"not uint8 \(N, 3072\)"),
-    ({b"data": np.zeros((4, 3072), np.float32), b"labels": [0] * 4}, r"float32 shape \(4, 3072\), not uint8"),
-    ({b"data": [[0] * 3072] * 4, b"labels": [0] * 4}, "type list"),
-    ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 3}, "not 4 integers"),
-    ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 10]}, r"labels from 0 to 10, outside 0..9"),
-    ({b"labels": [0] * 4}, "has no 'data' entry"),
-    ([1, 2, 3], "holds a list, not the dict"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({b"data": np.zeros((4, 3000), np.uint8), b"labels": [0] * 4}, r"not uint8 \(N, 3072\)"),
+        ({b"data": np.zeros((4, 3072), np.float32), b"labels": [0] * 4}, r"float32 shape \(4, 3072\), not uint8"),
+        ({b"data": [[0] * 3072] * 4, b"labels": [0] * 4}, "type list"),
+        ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 3}, "not 4 integers"),
+        ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 10]}, r"labels from 0 to 10, outside 0..9"),
+        ({b"labels": [0] * 4}, "has no 'data' entry"),
+        ([1, 2, 3], "holds a list, not the dict"),
+    ],
+)
 def test_archive_with_a_wrong_batch(tmp_path, small10, bad, message):
     spec, members, _ = small10
     members["cifar-10-batches-py/data_batch_2"] = py2_pickle(bad)
@@ -315,9 +352,18 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, small10):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("module, name", [("os", "system"), ("builtins", "eval"), ("numpy", "load"),
-                                          ("numpy.core.multiarray", "scalar"), ("numpy", "frombuffer"),
-                                          ("subprocess", "Popen"), ("builtins", "getattr")])
+@pytest.mark.parametrize(
+    "module, name",
+    [
+        ("os", "system"),
+        ("builtins", "eval"),
+        ("numpy", "load"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy", "frombuffer"),
+        ("subprocess", "Popen"),
+        ("builtins", "getattr"),
+    ],
+)
 def test_unpickler_allows_only_numpy_arrays(module, name):
     with pytest.raises(ForbiddenGlobal):
         BatchUnpickler(io.BytesIO(b"")).find_class(module, name)
@@ -332,7 +378,9 @@ def test_unpickler_reads_numpy_arrays_and_python_values():
     assert out["labels"] == [1, 2] and out["name"] == b"x" and out["n"] == 3.5
     assert out["data"].dtype == np.uint8 and np.array_equal(out["data"], arr)
     # numpy 2's module name for the reconstructor works too
-    out = unpickle_batch(py2_pickle({"data": arr}).replace(b"cnumpy.core.multiarray\n", b"cnumpy._core.multiarray\n"), "t")
+    out = unpickle_batch(
+        py2_pickle({"data": arr}).replace(b"cnumpy.core.multiarray\n", b"cnumpy._core.multiarray\n"), "t"
+    )
     assert np.array_equal(out["data"], arr)
     # Python 3 protocol-2 pickles of bytes need _codecs.encode, which is refused
     with pytest.raises(UserError, match="_codecs.encode"):
@@ -355,16 +403,27 @@ def test_npz_problems(tmp_path, small10):
     path = tmp_path / "cifar10.npz"
     cases = [
         (dict(x_test=None), "has no array 'x_test'"),
-        (dict(x_test=x_test.permute(0, 2, 3, 1).numpy().astype(np.float32)), r"x_test as float32 of shape \(6, 32, 32, 3\), not uint8"),
-        (dict(x_train=x_train.numpy()), r"x_train as uint8 of shape \(20, 3, 32, 32\), not uint8 of shape \(20, 32, 32, 3\)"),
+        (
+            dict(x_test=x_test.permute(0, 2, 3, 1).numpy().astype(np.float32)),
+            r"x_test as float32 of shape \(6, 32, 32, 3\), not uint8",
+        ),
+        (
+            dict(x_train=x_train.numpy()),
+            r"x_train as uint8 of shape \(20, 3, 32, 32\), not uint8 of shape \(20, 32, 32, 3\)",
+        ),
         (dict(y_test=np.full(6, 10, np.uint8)), "labels from 10 to 10, outside 0..9"),
         (dict(y_train=np.zeros(20, np.float32)), "not 20 integer labels"),
         (dict(y_train=np.zeros(19, np.uint8)), "not 20 integer labels"),
         (dict(y_train=np.array([object()] * 20)), "truncated or corrupt.*allow_pickle"),
     ]
     for arrays, message in cases:
-        full = {"x_train": x_train.permute(0, 2, 3, 1).numpy(), "y_train": y_train.numpy(),
-                "x_test": x_test.permute(0, 2, 3, 1).numpy(), "y_test": y_test.numpy(), **arrays}
+        full = {
+            "x_train": x_train.permute(0, 2, 3, 1).numpy(),
+            "y_train": y_train.numpy(),
+            "x_test": x_test.permute(0, 2, 3, 1).numpy(),
+            "y_test": y_test.numpy(),
+            **arrays,
+        }
         np.savez(path, **{k: v for k, v in full.items() if v is not None})
         with pytest.raises(UserError, match=message):
             read_cifar_npz(path, spec)
@@ -374,6 +433,7 @@ def test_npz_problems(tmp_path, small10):
 
 
 # ---- image folders -------------------------------------------------------------------------------------
+
 
 def save(path: Path, array: np.ndarray, **kw) -> None:
     from PIL import Image
@@ -424,7 +484,9 @@ def test_image_folder_val_split_jpg_and_resize(tmp_path):
     for ci, c in enumerate(["a", "b"]):
         save(tmp_path / "train" / c / "x.jpg", np.full((10, 12, 3), 40 + 100 * ci, np.uint8), quality=95)
         save(tmp_path / "train" / c / "y.png", np.full((20, 24, 3), 50 + 100 * ci, np.uint8))
-        save(tmp_path / "val" / c / "v.jpeg", np.full((10, 12, 3), 60 + 100 * ci, np.uint8).mean(2).astype(np.uint8))  # grey
+        save(
+            tmp_path / "val" / c / "v.jpeg", np.full((10, 12, 3), 60 + 100 * ci, np.uint8).mean(2).astype(np.uint8)
+        )  # grey
     with pytest.raises(UserError, match="pass image_size to resize them all"):
         load_image_folder(tmp_path)
     ds = load_image_folder(tmp_path, image_size=16, name="mine")
@@ -532,8 +594,9 @@ def test_tiny_imagenet_zip_with_escaping_member(tmp_path, monkeypatch):
     make_tiny_imagenet(tmp_path / "src" / "tiny-imagenet-200", per_class=1, val_per_class=1)
     data = tmp_path / "data"
     data.mkdir()
-    archive = zip_folder(tmp_path / "src" / "tiny-imagenet-200", data / "tiny-imagenet-200.zip",
-                         extra={"../escaped.txt": b"x"})
+    archive = zip_folder(
+        tmp_path / "src" / "tiny-imagenet-200", data / "tiny-imagenet-200.zip", extra={"../escaped.txt": b"x"}
+    )
     monkeypatch.setattr(imf, "TINY_IMAGENET_MD5", md5_of(archive))
     with pytest.raises(UserError, match="outside its folder"):
         load_dataset("tiny_imagenet", data, download=False)

@@ -1,4 +1,5 @@
 """Integration tests through the public CLI on real MNIST (the study's `smoke` budget)."""
+
 from __future__ import annotations
 
 import csv
@@ -19,8 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "robustprune", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "robustprune", *args], capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -46,9 +46,19 @@ def smoke_run(tmp_path_factory, study_file, data_dir):
 def test_smoke_study_runs_and_prints_table1(smoke_run):
     out, proc, _ = smoke_run
     text = proc.stdout
-    for label in ("Table 1", "Baseline (no pruning)", "Magnitude (50%)", "No FT", "With FT (1 ep)",
-                  "Structured channel (30%)", "Lottery ticket (best round)", "Spurious corr.", "Noisy label",
-                  "Sweep: regime 'fgsm_data'", "lottery round 2"):
+    for label in (
+        "Table 1",
+        "Baseline (no pruning)",
+        "Magnitude (50%)",
+        "No FT",
+        "With FT (1 ep)",
+        "Structured channel (30%)",
+        "Lottery ticket (best round)",
+        "Spurious corr.",
+        "Noisy label",
+        "Sweep: regime 'fgsm_data'",
+        "lottery round 2",
+    ):
         assert label in text, label
     with sqlite3.connect(out / "results.sqlite") as db:
         statuses = db.execute("SELECT status, count(*) FROM cells GROUP BY status").fetchall()
@@ -61,8 +71,10 @@ def test_smoke_study_runs_and_prints_table1(smoke_run):
 def test_smoke_values_are_sane(smoke_run):
     out, _, _ = smoke_run
     rows = list(csv.DictReader(io.StringIO(cli("report", str(out), "--format", "csv").stdout)))
-    by = {(r["regime"], r["pruning"], r["sparsity"], r["finetune_epochs"], r["round"], r["metric"]): float(r["value"])
-          for r in rows}
+    by = {
+        (r["regime"], r["pruning"], r["sparsity"], r["finetune_epochs"], r["round"], r["metric"]): float(r["value"])
+        for r in rows
+    }
     dense_clean = by[("clean", "dense", "0.0", "0", "", "acc_clean")]
     assert 0.8 < dense_clean <= 1.0  # 2 epochs on 4000 images
     # Structured pruning really shrinks the model; magnitude pruning hits its sparsity exactly.
@@ -80,7 +92,9 @@ def test_smoke_values_are_sane(smoke_run):
     assert dense["masking_violations"] == 0 and len([m for m in dense if m.startswith("check:")]) >= 8
     # the transfer matrix: each listed model attacked with examples crafted on the two others
     assert {m for m in dense if m.startswith("acc_transfer:")} == {
-        "acc_transfer:pgd20@0.1|magnitude s=0.5 ft=1", "acc_transfer:pgd20@0.1|structured s=0.3 ft=1"}
+        "acc_transfer:pgd20@0.1|magnitude s=0.5 ft=1",
+        "acc_transfer:pgd20@0.1|structured s=0.3 ft=1",
+    }
     assert ("clean", "magnitude", "0.5", "1", "", "acc_transfer:pgd20@0.1|dense") in by
     assert ("clean", "magnitude", "0.5", "0", "", "acc_transfer:pgd20@0.1|dense") not in by  # not listed
     assert ("spurious", "dense", "0.0", "0", "", "acc_patched") in by
@@ -93,7 +107,7 @@ def test_rerun_computes_nothing_and_prints_same_tables(smoke_run, study_file, da
     again = cli(*run_args(study_file, data_dir, out))
     assert "computed 0 cells, 28 from the store" in again.stdout
     assert stored(out) == before
-    tables = lambda s: s[s.index("Table 1"):]  # noqa: E731
+    tables = lambda s: s[s.index("Table 1") :]  # noqa: E731
     assert tables(again.stdout) == tables(first.stdout)
 
 
@@ -111,8 +125,11 @@ def test_killed_run_resumes_to_identical_results(smoke_run, study_file, data_dir
     """SIGKILL mid-study, run again: same rows as the uninterrupted run (same seeds, same numbers)."""
     reference, _, _ = smoke_run
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "robustprune", *run_args(study_file, data_dir, out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "robustprune", *run_args(study_file, data_dir, out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         db = out / "results.sqlite"
@@ -133,26 +150,32 @@ def test_killed_run_resumes_to_identical_results(smoke_run, study_file, data_dir
     assert stored(out) == stored(reference)
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["run", "no/such/study.yaml"], "does not exist"),
-    (["run", "{study}", "--budget", "huge"], "no budget 'huge'; known budgets: full, smoke"),
-    (["run", "{study}", "--set", "train.epochs=-1"], "'train.epochs'"),
-    (["run", "{study}", "--set", "regimes.nosy={}"], "unknown training regime 'nosy'"),
-    (["run", "{study}", "--set", "pruning.magnitude.sparsities=[1.5]"], "outside [0, 1)"),
-    (["run", "{study}", "--set", "pruning.magnitude.method=magic"], "unknown pruning method 'magic'"),
-    (["run", "{study}", "--set", "dataset=mnits"], "unknown dataset 'mnits'; did you mean 'mnist'"),
-    (["run", "{study}", "--set", "trian.epochs=2"], "unknown key 'trian'"),
-    (["run", "{study}", "--set", "nonsense"], "is not KEY=VALUE"),
-    (["run", "{study}", "--seeds", "0"], "--seeds must be at least 1"),
-    (["run", "{study}", "--seeds", "x"], "invalid int value"),
-    (["report", "{tmp}"], "no result store"),
-    (["run", "{study}", "--set", "evaluation.attacks.cw={eps: [0.1]}"], "unknown attack 'cw'"),
-    (["run", "{study}", "--set", "evaluation.attacks.fgsm.eps=[-0.1]"], "eps -0.1 is outside [0, 1]"),
-    (["run", "{study}", "--set", "evaluation.attacks.pgd20.params.steps=0"], "PGD steps must be an integer >= 1"),
-    (["run", "{study}", "--set", "evaluation.corruptions.source=cifar10c"], "needs cifar10c_dir"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["run", "no/such/study.yaml"], "does not exist"),
+        (["run", "{study}", "--budget", "huge"], "no budget 'huge'; known budgets: full, smoke"),
+        (["run", "{study}", "--set", "train.epochs=-1"], "'train.epochs'"),
+        (["run", "{study}", "--set", "regimes.nosy={}"], "unknown training regime 'nosy'"),
+        (["run", "{study}", "--set", "pruning.magnitude.sparsities=[1.5]"], "outside [0, 1)"),
+        (["run", "{study}", "--set", "pruning.magnitude.method=magic"], "unknown pruning method 'magic'"),
+        (["run", "{study}", "--set", "dataset=mnits"], "unknown dataset 'mnits'; did you mean 'mnist'"),
+        (["run", "{study}", "--set", "trian.epochs=2"], "unknown key 'trian'"),
+        (["run", "{study}", "--set", "nonsense"], "is not KEY=VALUE"),
+        (["run", "{study}", "--seeds", "0"], "--seeds must be at least 1"),
+        (["run", "{study}", "--seeds", "x"], "invalid int value"),
+        (["report", "{tmp}"], "no result store"),
+        (["run", "{study}", "--set", "evaluation.attacks.cw={eps: [0.1]}"], "unknown attack 'cw'"),
+        (["run", "{study}", "--set", "evaluation.attacks.fgsm.eps=[-0.1]"], "eps -0.1 is outside [0, 1]"),
+        (["run", "{study}", "--set", "evaluation.attacks.pgd20.params.steps=0"], "PGD steps must be an integer >= 1"),
+        (["run", "{study}", "--set", "evaluation.corruptions.source=cifar10c"], "needs cifar10c_dir"),
+    ],
+)
 def test_bad_input_one_sentence_exit_2(args, expected, study_file, tmp_path, capsys):
-    args = [a.replace("{study}", str(study_file)).replace("{tmp}", str(tmp_path)) for a in args] + ["--out", str(tmp_path / "o")] * (args[0] == "run")
+    args = [a.replace("{study}", str(study_file)).replace("{tmp}", str(tmp_path)) for a in args] + [
+        "--out",
+        str(tmp_path / "o"),
+    ] * (args[0] == "run")
     code = main(args)
     err = capsys.readouterr().err
     assert code == 2
@@ -166,8 +189,12 @@ def test_bad_data_folder_leaves_store_unchanged(smoke_run, study_file, tmp_path,
     before = stored(out)
     bad = tmp_path / "data" / "mnist"
     bad.mkdir(parents=True)
-    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-                 "t10k-labels-idx1-ubyte.gz"):
+    for name in (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ):
         (bad / name).write_bytes(b"not a gzip file")
     # A different setting so that cells are not all stored already and data must be read.
     code = main(run_args(study_file, tmp_path / "data", out) + ["--set", "train.lr=0.07"])
@@ -176,11 +203,16 @@ def test_bad_data_folder_leaves_store_unchanged(smoke_run, study_file, tmp_path,
     assert stored(out) == before
 
 
-@pytest.mark.parametrize("settings, expected", [
-    (["evaluation.corruptions.source=cifar10c", "evaluation.corruptions.cifar10c_dir=no/such/folder"],
-     "CIFAR-10-C folder no/such/folder not found; download CIFAR-10-C"),
-    (["evaluation.occlusion=[40]"], "occlusion size 40 is larger than the 28x28 images"),
-])
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        (
+            ["evaluation.corruptions.source=cifar10c", "evaluation.corruptions.cifar10c_dir=no/such/folder"],
+            "CIFAR-10-C folder no/such/folder not found; download CIFAR-10-C",
+        ),
+        (["evaluation.occlusion=[40]"], "occlusion size 40 is larger than the 28x28 images"),
+    ],
+)
 def test_bad_evaluation_input_leaves_store_unchanged(settings, expected, smoke_run, study_file, data_dir, capsys):
     out, _, _ = smoke_run
     before = stored(out)
@@ -200,8 +232,18 @@ def test_invalid_yaml_file(tmp_path, capsys):
 def test_list_shows_registries(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("mnist", "mnist_cnn", "clean", "spurious", "noisy_labels", "fgsm_data", "global_magnitude",
-                 "channel_l1", "lottery_ticket", "fgsm"):
+    for name in (
+        "mnist",
+        "mnist_cnn",
+        "clean",
+        "spurious",
+        "noisy_labels",
+        "fgsm_data",
+        "global_magnitude",
+        "channel_l1",
+        "lottery_ticket",
+        "fgsm",
+    ):
         assert name in out
 
 
@@ -226,10 +268,11 @@ def test_autoattack_and_security_curve_are_stored_and_consistent(smoke_run):
     out, _, _ = smoke_run
     with sqlite3.connect(out / "results.sqlite") as db:
         cells = [(json.loads(a), h) for h, a in db.execute("SELECT hash, axes FROM cells WHERE status = 'done'")]
-        metrics = {h: dict(db.execute("SELECT metric, value FROM results WHERE hash = ?", (h,)).fetchall())
-                   for _, h in cells}
+        metrics = {
+            h: dict(db.execute("SELECT metric, value FROM results WHERE hash = ?", (h,)).fetchall()) for _, h in cells
+        }
     assert cells
-    for axes, h in cells:
+    for _axes, h in cells:
         m = metrics[h]
         assert m["images:autoattack"] == 25 and m["images:curve"] == 25
         clean, a1, a2 = m["acc_adv:autoattack@0"], m["acc_adv:autoattack@0.1"], m["acc_adv:autoattack@0.2"]

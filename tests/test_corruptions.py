@@ -1,4 +1,5 @@
 """Distribution shifts: centre occlusion, the 15 common corruptions, the CIFAR-10-C loader."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,8 +15,17 @@ from robustprune.errors import UserError
 
 NAMES = list(C.CORRUPTIONS)
 # corruptions that draw random numbers (the others are fixed functions of the image)
-RANDOM = {"gaussian_noise", "shot_noise", "impulse_noise", "glass_blur", "motion_blur", "snow",
-          "frost", "fog", "elastic_transform"}
+RANDOM = {
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "glass_blur",
+    "motion_blur",
+    "snow",
+    "frost",
+    "fog",
+    "elastic_transform",
+}
 
 
 def natural(n: int, c: int, h: int, w: int, seed: int) -> torch.Tensor:
@@ -126,8 +136,9 @@ def _sequential_swaps(n, h, w, d, iterations, seed):
     return torch.tensor(out)
 
 
-@pytest.mark.parametrize("n,h,w,d,iterations",
-                         [(4, 12, 12, 1, 1), (3, 9, 13, 1, 3), (2, 16, 14, 2, 2), (2, 11, 10, 3, 1)])
+@pytest.mark.parametrize(
+    "n,h,w,d,iterations", [(4, 12, 12, 1, 1), (3, 9, 13, 1, 3), (2, 16, 14, 2, 2), (2, 11, 10, 3, 1)]
+)
 def test_glass_swaps_equal_the_sequential_loop(n, h, w, d, iterations):
     got = C._local_shuffle(n, h, w, d, iterations, torch.Generator().manual_seed(7), "cpu")
     assert torch.equal(got, _sequential_swaps(n, h, w, d, iterations, 7))
@@ -161,15 +172,17 @@ def test_benchmark_runs_on_any_size():
 # ---------------------------------------------------------------------------------------------
 # occlusion
 
-@pytest.mark.parametrize("shape,size",
-                         [((2, 3, 32, 32), 8), ((2, 1, 28, 28), 5), ((1, 1, 9, 12), 9), ((1, 3, 6, 6), 6)])
+
+@pytest.mark.parametrize(
+    "shape,size", [((2, 3, 32, 32), 8), ((2, 1, 28, 28), 5), ((1, 1, 9, 12), 9), ((1, 3, 6, 6), 6)]
+)
 def test_occlusion_zero_square_at_centre(shape, size):
     x = torch.rand(shape) * 0.9 + 0.1  # no zeros of its own
     y = occlude(x, size)
     h, w = shape[-2:]
     top, left = (h - size) // 2, (w - size) // 2
     mask = torch.zeros(h, w, dtype=torch.bool)
-    mask[top:top + size, left:left + size] = True
+    mask[top : top + size, left : left + size] = True
     assert (y[..., mask] == 0).all()
     assert torch.equal(y[..., ~mask], x[..., ~mask])
     assert int((y == 0).sum()) == shape[0] * shape[1] * size * size
@@ -197,6 +210,7 @@ def test_occlusion_constructor_checks_size():
 
 # ---------------------------------------------------------------------------------------------
 # CIFAR-10-C loader (small synthetic files; the real set is not here)
+
 
 def _write_cifar10c(folder, name="fog", per=4):
     rng = np.random.default_rng(0)

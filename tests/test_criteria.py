@@ -1,6 +1,7 @@
 """Importance criteria on tiny models: one score per channel of a Torch-Pruning group, a planted dead
 filter or block ranked last, seeded randomness, the data checks, VIP and HRank on hand-checkable
 cases."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,8 +39,13 @@ class TinyCNN(nn.Module):
 class Block(ResidualBlock):
     def __init__(self, c):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
-                                  nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.body = nn.Sequential(
+            nn.Conv2d(c, c, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(),
+            nn.Conv2d(c, c, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c),
+        )
         self.shortcut = nn.Identity()
         self.act = nn.ReLU()
 
@@ -112,7 +118,7 @@ def data(n=48):
     y = torch.arange(n) % 3
     x = torch.rand(n, 1, 8, 8, generator=g) * 0.5
     for i in range(n):
-        x[i, :, :, 3 * y[i]: 3 * y[i] + 2] += 0.5
+        x[i, :, :, 3 * y[i] : 3 * y[i] + 2] += 0.5
     return x, y
 
 
@@ -233,7 +239,7 @@ def test_vip_of_the_label_feature_is_highest():
     Y = np.eye(2)[y]
     vip = vip_scores(X, Y, n_components=2)
     assert int(np.argmax(vip)) == 0 and vip[0] > 2 * vip[1:].max()
-    assert np.isclose((vip ** 2).sum(), X.shape[1])  # VIP^2 averages to 1 over the features
+    assert np.isclose((vip**2).sum(), X.shape[1])  # VIP^2 averages to 1 over the features
     X[:, 3] = 7.0  # a constant feature explains nothing
     assert vip_scores(X, Y)[3] == 0
 
@@ -259,8 +265,9 @@ def test_group_scope_sums_every_weight_of_the_channel():
     c = build_criterion("l1", scope="group")
     s = c(group(m, m.conv2))
     k = 3
-    manual = (m.conv2.weight[k].abs().sum() + m.bn2.weight[k].abs()
-              + m.fc.weight[:, 16 * k:16 * (k + 1)].abs().sum())  # flatten: 4x4 inputs of fc per channel
+    manual = (
+        m.conv2.weight[k].abs().sum() + m.bn2.weight[k].abs() + m.fc.weight[:, 16 * k : 16 * (k + 1)].abs().sum()
+    )  # flatten: 4x4 inputs of fc per channel
     assert torch.isclose(s[k], manual)
     assert torch.isclose(build_criterion("l1")(group(m, m.conv2))[k], m.conv2.weight[k].abs().sum())
 
@@ -333,8 +340,11 @@ def test_feature_maps_are_read_after_bn_and_activation():
     assert sites[r.layer[0].body[3]].module is r.layer[0].body[4]  # a block's last BN, before the addition
     cnn = build_model("mnist_cnn", num_classes=10, image_shape=(1, 28, 28), mean=(0.1,), std=(0.3,))
     sites = channel_sites(cnn, torch.rand(1, 1, 28, 28))
-    assert [(sites[layer].module, sites[layer].call) for layer in (cnn.conv1, cnn.conv2, cnn.fc1)] == \
-        [(cnn.act, 0), (cnn.act, 1), (cnn.act, 2)]  # conv-pool-relu: after the relu, through the pool
+    assert [(sites[layer].module, sites[layer].call) for layer in (cnn.conv1, cnn.conv2, cnn.fc1)] == [
+        (cnn.act, 0),
+        (cnn.act, 1),
+        (cnn.act, 2),
+    ]  # conv-pool-relu: after the relu, through the pool
 
 
 def test_kl_of_a_channel_is_the_kl_of_removing_its_filter():

@@ -1,4 +1,5 @@
 """MNIST files: IDX parsing, checksums, downloading (file:// URLs), the data-folder precedence."""
+
 from __future__ import annotations
 
 import gzip
@@ -42,6 +43,7 @@ def write_idx_gz(path: Path, magic: int, dims: tuple[int, ...], body: bytes) -> 
 
 
 # ---- the real files -------------------------------------------------------------------------------
+
 
 def test_read_idx_real_label_files(real):
     train, test = real["train_labels"], real["test_labels"]
@@ -93,6 +95,7 @@ def test_unknown_dataset():
 
 # ---- data folder precedence -------------------------------------------------------------------------
 
+
 def test_resolve_data_dir_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv(DATA_ENV, raising=False)
@@ -115,6 +118,7 @@ def test_default_cache_without_xdg(monkeypatch, tmp_path):
 
 
 # ---- checksums and missing files ------------------------------------------------------------------
+
 
 def test_corrupt_label_file_is_refused(mnist_dir, tmp_path):
     for key in ("train_labels", "test_labels"):
@@ -140,6 +144,7 @@ def test_missing_file_without_download(tmp_path):
 
 
 # ---- read_idx on hand-made files -----------------------------------------------------------------
+
 
 def test_read_idx_small_files(tmp_path):
     labels = read_idx(write_idx_gz(tmp_path / "l.gz", 2049, (3,), bytes([3, 1, 4])))
@@ -195,6 +200,7 @@ def test_read_idx_header_cut_inside_dimensions(tmp_path):
 
 
 # ---- fetch (file:// URLs, no network) ------------------------------------------------------------
+
 
 def test_fetch_places_a_verified_file(tmp_path):
     src = tmp_path / "src" / "labels.gz"

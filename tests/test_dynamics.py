@@ -1,4 +1,5 @@
 """Training dynamics (gradient confusion, layer rotation) and the Pearson correlation helpers."""
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,15 @@ from scipy import stats
 from torch import nn
 
 from robustprune.metrics.correlation import generalization_vs_robustness, pearson
-from robustprune.metrics.dynamics import (EpochDynamics, confusion_from_cosines, gradient_confusion,
-                                          gradient_cosines, last_conv, layer_rotation, snapshot)
+from robustprune.metrics.dynamics import (
+    EpochDynamics,
+    confusion_from_cosines,
+    gradient_confusion,
+    gradient_cosines,
+    last_conv,
+    layer_rotation,
+    snapshot,
+)
 from robustprune.models.mnist_cnn import MnistCNN
 
 
@@ -46,7 +54,7 @@ Y3 = torch.tensor([0, 0, 1])
 
 def test_gradient_cosines_two_parameter_hand_example_at_zero():
     # At a = b = 0 the softmax is (1/2, 1/2): g1 = (-1/2, 0), g2 = (0, 1/2), g3 = (1/2, -1/2).
-    cosm = gradient_cosines(TwoParam(), [(X3[i:i + 1], Y3[i:i + 1]) for i in range(3)])
+    cosm = gradient_cosines(TwoParam(), [(X3[i : i + 1], Y3[i : i + 1]) for i in range(3)])
     r = -1 / math.sqrt(2)
     expected = torch.tensor([[1.0, 0.0, r], [0.0, 1.0, r], [r, r, 1.0]], dtype=torch.float64)
     assert torch.allclose(cosm, expected, atol=1e-12)
@@ -144,6 +152,7 @@ def test_epoch_dynamics_records_both_confusions_and_rotation(tiny_cnn):
 
 # ---- correlation ------------------------------------------------------------------------------
 
+
 def test_pearson_matches_formula_and_scipy():
     xs, ys = [1.0, 2.0, 3.0, 4.0, 5.0], [2.0, 4.0, 5.0, 4.0, 5.0]
     mx, my = sum(xs) / 5, sum(ys) / 5
@@ -160,19 +169,23 @@ def test_pearson_matches_formula_and_scipy():
 
 
 def test_pearson_returns_nan_when_r_says_nothing():
-    assert all(math.isnan(v) for v in pearson([1, 2], [3, 5]))          # 2 points: always +-1
-    assert all(math.isnan(v) for v in pearson([1, 2, 3], [4, 4, 4]))    # constant input
+    assert all(math.isnan(v) for v in pearson([1, 2], [3, 5]))  # 2 points: always +-1
+    assert all(math.isnan(v) for v in pearson([1, 2, 3], [4, 4, 4]))  # constant input
     assert all(math.isnan(v) for v in pearson([], []))
-    r, _ = pearson([1, 2, float("nan"), 3], [1, 2, 9, 3])               # NaN pair dropped
+    r, _ = pearson([1, 2, float("nan"), 3], [1, 2, 9, 3])  # NaN pair dropped
     assert r == pytest.approx(1.0)
     with pytest.raises(ValueError):
         pearson([1, 2, 3], [1, 2])
 
 
 def test_generalization_vs_robustness_over_rows():
-    rows = [{"acc_clean": 0.9, "acc_adv:fgsm@0.1": 0.3}, {"acc_clean": 0.8, "acc_adv:fgsm@0.1": 0.35},
-            {"acc_clean": 0.85, "acc_adv:fgsm@0.1": 0.2}, {"acc_clean": 0.7},  # no robustness: left out
-            {"acc_clean": 0.6, "acc_adv:fgsm@0.1": float("nan")}]
+    rows = [
+        {"acc_clean": 0.9, "acc_adv:fgsm@0.1": 0.3},
+        {"acc_clean": 0.8, "acc_adv:fgsm@0.1": 0.35},
+        {"acc_clean": 0.85, "acc_adv:fgsm@0.1": 0.2},
+        {"acc_clean": 0.7},  # no robustness: left out
+        {"acc_clean": 0.6, "acc_adv:fgsm@0.1": float("nan")},
+    ]
     res = generalization_vs_robustness(rows, "acc_clean", "acc_adv:fgsm@0.1")
     ref = stats.pearsonr([0.9, 0.8, 0.85], [0.3, 0.35, 0.2])
     assert res.n == 3 and res.r == pytest.approx(ref.statistic) and res.p == pytest.approx(ref.pvalue)

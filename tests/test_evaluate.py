@@ -1,15 +1,16 @@
 """The evaluation suite: metric names, which masking checks exist, their values, and a model whose
 gradients are masked getting caught."""
+
 import pytest
 import torch
 from torch import nn
 
+from robustprune.attacks import ATTACKS
 from robustprune.evaluate import names
 from robustprune.evaluate.checks import masking_checks, pairs
 from robustprune.evaluate.suite import evaluate_robustness
 from robustprune.study.runner import Progress, craft
 from robustprune.study.schema import EvaluationConfig
-from robustprune.attacks import ATTACKS
 
 
 def ev(**kw) -> EvaluationConfig:
@@ -58,18 +59,26 @@ def test_check_pairs_cover_each_rule():
 
 
 def test_steps_check_needs_otherwise_equal_params():
-    attacks = {"a": {"attack": "pgd", "eps": [0.1], "params": {"steps": 10, "step_size": 0.01}},
-               "b": {"attack": "pgd", "eps": [0.1], "params": {"steps": 20, "step_size": 0.02}}}
+    attacks = {
+        "a": {"attack": "pgd", "eps": [0.1], "params": {"steps": 10, "step_size": 0.01}},
+        "b": {"attack": "pgd", "eps": [0.1], "params": {"steps": 20, "step_size": 0.02}},
+    }
     assert not [p for p in pairs(ev(attacks=attacks).attacks, [], {}) if p[0] == "steps"]
 
 
 def test_masking_checks_values_and_tolerance():
-    metrics = {"acc_adv:fgsm@0.1": 0.50, "acc_adv:pgd20@0.1": 0.503, "acc_adv:fgsm@0.2": 0.30,
-               "acc_adv:pgd20@0.2": 0.40}
-    cp = [("iterative_vs_fgsm", "acc_adv:pgd20@0.1", "acc_adv:fgsm@0.1"),
-          ("iterative_vs_fgsm", "acc_adv:pgd20@0.2", "acc_adv:fgsm@0.2"),
-          ("eps", "acc_adv:fgsm@0.2", "acc_adv:fgsm@0.1"),
-          ("steps", "acc_adv:missing@0.1", "acc_adv:fgsm@0.1")]  # not evaluated: no check
+    metrics = {
+        "acc_adv:fgsm@0.1": 0.50,
+        "acc_adv:pgd20@0.1": 0.503,
+        "acc_adv:fgsm@0.2": 0.30,
+        "acc_adv:pgd20@0.2": 0.40,
+    }
+    cp = [
+        ("iterative_vs_fgsm", "acc_adv:pgd20@0.1", "acc_adv:fgsm@0.1"),
+        ("iterative_vs_fgsm", "acc_adv:pgd20@0.2", "acc_adv:fgsm@0.2"),
+        ("eps", "acc_adv:fgsm@0.2", "acc_adv:fgsm@0.1"),
+        ("steps", "acc_adv:missing@0.1", "acc_adv:fgsm@0.1"),
+    ]  # not evaluated: no check
     out = masking_checks(metrics, cp, tolerance=0.005)
     assert out[names.check(*cp[0])] == pytest.approx(0.003)
     assert out[names.check(*cp[1])] == pytest.approx(0.10)
@@ -111,9 +120,11 @@ def _trained_pair():
 
 def test_masked_gradients_are_flagged_by_the_transfer_check():
     inner, masked, x, y = _trained_pair()
-    e = ev(attacks={"fgsm": {"eps": [0.2]}, "pgd": {"eps": [0.2], "params": {"steps": 5}}},
-           transfer={"attack": "pgd", "models": ["dense", {"pruning": "p", "sparsity": 0.5, "finetune_epochs": 0}]},
-           attack_subset=None)
+    e = ev(
+        attacks={"fgsm": {"eps": [0.2]}, "pgd": {"eps": [0.2], "params": {"steps": 5}}},
+        transfer={"attack": "pgd", "models": ["dense", {"pruning": "p", "sparsity": 0.5, "finetune_epochs": 0}]},
+        attack_subset=None,
+    )
     transfer = {"twin": craft(inner, ATTACKS.get("pgd")(eps=0.2, steps=5), x, y, 100)}
     out = evaluate_robustness(masked, x, y, e, Progress(), transfer_sets=transfer)
     clean = float((masked(x).argmax(1) == y).float().mean())
@@ -129,11 +140,17 @@ def test_masked_gradients_are_flagged_by_the_transfer_check():
 def test_suite_metrics_and_aggregates():
     inner, _, x, y = _trained_pair()
     x8 = (x * 255).round().to(torch.uint8)
-    e = ev(attacks={"fgsm": {"eps": [0.05, 0.1]}}, occlusion=[2, 6], attack_subset=100, shift_subset=50,
-           corruptions={"types": ["fog", "contrast"], "severities": [1, 5]})
+    e = ev(
+        attacks={"fgsm": {"eps": [0.05, 0.1]}},
+        occlusion=[2, 6],
+        attack_subset=100,
+        shift_subset=50,
+        corruptions={"types": ["fog", "contrast"], "severities": [1, 5]},
+    )
 
     def corrupted(kind):
         from robustprune.attacks.corruptions import corrupt
+
         xs = torch.stack([(corrupt(x8[:50], kind, s) * 255).round().to(torch.uint8) for s in (1, 5)])
         return xs, y[:50].expand(2, -1)
 
@@ -143,8 +160,10 @@ def test_suite_metrics_and_aggregates():
     assert out["acc_occlusion@6"] == pytest.approx(0.5, abs=0.2)  # the whole 6x6 image is zeroed: one class
     for kind in ("fog", "contrast"):
         assert out[f"acc_corruption:{kind}"] == pytest.approx(
-            (out[f"acc_corruption:{kind}@1"] + out[f"acc_corruption:{kind}@5"]) / 2)
+            (out[f"acc_corruption:{kind}@1"] + out[f"acc_corruption:{kind}@5"]) / 2
+        )
     assert out["acc_corruption@5"] == pytest.approx(
-        (out["acc_corruption:fog@5"] + out["acc_corruption:contrast@5"]) / 2)
+        (out["acc_corruption:fog@5"] + out["acc_corruption:contrast@5"]) / 2
+    )
     assert out["acc_corruption"] == pytest.approx((out["acc_corruption:fog"] + out["acc_corruption:contrast"]) / 2)
     assert {k for k in out if k.startswith("check:")} == {names.check("eps", "acc_adv:fgsm@0.1", "acc_adv:fgsm@0.05")}

@@ -1,6 +1,7 @@
 """Study-file settings of the evaluation that AutoAttack brought: attack subsets, L2 radii, the
 security curve, the reserved 'worst' label, which masking checks pair which metrics, and the
 per-image worst case."""
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -42,12 +43,19 @@ def test_autoattack_entry_is_checked_when_read():
 
 def test_check_pairs_of_the_new_kinds():
     ev = EvaluationConfig(
-        attacks={"fgsm": {"eps": [0.1]},
-                 "aa": {"attack": "autoattack", "eps": [0.1, 0.2], "subset": 50},
-                 "aa_small": {"attack": "autoattack", "eps": [0.1], "subset": 50,
-                              "params": {"attacks": ["apgd_ce", "apgd_t"]}},
-                 "apgd_l2": {"attack": "apgd_ce", "eps": [0.1], "params": {"norm": "L2"}}},
-        security={"eps": [0.0, 0.1, 0.2], "subset": 50})
+        attacks={
+            "fgsm": {"eps": [0.1]},
+            "aa": {"attack": "autoattack", "eps": [0.1, 0.2], "subset": 50},
+            "aa_small": {
+                "attack": "autoattack",
+                "eps": [0.1],
+                "subset": 50,
+                "params": {"attacks": ["apgd_ce", "apgd_t"]},
+            },
+            "apgd_l2": {"attack": "apgd_ce", "eps": [0.1], "params": {"norm": "L2"}},
+        },
+        security={"eps": [0.0, 0.1, 0.2], "subset": 50},
+    )
     got = set(pairs(ev.attacks, [], {}, ev.security))
     assert ("black_box", "acc_adv:aa/white_box@0.1", "acc_adv:aa@0.1") in got
     assert ("black_box", "acc_adv:aa/white_box@0.2", "acc_adv:aa@0.2") in got
@@ -61,11 +69,19 @@ def test_check_pairs_of_the_new_kinds():
 
 
 def test_eps_flat_fails_only_when_nothing_falls():
-    cp = [("eps_flat", "acc_adv:a@0.2", "acc_adv:a@0.1"), ("eps_flat", "acc_adv:b@0.2", "acc_adv:b@0.1"),
-          ("eps_flat", "acc_adv:c@0.2", "acc_adv:c@0.1")]
-    metrics = {"acc_adv:a@0.2": 0.3, "acc_adv:a@0.1": 0.5,   # falls: fine
-               "acc_adv:b@0.2": 0.4, "acc_adv:b@0.1": 0.4,   # flat at 40 %: flagged
-               "acc_adv:c@0.2": 0.0, "acc_adv:c@0.1": 0.0}   # flat at the floor: nothing to see
+    cp = [
+        ("eps_flat", "acc_adv:a@0.2", "acc_adv:a@0.1"),
+        ("eps_flat", "acc_adv:b@0.2", "acc_adv:b@0.1"),
+        ("eps_flat", "acc_adv:c@0.2", "acc_adv:c@0.1"),
+    ]
+    metrics = {
+        "acc_adv:a@0.2": 0.3,
+        "acc_adv:a@0.1": 0.5,  # falls: fine
+        "acc_adv:b@0.2": 0.4,
+        "acc_adv:b@0.1": 0.4,  # flat at 40 %: flagged
+        "acc_adv:c@0.2": 0.0,
+        "acc_adv:c@0.1": 0.0,
+    }  # flat at the floor: nothing to see
     assert masking_checks(metrics, cp, tolerance=0.005)["masking_violations"] == 1
 
 
@@ -79,8 +95,9 @@ def test_worst_case_is_per_image(tiny_cnn):
     x = torch.rand(40, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         y = tiny_cnn(x).argmax(1)
-    ev = EvaluationConfig(attack_subset=None, attacks={"fgsm": {"eps": [0.05]},
-                                                       "pgd": {"eps": [0.05], "params": {"steps": 3}}})
+    ev = EvaluationConfig(
+        attack_subset=None, attacks={"fgsm": {"eps": [0.05]}, "pgd": {"eps": [0.05], "params": {"steps": 3}}}
+    )
     record: dict = {}
     out = attack_metrics(tiny_cnn, x, y, ev, Quiet(), record)
     worst = record[names.adv("fgsm", 0.05)] & record[names.adv("pgd", 0.05)]

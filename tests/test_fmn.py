@@ -1,5 +1,6 @@
 """FMN, the fast minimum-norm attack (robustprune.attacks.fmn): argument checks, determinism, and what
 its norms mean (the fp32 distance of a point the fp32 model misclassifies), on tiny tensors."""
+
 from __future__ import annotations
 
 import math
@@ -25,22 +26,25 @@ def _batch(model, n=12, seed=0, wrong=(0, 5)):
     return x, y
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: FMN(norm="L1"), "norm"),
-    (lambda: FMN(steps=0), "steps"),
-    (lambda: FMN(steps=2.5), "steps"),
-    (lambda: FMN(alpha_init=0), "alpha_init"),
-    (lambda: FMN(alpha_init=float("inf")), "alpha_init"),
-    (lambda: FMN(alpha_final=-1.0), "alpha_final"),
-    (lambda: FMN(alpha_init=1.0, alpha_final=2.0), "alpha_final"),
-    (lambda: FMN(gamma_init=1.0), "gamma_init"),
-    (lambda: FMN(gamma_final=-0.1), "gamma_final"),
-    (lambda: FMN(gamma_init=0.01, gamma_final=0.05), "gamma_final"),
-    (lambda: FMN(seed="0"), "seed"),
-    (lambda: FMN(eps=-0.1), "eps"),
-    (lambda: FMN(norm="Linf", eps=2.0), "eps"),
-    (lambda: FMN(eps=True), "eps"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: FMN(norm="L1"), "norm"),
+        (lambda: FMN(steps=0), "steps"),
+        (lambda: FMN(steps=2.5), "steps"),
+        (lambda: FMN(alpha_init=0), "alpha_init"),
+        (lambda: FMN(alpha_init=float("inf")), "alpha_init"),
+        (lambda: FMN(alpha_final=-1.0), "alpha_final"),
+        (lambda: FMN(alpha_init=1.0, alpha_final=2.0), "alpha_final"),
+        (lambda: FMN(gamma_init=1.0), "gamma_init"),
+        (lambda: FMN(gamma_final=-0.1), "gamma_final"),
+        (lambda: FMN(gamma_init=0.01, gamma_final=0.05), "gamma_final"),
+        (lambda: FMN(seed="0"), "seed"),
+        (lambda: FMN(eps=-0.1), "eps"),
+        (lambda: FMN(norm="Linf", eps=2.0), "eps"),
+        (lambda: FMN(eps=True), "eps"),
+    ],
+)
 def test_invalid_parameters(make, match):
     with pytest.raises(UserError, match=match) as e:
         make()

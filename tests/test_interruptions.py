@@ -2,6 +2,7 @@
 ends with the store of an uninterrupted run; two processes (and Ray workers) writing one store
 never duplicate or lose a row; the same cell and seed give bit-identical numbers; a diverging run
 is stored as failed with its reason and the study goes on."""
+
 from __future__ import annotations
 
 import json
@@ -22,21 +23,38 @@ from robustprune import checkpoint
 pytestmark = pytest.mark.slow
 
 # 3 seeds x (dense + 4 pruned): 15 cells, about 10 s of work with 2 workers
-STUDY = {"name": "kill_me", "dataset": "mnist", "data": {"train_subset": 1000, "test_subset": 200},
-         "model": {"name": "mnist_cnn", "args": {"conv1": 4, "conv2": 8, "fc": 32, "kernel_size": 5, "padding": 0}},
-         "train": {"epochs": 1, "batch_size": 128, "lr": 0.05},
-         "finetune": {"lr": 0.01},
-         "pruning": {"magnitude": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [0, 1]},
-                     "channels": {"method": "channel_l1", "sparsities": [0.3, 0.6], "finetune_epochs": [1]}},
-         "evaluation": {"attack_subset": 100, "attacks": {"fgsm": {"eps": [0.1]}, "pgd": {"eps": [0.1]}}},
-         "seeds": [0, 1, 2]}
+STUDY = {
+    "name": "kill_me",
+    "dataset": "mnist",
+    "data": {"train_subset": 1000, "test_subset": 200},
+    "model": {"name": "mnist_cnn", "args": {"conv1": 4, "conv2": 8, "fc": 32, "kernel_size": 5, "padding": 0}},
+    "train": {"epochs": 1, "batch_size": 128, "lr": 0.05},
+    "finetune": {"lr": 0.01},
+    "pruning": {
+        "magnitude": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [0, 1]},
+        "channels": {"method": "channel_l1", "sparsities": [0.3, 0.6], "finetune_epochs": [1]},
+    },
+    "evaluation": {"attack_subset": 100, "attacks": {"fgsm": {"eps": [0.1]}, "pgd": {"eps": [0.1]}}},
+    "seeds": [0, 1, 2],
+}
 N_CELLS = 15
 WORKERS = ["--workers", "2"]  # one thread per cell; every run below uses the same layout
 
 
 def command(study: Path, out: Path, data_dir: Path, *extra) -> list[str]:
-    return [sys.executable, "-m", "robustprune", "run", str(study), "--data-dir", str(data_dir), "--out", str(out),
-            *WORKERS, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "robustprune",
+        "run",
+        str(study),
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+        *WORKERS,
+        *extra,
+    ]
 
 
 def contents(out: Path) -> dict:
@@ -50,8 +68,10 @@ def contents(out: Path) -> dict:
 
 def row_counts(out: Path) -> dict:
     with sqlite3.connect(out / "results.sqlite") as db:
-        return {t: db.execute(f"SELECT count(*), count(DISTINCT {k}) FROM {t}").fetchone()
-                for t, k in (("cells", "hash"), ("results", "hash || metric"), ("per_image", "hash || metric"))}
+        return {
+            t: db.execute(f"SELECT count(*), count(DISTINCT {k}) FROM {t}").fetchone()
+            for t, k in (("cells", "hash"), ("results", "hash || metric"), ("per_image", "hash || metric"))
+        }
 
 
 def every_checkpoint_loads(out: Path) -> int:
@@ -136,8 +156,12 @@ def test_killed_at_random_points_many_times_ends_with_the_uninterrupted_store(st
 def test_killing_only_the_main_process_stops_its_workers(seconds, study, data_dir, tmp_path):
     """Workers and the queue's server die with the study process, however far they got (no
     orphan keeps computing or writing)."""
-    proc = subprocess.Popen(command(study, tmp_path / "out", data_dir), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        command(study, tmp_path / "out", data_dir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     time.sleep(seconds)
     assert proc.poll() is None
     started = len(group_members(proc.pid))
@@ -171,8 +195,12 @@ def test_two_processes_on_one_store_never_duplicate_or_lose_rows(executors, stud
         pytest.importorskip("ray") if not os.environ.get("CI") else None
     ref_out, _ = reference
     out = tmp_path / "shared"
-    procs = [subprocess.Popen(command(study, out, data_dir, "--executor", ex), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for ex in executors]
+    procs = [
+        subprocess.Popen(
+            command(study, out, data_dir, "--executor", ex), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for ex in executors
+    ]
     outputs = [p.communicate(timeout=900) for p in procs]
     for p, (_stdout, stderr) in zip(procs, outputs):
         assert p.returncode == 0, stderr
@@ -196,8 +224,9 @@ def test_same_cell_and_seed_give_bit_identical_metrics(study, reference, data_di
     assert len(configs) == N_CELLS
 
 
-DIVERGING = {"blowup": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [1],
-                        "finetune": {"lr": 1.0e12}}}
+DIVERGING = {
+    "blowup": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [1], "finetune": {"lr": 1.0e12}}
+}
 
 
 def run_variant(study: Path, data_dir: Path, tmp_path: Path, **changes):
@@ -211,21 +240,24 @@ def run_variant(study: Path, data_dir: Path, tmp_path: Path, **changes):
 
 
 def test_a_diverging_fine_tuning_is_stored_as_failed_and_the_study_goes_on(study, data_dir, tmp_path):
-    path, out, proc = run_variant(study, data_dir, tmp_path, pruning={"magnitude": STUDY["pruning"]["magnitude"],
-                                                                    **DIVERGING})
+    path, out, proc = run_variant(
+        study, data_dir, tmp_path, pruning={"magnitude": STUDY["pruning"]["magnitude"], **DIVERGING}
+    )
     assert "computed 3 cells, 0 from the store, 1 failed" in proc.stdout
     with sqlite3.connect(out / "results.sqlite") as db:
         cells = {json.loads(a)["pruning"]: (s, e) for a, s, e in db.execute("SELECT axes, status, error FROM cells")}
-        failed_rows = db.execute("SELECT count(*) FROM results r JOIN cells c USING (hash) "
-                                 "WHERE c.status = 'failed'").fetchone()[0]
+        failed_rows = db.execute(
+            "SELECT count(*) FROM results r JOIN cells c USING (hash) WHERE c.status = 'failed'"
+        ).fetchone()[0]
     assert cells["dense"] == ("done", None) and cells["magnitude"][0] == "done"
     status, error = cells["blowup"]
     assert status == "failed" and "loss became" in error and ("nan" in error or "inf" in error)
     assert failed_rows == 0  # no half-computed metrics of a failed cell
-    report = subprocess.run([sys.executable, "-m", "robustprune", "report", str(out)], capture_output=True,
-                            text=True, timeout=300)
+    report = subprocess.run(
+        [sys.executable, "-m", "robustprune", "report", str(out)], capture_output=True, text=True, timeout=300
+    )
     assert report.returncode == 0
-    failed_table = report.stdout[report.stdout.index("Failed cells"):]
+    failed_table = report.stdout[report.stdout.index("Failed cells") :]
     assert "blowup s=0.5, FT 1 ep" in failed_table and "loss became" in failed_table
     again = subprocess.run(command(path, out, data_dir), capture_output=True, text=True, timeout=600)
     assert "computed 0 cells, 4 from the store" in again.stdout  # a failed cell is not retried
@@ -235,7 +267,9 @@ def test_a_diverging_dense_model_fails_its_pruned_cells_without_retraining(study
     _, out, proc = run_variant(study, data_dir, tmp_path, train=STUDY["train"] | {"lr": 1.0e12})
     assert "computed 0 cells, 0 from the store, 5 failed" in proc.stdout
     with sqlite3.connect(out / "results.sqlite") as db:
-        rows = [(json.loads(a)["pruning"], e, w) for a, e, w in db.execute("SELECT axes, error, wall_time_s FROM cells")]
+        rows = [
+            (json.loads(a)["pruning"], e, w) for a, e, w in db.execute("SELECT axes, error, wall_time_s FROM cells")
+        ]
     dense = [r for r in rows if r[0] == "dense"]
     assert len(dense) == 1 and "loss became" in dense[0][1]
     pruned = [r for r in rows if r[0] != "dense"]

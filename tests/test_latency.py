@@ -1,4 +1,5 @@
 """measure_latency: positive figures, eval mode restored, and a 4x-FLOPs model measured slower."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,9 @@ from robustprune.models import build_model
 
 def resnet20(width):
     torch.manual_seed(0)
-    model = build_model("resnet20", num_classes=10, image_shape=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3,
-                        width=width)
+    model = build_model(
+        "resnet20", num_classes=10, image_shape=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3, width=width
+    )
     return model.to(memory_format=torch.channels_last)
 
 

@@ -1,5 +1,6 @@
 """CIFAR architectures: shapes, exact parameter counts (checked against closed formulas), Torch-Pruning
 channel pruning, residual-block removal and its semantics, other image sizes, channels-last."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,6 +28,7 @@ def n_params(model):
 
 
 # ---- closed-form parameter counts (conv weights, BN weight+bias, linear weight+bias) ----
+
 
 def basic_block_params(cin, cout, stride):
     projection = cin * cout + 2 * cout if stride != 1 or cin != cout else 0
@@ -62,7 +64,7 @@ def mobilenetv2_params(classes):
 
 
 EXPECTED_PARAMS = {  # 10 classes
-    "resnet20": 272_474,    # option A would be 269 722; the projections add 2 752
+    "resnet20": 272_474,  # option A would be 269 722; the projections add 2 752
     "resnet32": 466_906,
     "resnet56": 855_770,
     "resnet18": 11_173_962,
@@ -152,8 +154,13 @@ def test_torch_pruning_removes_30_percent_of_channels(name):
     before = n_params(model)
     widths = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     tp.DependencyGraph().build_dependency(model, example_inputs=example)
-    pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
-                                  pruning_ratio=0.3, ignored_layers=[model.classifier])
+    pruner = tp.pruner.MetaPruner(
+        model,
+        example,
+        importance=tp.importance.MagnitudeImportance(p=1),
+        pruning_ratio=0.3,
+        ignored_layers=[model.classifier],
+    )
     pruner.step()
     after = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     assert after.keys() == widths.keys()
@@ -235,14 +242,16 @@ def test_narrow_resnet_trains_on_an_odd_batch_with_two_threads():
     import subprocess
     import sys
 
-    code = ("import torch, torch.nn.functional as F\n"
-            "from robustprune.models import build_model, to_device\n"
-            "torch.set_num_threads(2)\n"
-            "m = to_device(build_model('resnet20', num_classes=10, image_shape=(3, 32, 32), mean=(0.5,) * 3, "
-            "std=(0.25,) * 3, width=8), 'cpu').train()\n"
-            "for bs in (125, 101):\n"
-            "    x = torch.rand(bs, 3, 32, 32).contiguous(memory_format=torch.channels_last)\n"
-            "    F.cross_entropy(m(x), torch.randint(0, 10, (bs,))).backward()\n"
-            "print('trained')\n")
+    code = (
+        "import torch, torch.nn.functional as F\n"
+        "from robustprune.models import build_model, to_device\n"
+        "torch.set_num_threads(2)\n"
+        "m = to_device(build_model('resnet20', num_classes=10, image_shape=(3, 32, 32), mean=(0.5,) * 3, "
+        "std=(0.25,) * 3, width=8), 'cpu').train()\n"
+        "for bs in (125, 101):\n"
+        "    x = torch.rand(bs, 3, 32, 32).contiguous(memory_format=torch.channels_last)\n"
+        "    F.cross_entropy(m(x), torch.randint(0, 10, (bs,))).backward()\n"
+        "print('trained')\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "trained" in proc.stdout, proc.stderr[-2000:]

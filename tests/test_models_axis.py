@@ -1,5 +1,6 @@
 """Studies of several architectures (`models:`): validation, cells, job planning, and a small
 two-architecture study through the CLI with a cross-architecture transfer matrix."""
+
 from __future__ import annotations
 
 import sqlite3
@@ -18,14 +19,21 @@ TWO_MODELS = {
     "name": "two_models",
     "dataset": "mnist",
     "data": {"train_subset": 1000, "test_subset": 300},
-    "models": {"narrow": {"name": "mnist_cnn", "args": {"conv1": 4, "conv2": 8, "fc": 32}},
-               "wide": {"name": "mnist_cnn"}},
+    "models": {
+        "narrow": {"name": "mnist_cnn", "args": {"conv1": 4, "conv2": 8, "fc": 32}},
+        "wide": {"name": "mnist_cnn"},
+    },
     "train": {"epochs": 1},
     "finetune": {"lr": 0.01},
     "pruning": {"magnitude": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [0, 1]}},
-    "evaluation": {"attack_subset": 100, "attacks": {"fgsm": {"eps": [0.1]}},
-                   "transfer": {"attack": "fgsm", "models": ["dense", {"pruning": "magnitude", "sparsity": 0.5,
-                                                                        "finetune_epochs": 1, "model": "wide"}]}},
+    "evaluation": {
+        "attack_subset": 100,
+        "attacks": {"fgsm": {"eps": [0.1]}},
+        "transfer": {
+            "attack": "fgsm",
+            "models": ["dense", {"pruning": "magnitude", "sparsity": 0.5, "finetune_epochs": 1, "model": "wide"}],
+        },
+    },
 }
 
 
@@ -33,14 +41,17 @@ def test_an_architecture_may_change_training_and_run_fewer_seeds():
     import copy
 
     raw = copy.deepcopy(TWO_MODELS) | {"seeds": [0, 1, 2]}
-    before = {(c.axes["model"], c.axes["pruning"], c.axes["finetune_epochs"], c.axes["seed"]): c.hash
-              for c in expand(resolve_study(raw, "test"))}
+    before = {
+        (c.axes["model"], c.axes["pruning"], c.axes["finetune_epochs"], c.axes["seed"]): c.hash
+        for c in expand(resolve_study(raw, "test"))
+    }
     raw["models"]["wide"] = {"name": "mnist_cnn", "train": {"epochs": 3, "lr": 0.02}, "seeds": [1]}
     cells = expand(resolve_study(raw, "test"))
     after = {(c.axes["model"], c.axes["pruning"], c.axes["finetune_epochs"], c.axes["seed"]): c for c in cells}
     # the narrow model's cells are the same cells; the wide one trains longer, on seed 1 only
-    assert {k: c.hash for k, c in after.items() if k[0] == "narrow"} == {k: h for k, h in before.items()
-                                                                         if k[0] == "narrow"}
+    assert {k: c.hash for k, c in after.items() if k[0] == "narrow"} == {
+        k: h for k, h in before.items() if k[0] == "narrow"
+    }
     wide = [c for c in cells if c.axes["model"] == "wide"]
     assert {c.axes["seed"] for c in wide} == {1} and len(wide) == 3
     assert all(c.config["train"]["epochs"] == 3 and c.config["train"]["lr"] == 0.02 for c in wide)
@@ -48,11 +59,14 @@ def test_an_architecture_may_change_training_and_run_fewer_seeds():
     assert all("train" not in c.config["model"] and "seeds" not in c.config["model"] for c in cells)
 
 
-@pytest.mark.parametrize("change, expected", [
-    ({"train": {"epochz": 3}}, "model 'wide'.train.epochz: unknown key"),
-    ({"train": {"lr": -1}}, "model 'wide'.train.lr: Input should be greater than 0"),
-    ({"seeds": [7]}, "model 'wide' runs seeds [7], none of the study's seeds [0]"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"train": {"epochz": 3}}, "model 'wide'.train.epochz: unknown key"),
+        ({"train": {"lr": -1}}, "model 'wide'.train.lr: Input should be greater than 0"),
+        ({"seeds": [7]}, "model 'wide' runs seeds [7], none of the study's seeds [0]"),
+    ],
+)
 def test_bad_architecture_settings(change, expected):
     import copy
 
@@ -84,15 +98,24 @@ def test_one_model_studies_keep_their_axes_and_hashes(study_file):
     assert [c.hash for c in relabelled] == [c.hash for c in cells]
 
 
-@pytest.mark.parametrize("change, expected", [
-    ({"model": {"name": "mnist_cnn", "args": {"fc": 64}}}, "either 'model' (one architecture) or 'models'"),
-    ({"models": {"a": {"name": "mnist_cnn"}, "b": {"name": "mnist_cnn"}}}, "same architecture"),
-    ({"models": {"a b": {"name": "mnist_cnn"}}}, "model label 'a b'"),
-    ({"models": {"a": {"name": "resnet"}}}, "unknown model 'resnet'"),
-    ({"evaluation": {"attacks": {"fgsm": {"eps": [0.1]}},
-                     "transfer": {"attack": "fgsm", "models": ["dense", {"pruning": "dense", "model": "huge"}]}}},
-     "names model 'huge'"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"model": {"name": "mnist_cnn", "args": {"fc": 64}}}, "either 'model' (one architecture) or 'models'"),
+        ({"models": {"a": {"name": "mnist_cnn"}, "b": {"name": "mnist_cnn"}}}, "same architecture"),
+        ({"models": {"a b": {"name": "mnist_cnn"}}}, "model label 'a b'"),
+        ({"models": {"a": {"name": "resnet"}}}, "unknown model 'resnet'"),
+        (
+            {
+                "evaluation": {
+                    "attacks": {"fgsm": {"eps": [0.1]}},
+                    "transfer": {"attack": "fgsm", "models": ["dense", {"pruning": "dense", "model": "huge"}]},
+                }
+            },
+            "names model 'huge'",
+        ),
+    ],
+)
 def test_models_axis_bad_input(change, expected):
     with pytest.raises(UserError) as e:
         resolve_study(TWO_MODELS | change, "test")
@@ -125,8 +148,24 @@ def test_two_architecture_study_through_the_cli(tmp_path, data_dir):
     study_file = tmp_path / "two.yaml"
     study_file.write_text(yaml.safe_dump(TWO_MODELS))
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "robustprune", "run", str(study_file), "--data-dir", str(data_dir),
-                           "--out", str(out), "--workers", "2"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "robustprune",
+            "run",
+            str(study_file),
+            "--data-dir",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     assert "narrow: Dense" in text and "wide: magnitude s=0.5, FT 1 ep" in text
@@ -137,34 +176,61 @@ def test_two_architecture_study_through_the_cli(tmp_path, data_dir):
         metrics = {m for (m,) in db.execute("SELECT DISTINCT metric FROM results WHERE axes LIKE '%narrow%'")}
     assert "acc_transfer:fgsm@0.1|wide dense" in metrics
     assert "acc_transfer:fgsm@0.1|wide magnitude s=0.5 ft=1" in metrics
-    csv_text = subprocess.run([sys.executable, "-m", "robustprune", "report", str(out), "--format", "csv"],
-                              capture_output=True, text=True, timeout=120).stdout
+    csv_text = subprocess.run(
+        [sys.executable, "-m", "robustprune", "report", str(out), "--format", "csv"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     assert csv_text.splitlines()[0].startswith("model,regime,pruning")
 
 
 def test_a_pruning_entry_can_name_the_architectures_it_prunes():
-    raw = TWO_MODELS | {"pruning": {
-        "magnitude": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [1], "models": ["wide"]},
-        "l1": {"method": "structured", "sparsities": [0.5]}}}
+    raw = TWO_MODELS | {
+        "pruning": {
+            "magnitude": {
+                "method": "global_magnitude",
+                "sparsities": [0.5],
+                "finetune_epochs": [1],
+                "models": ["wide"],
+            },
+            "l1": {"method": "structured", "sparsities": [0.5]},
+        }
+    }
     cells = expand(resolve_study(raw, "test"))
     assert sorted((c.axes["model"], c.axes["pruning"]) for c in cells) == [
-        ("narrow", "dense"), ("narrow", "l1"), ("wide", "dense"), ("wide", "l1"), ("wide", "magnitude")]
+        ("narrow", "dense"),
+        ("narrow", "l1"),
+        ("wide", "dense"),
+        ("wide", "l1"),
+        ("wide", "magnitude"),
+    ]
     # naming an entry's architectures does not change what its cells compute
-    plain = expand(resolve_study(raw | {"pruning": {"magnitude": raw["pruning"]["magnitude"] | {"models": None}}}, "test"))
+    plain = expand(
+        resolve_study(raw | {"pruning": {"magnitude": raw["pruning"]["magnitude"] | {"models": None}}}, "test")
+    )
     wide = {c.hash for c in plain if c.axes["model"] == "wide" and c.axes["pruning"] == "magnitude"}
     assert wide == {c.hash for c in cells if c.axes["pruning"] == "magnitude"}
 
 
-@pytest.mark.parametrize("models, expected", [
-    (["huge"], "names model 'huge', which is not a label of 'models' (narrow, wide)"),
-    (["narrow"], "names model 'wide', which pruning 'm' does not prune (its models: narrow)"),
-    ([], "models lists no architecture"),
-])
+@pytest.mark.parametrize(
+    "models, expected",
+    [
+        (["huge"], "names model 'huge', which is not a label of 'models' (narrow, wide)"),
+        (["narrow"], "names model 'wide', which pruning 'm' does not prune (its models: narrow)"),
+        ([], "models lists no architecture"),
+    ],
+)
 def test_bad_entry_models(models, expected):
-    raw = TWO_MODELS | {"pruning": {"m": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [1],
-                                          "models": models}}}
-    raw["evaluation"] = raw["evaluation"] | {"transfer": {"attack": "fgsm", "models": [
-        "dense", {"pruning": "m", "sparsity": 0.5, "finetune_epochs": 1, "model": "wide"}]}}
+    raw = TWO_MODELS | {
+        "pruning": {"m": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [1], "models": models}}
+    }
+    raw["evaluation"] = raw["evaluation"] | {
+        "transfer": {
+            "attack": "fgsm",
+            "models": ["dense", {"pruning": "m", "sparsity": 0.5, "finetune_epochs": 1, "model": "wide"}],
+        }
+    }
     with pytest.raises(UserError) as e:
         resolve_study(raw, "test")
     assert expected in str(e.value)
@@ -179,8 +245,12 @@ def test_entry_models_need_a_models_axis(study_file):
 
 
 def test_layer_pruning_is_refused_only_for_the_architectures_it_names():
-    raw = {"name": "t", "dataset": "cifar10", "models": {"r": {"name": "resnet20"}, "v": {"name": "vgg16_bn"}},
-           "pruning": {"layers": {"method": "structured", "sparsities": [0.1], "params": {"target": "blocks"}}}}
+    raw = {
+        "name": "t",
+        "dataset": "cifar10",
+        "models": {"r": {"name": "resnet20"}, "v": {"name": "vgg16_bn"}},
+        "pruning": {"layers": {"method": "structured", "sparsities": [0.1], "params": {"target": "blocks"}}},
+    }
     with pytest.raises(UserError) as e:
         resolve_study(raw, "test")
     assert "model 'vgg16_bn' has no residual block" in str(e.value) and "entry's 'models'" in str(e.value)

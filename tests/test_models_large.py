@@ -2,6 +2,7 @@
 parameter counts, a few training steps, filter pruning with every criterion (through bottlenecks,
 projection shortcuts, concatenations, the transformer's MLP and its attention heads), block pruning
 and MRPF ratios. Narrow widths and 16x16 or 32x32 images keep the file fast on one core."""
+
 from __future__ import annotations
 
 import copy
@@ -65,11 +66,15 @@ def data(n=8, side=16, seed=0):
 
 # ---- architectures ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, side, count", [
-    ("resnet34", 224, 21_797_672),   # torchvision resnet34
-    ("resnet50", 224, 25_557_032),   # torchvision resnet50
-    ("mobilevit_xs", 256, 2_317_848),  # "2.3 M" (Mehta & Rastegari 2021, Table 1)
-])
+
+@pytest.mark.parametrize(
+    "name, side, count",
+    [
+        ("resnet34", 224, 21_797_672),  # torchvision resnet34
+        ("resnet50", 224, 25_557_032),  # torchvision resnet50
+        ("mobilevit_xs", 256, 2_317_848),  # "2.3 M" (Mehta & Rastegari 2021, Table 1)
+    ],
+)
 def test_published_parameter_counts(name, side, count):
     model = build(name, num_classes=1000, image_shape=(3, side, side))
     assert name in MODELS and model.stem_kind == "imagenet"
@@ -89,8 +94,7 @@ def test_block_structure():
     r50, r34 = build("resnet50"), build("resnet34")
     blocks = residual_blocks(r50)
     assert len(blocks) == 16 and all(isinstance(b, Bottleneck) for _, b in blocks)
-    assert [r50.get_submodule(f"layer{i}")[0].body.conv3.out_channels for i in (1, 2, 3, 4)] == \
-        [256, 512, 1024, 2048]
+    assert [r50.get_submodule(f"layer{i}")[0].body.conv3.out_channels for i in (1, 2, 3, 4)] == [256, 512, 1024, 2048]
     assert len(removable_blocks(r50)) == 12  # the first block of every stage projects (64 -> 256 in layer1)
     assert len(removable_blocks(r34)) == 13  # layer1 keeps 64 channels: all 3 of its blocks are identity blocks
     vit = build("mobilevit_xs")
@@ -104,8 +108,11 @@ def test_block_structure():
 
 
 def test_stems_and_feature_map_sizes():
-    assert [build("resnet50", image_shape=(3, s, s), width=8).stem_kind for s in (32, 64, 128)] == \
-        ["cifar", "cifar", "imagenet"]
+    assert [build("resnet50", image_shape=(3, s, s), width=8).stem_kind for s in (32, 64, 128)] == [
+        "cifar",
+        "cifar",
+        "imagenet",
+    ]
     r = build("resnet50", image_shape=(3, 64, 64), width=8, stem="imagenet").eval()
     assert isinstance(r.stem.pool, nn.MaxPool2d) and r.stem.conv.kernel_size == (7, 7)
     with torch.no_grad():
@@ -115,8 +122,11 @@ def test_stems_and_feature_map_sizes():
 
     def transformer_sides(model, side):
         sides = []
-        hooks = [b.local.register_forward_hook(lambda m, i, o: sides.append(o.shape[-1]))
-                 for b in model.modules() if isinstance(b, MobileViTBlock)]
+        hooks = [
+            b.local.register_forward_hook(lambda m, i, o: sides.append(o.shape[-1]))
+            for b in model.modules()
+            if isinstance(b, MobileViTBlock)
+        ]
         with torch.no_grad():
             out = model(torch.rand(1, 3, side, side))
         for h in hooks:
@@ -153,6 +163,7 @@ def test_trains_a_few_sgd_steps(name):
 
 # ---- filter pruning ---------------------------------------------------------------------------------
 
+
 def criterion(name):
     if name == "kl":
         return build_criterion("kl", max_images=2)  # one forward pass per channel: keep it small
@@ -168,8 +179,9 @@ def test_resnet_filter_pruning_every_criterion(name, crit):
     widths = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     prune_filters_(model, criterion(crit), 0.5, x[:1], x=x, y=y)
     # every group (inside the blocks, every stage's residual stream with its projection) loses half
-    assert {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)} == \
-        {n: w // 2 for n, w in widths.items()}
+    assert {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)} == {
+        n: w // 2 for n, w in widths.items()
+    }
     # in and out channels both halve: about a quarter of the weights and MACs stay
     assert 0.24 < n_params(model) / p0 < 0.27
     assert 0.24 < count_macs(model, x)[0] / f0 < 0.27
@@ -282,6 +294,7 @@ def test_mobilevit_iterative_pruning_and_replay():
 
 # ---- block pruning -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name, removable, half", [("resnet50", 12, 6), ("resnet34", 13, 6)])
 def test_block_pruning(name, removable, half):
     model = narrow(name)
@@ -316,6 +329,7 @@ def test_blocks_and_filters_together():
 
 
 # ---- MRPF ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", LARGE)
 def test_mrpf_ratios_over_every_prunable_group(name):

@@ -1,5 +1,6 @@
 """MRPF (Bai et al.): the projection of the weight perturbation, Module Robust Sensitivity, and the
 per-layer ratio formulas on hand-computed examples."""
+
 from __future__ import annotations
 
 import copy
@@ -9,8 +10,14 @@ import torch
 from torch import nn
 
 from robustprune.errors import UserError
-from robustprune.prune.mrpf import (adaptive_ratios, adversarial_loss, inverse_mrs_ratios, module_robust_sensitivity,
-                                    perturbed_copy, project_relative_)
+from robustprune.prune.mrpf import (
+    adaptive_ratios,
+    adversarial_loss,
+    inverse_mrs_ratios,
+    module_robust_sensitivity,
+    perturbed_copy,
+    project_relative_,
+)
 
 
 def test_projection_onto_the_relative_ball():
@@ -31,8 +38,9 @@ def test_adaptive_ratios_clip_replace_non_positive_and_rescale():
     # a's 0 becomes delta; deviations / 7 -> -3/7, -2/7, -2/7, 1; p = 0.3 - dev * 0.5 = 0.514, 0.443, 0.443, -0.2
     # clipped to 0.1; their mean 0.375 is rescaled to 0.3 (x 0.8)
     got = adaptive_ratios({"a": 0.0, "b": 1.0, "c": 1.0, "d": 10.0}, r_global=0.3, r_min=0.1, r_max=0.6)
-    assert got == pytest.approx({"a": 0.8 * (0.3 + 1.5 / 7), "b": 0.8 * (0.3 + 1 / 7), "c": 0.8 * (0.3 + 1 / 7),
-                                 "d": 0.08}, abs=1e-6)
+    assert got == pytest.approx(
+        {"a": 0.8 * (0.3 + 1.5 / 7), "b": 0.8 * (0.3 + 1 / 7), "c": 0.8 * (0.3 + 1 / 7), "d": 0.08}, abs=1e-6
+    )
     assert sum(got.values()) / 4 == pytest.approx(0.3)
     assert adaptive_ratios({"a": -1.0, "b": -5.0}, 0.3, 0.1, 0.6) == pytest.approx({"a": 0.3, "b": 0.3})
 
@@ -42,7 +50,8 @@ def test_inverse_mrs_ratios_eq_8_to_10():
     assert inverse_mrs_ratios({"a": 1.0, "b": 3.0}, 0.4, 0.9, delta=0.0) == pytest.approx({"a": 0.6, "b": 0.2})
     assert inverse_mrs_ratios({"a": 1.0, "b": 3.0}, 0.4, 0.5, delta=0.0) == pytest.approx({"a": 0.5, "b": 0.2})
     assert inverse_mrs_ratios({"a": 1.0, "b": 3.0}, 0.4, 0.9, delta=0.0, scale="literal") == pytest.approx(
-        {"a": 0.3, "b": 0.1})
+        {"a": 0.3, "b": 0.1}
+    )
 
 
 @pytest.mark.parametrize("r", [(0.5, 0.6, 0.8), (0.5, 0.2, 0.4), (0.5, 0.2, 1.0)])
@@ -150,12 +159,15 @@ def test_adversarial_finetuning_attacks_a_share_of_each_batch(tiny_cnn, monkeypa
     assert 0.0 <= h[0]["train_acc"] <= 1.0
 
 
-@pytest.mark.parametrize("adv, expected", [
-    ({"attack": "fgsn"}, "unknown attack 'fgsn'"),
-    ({"eps": 1.5}, "less than or equal to 1"),
-    ({"ratio": 0}, "greater than 0"),
-    ({"attack": "pgd", "params": {"steps": 0}}, "PGD steps must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "adv, expected",
+    [
+        ({"attack": "fgsn"}, "unknown attack 'fgsn'"),
+        ({"eps": 1.5}, "less than or equal to 1"),
+        ({"ratio": 0}, "greater than 0"),
+        ({"attack": "pgd", "params": {"steps": 0}}, "PGD steps must be an integer >= 1"),
+    ],
+)
 def test_bad_adversarial_training_settings(adv, expected):
     with pytest.raises((ValidationError, UserError)) as e:
         AdversarialTraining(**adv)
@@ -188,12 +200,14 @@ def test_a_module_of_several_layers_is_perturbed_together_each_within_its_ball()
 
 # ---- the `mrpf` pruning method -------------------------------------------------------------------
 
+
 def tiny_resnet():
     from robustprune.models import build_model
 
     torch.manual_seed(0)
-    return build_model("resnet20", num_classes=10, image_shape=(3, 16, 16), mean=(0.5,) * 3, std=(0.25,) * 3,
-                       width=8).eval()
+    return build_model(
+        "resnet20", num_classes=10, image_shape=(3, 16, 16), mean=(0.5,) * 3, std=(0.25,) * 3, width=8
+    ).eval()
 
 
 def test_mrpf_method_prunes_each_group_at_its_ratio_and_replays_from_the_plan():
@@ -244,25 +258,32 @@ def test_mrs_is_computed_once_per_dense_model_and_mrs_setting(tmp_path, monkeypa
         params = method.Params(criterion=criterion, r_min=0.1, r_max=0.6, mrs_lr=lr)
         method.prune(tiny_resnet(), sparsity, x[:1], params, (x, y))
         plans.append(method.last_plan)
-    assert len(calls) == 2                                   # the second entry reused the first one's MRS
+    assert len(calls) == 2  # the second entry reused the first one's MRS
     assert plans[1]["mrs"] == plans[0]["mrs"] and plans[2]["mrs"] != plans[0]["mrs"]
     assert len(list(tmp_path.glob("mrs-*.pt"))) == 2
-    fresh = PRUNING_METHODS.get("mrpf")()                    # and the cached MRS equals a fresh computation
+    fresh = PRUNING_METHODS.get("mrpf")()  # and the cached MRS equals a fresh computation
     fresh.prune(tiny_resnet(), 0.3, x[:1], fresh.Params(criterion="l1", r_min=0.1, r_max=0.6, mrs_lr=0.1), (x, y))
     assert fresh.last_plan == plans[0]
 
 
-@pytest.mark.parametrize("params, sparsity, expected", [
-    ({"target": "blocks"}, 0.3, "use target filters, rounds 1 and no layer_ratios"),
-    ({"r_min": 0.4}, 0.3, "sparsity 0.3 is outside [r_min, r_max] = [0.4, 0.8]"),
-    ({"attack": "fgsn"}, 0.3, "unknown attack 'fgsn'"),
-    ({"rule": "median"}, 0.3, "'pruning.m.params.rule'"),
-])
+@pytest.mark.parametrize(
+    "params, sparsity, expected",
+    [
+        ({"target": "blocks"}, 0.3, "use target filters, rounds 1 and no layer_ratios"),
+        ({"r_min": 0.4}, 0.3, "sparsity 0.3 is outside [r_min, r_max] = [0.4, 0.8]"),
+        ({"attack": "fgsn"}, 0.3, "unknown attack 'fgsn'"),
+        ({"rule": "median"}, 0.3, "'pruning.m.params.rule'"),
+    ],
+)
 def test_bad_mrpf_entries(params, sparsity, expected):
     from robustprune.study.schema import resolve_study
 
-    raw = {"name": "t", "dataset": "cifar10", "model": {"name": "resnet20"},
-           "pruning": {"m": {"method": "mrpf", "sparsities": [sparsity], "params": params}}}
+    raw = {
+        "name": "t",
+        "dataset": "cifar10",
+        "model": {"name": "resnet20"},
+        "pruning": {"m": {"method": "mrpf", "sparsities": [sparsity], "params": params}},
+    }
     with pytest.raises(UserError) as e:
         resolve_study(raw, "t")
     assert expected in str(e.value)
@@ -270,16 +291,25 @@ def test_bad_mrpf_entries(params, sparsity, expected):
 
 # ---- study files: per-entry fine-tuning, the mrpf method through the CLI -----------------------------
 
-STUDY = {"name": "mrpf_tiny", "dataset": "cifar10", "data": {"train_subset": 512, "test_subset": 200},
-         "model": {"name": "resnet20", "args": {"width": 8}},
-         "train": {"epochs": 1, "batch_size": 128, "lr": 0.1, "augment": "crop_flip"},
-         "finetune": {"lr": 0.01},
-         "pruning": {"l2": {"method": "structured", "sparsities": [0.3], "finetune_epochs": [1],
-                            "params": {"criterion": "l2"}},
-                     "l2_mrpf": {"method": "mrpf", "sparsities": [0.3], "finetune_epochs": [1],
-                                 "params": {"criterion": "l2", "r_min": 0.1, "r_max": 0.6, "mrs_lr": 0.1},
-                                 "finetune": {"adversarial": {"attack": "fgsm", "eps": 0.0078431, "ratio": 0.2}}}},
-         "evaluation": {"attack_subset": 100, "attacks": {"fgsm": {"eps": [0.0313725]}}}}
+STUDY = {
+    "name": "mrpf_tiny",
+    "dataset": "cifar10",
+    "data": {"train_subset": 512, "test_subset": 200},
+    "model": {"name": "resnet20", "args": {"width": 8}},
+    "train": {"epochs": 1, "batch_size": 128, "lr": 0.1, "augment": "crop_flip"},
+    "finetune": {"lr": 0.01},
+    "pruning": {
+        "l2": {"method": "structured", "sparsities": [0.3], "finetune_epochs": [1], "params": {"criterion": "l2"}},
+        "l2_mrpf": {
+            "method": "mrpf",
+            "sparsities": [0.3],
+            "finetune_epochs": [1],
+            "params": {"criterion": "l2", "r_min": 0.1, "r_max": 0.6, "mrs_lr": 0.1},
+            "finetune": {"adversarial": {"attack": "fgsm", "eps": 0.0078431, "ratio": 0.2}},
+        },
+    },
+    "evaluation": {"attack_subset": 100, "attacks": {"fgsm": {"eps": [0.0313725]}}},
+}
 
 
 def test_entry_finetune_changes_only_that_entrys_cells():
@@ -289,14 +319,19 @@ def test_entry_finetune_changes_only_that_entrys_cells():
     cells = {c.axes["pruning"]: c for c in expand(resolve_study(STUDY, "t"))}
     assert cells["l2_mrpf"].config["pruning"]["finetune"]["adversarial"]["ratio"] == 0.2
     assert cells["l2"].config["pruning"]["finetune"]["adversarial"] is None
-    assert cells["l2"].config["pruning"]["finetune"]["lr"] == cells["l2_mrpf"].config["pruning"]["finetune"]["lr"] == 0.01
+    assert (
+        cells["l2"].config["pruning"]["finetune"]["lr"] == cells["l2_mrpf"].config["pruning"]["finetune"]["lr"] == 0.01
+    )
 
 
-@pytest.mark.parametrize("finetune, expected", [
-    ({"epochs": 3}, "fine-tuning epochs come from finetune_epochs"),
-    ({"advers": {}}, "pruning 'l2_mrpf'.finetune.advers: unknown key"),
-    ({"adversarial": {"attack": "fgsn"}}, "unknown attack 'fgsn'"),
-])
+@pytest.mark.parametrize(
+    "finetune, expected",
+    [
+        ({"epochs": 3}, "fine-tuning epochs come from finetune_epochs"),
+        ({"advers": {}}, "pruning 'l2_mrpf'.finetune.advers: unknown key"),
+        ({"adversarial": {"attack": "fgsn"}}, "unknown attack 'fgsn'"),
+    ],
+)
 def test_bad_entry_finetune(finetune, expected):
     from robustprune.study.schema import resolve_study
 
@@ -321,11 +356,11 @@ def test_mrpf_study_through_the_cli_stores_mrs_and_ratios(tmp_path, data_dir):
     proc = run_cli(*run)
     assert proc.returncode == 0, proc.stderr
     first = stored_results(out)
-    ratios = {m[len("ratio:"):]: v for (p, m), v in first.items() if p == "l2_mrpf" and m.startswith("ratio:")}
-    mrs = {m[len("mrs:"):]: v for (p, m), v in first.items() if p == "l2_mrpf" and m.startswith("mrs:")}
+    ratios = {m[len("ratio:") :]: v for (p, m), v in first.items() if p == "l2_mrpf" and m.startswith("ratio:")}
+    mrs = {m[len("mrs:") :]: v for (p, m), v in first.items() if p == "l2_mrpf" and m.startswith("mrs:")}
     assert len(ratios) == len(mrs) == 12 and sum(ratios.values()) / 12 == pytest.approx(0.3)
     assert not any(m.startswith("ratio:") for (p, m) in first if p != "l2_mrpf")
-    assert len(list(out.rglob("mrs-*.pt"))) == 1            # MRS kept next to the dense checkpoint
+    assert len(list(out.rglob("mrs-*.pt"))) == 1  # MRS kept next to the dense checkpoint
     for group, r in ratios.items():  # each group lost its share of filters
         dense = first[("dense", f"width:{group}")]
         assert first[("l2_mrpf", f"width:{group}")] == dense - round(r * dense)
@@ -339,8 +374,9 @@ def test_mrpf_study_through_the_cli_stores_mrs_and_ratios(tmp_path, data_dir):
         f.unlink()
     assert run_cli(*run).returncode == 0
     again = stored_results(out)
-    assert {k: v for k, v in again.items() if k[1] != "latency_ms"} == {k: v for k, v in first.items()
-                                                                          if k[1] != "latency_ms"}
+    assert {k: v for k, v in again.items() if k[1] != "latency_ms"} == {
+        k: v for k, v in first.items() if k[1] != "latency_ms"
+    }
 
 
 def test_the_study_file_has_the_papers_resnet50_and_mobilevit_rows():
@@ -355,15 +391,25 @@ def test_the_study_file_has_the_papers_resnet50_and_mobilevit_rows():
     full = expand(load_study(path, "full"))
     by_model = lambda cells, m: {c.axes["pruning"] for c in cells if c.axes.get("model") == m}  # noqa: E731
     assert by_model(full, "resnet50") == {"dense", "taylor", "taylor_mrpf", "magnitude", "magnitude_mrpf"}
-    assert by_model(full, "mobilevit") == {"dense", "taylor", "taylor_at", "taylor_mrpf", "magnitude",
-                                           "magnitude_at", "magnitude_mrpf"}
+    assert by_model(full, "mobilevit") == {
+        "dense",
+        "taylor",
+        "taylor_at",
+        "taylor_mrpf",
+        "magnitude",
+        "magnitude_at",
+        "magnitude_mrpf",
+    }
     study = load_study(path, "full")
     assert study.tables["architectures"].models == ["resnet50", "mobilevit", "vgg16"]
     assert study.tables["mobilevit"].models == ["mobilevit"]
     cpu = expand(load_study(path, "cpu"))
     mvit = [c for c in cpu if c.axes.get("model") == "mobilevit"]
     assert sorted((c.axes["pruning"], c.axes["sparsity"], c.axes["seed"]) for c in mvit) == [
-        ("dense", 0.0, 0), ("magnitude_mrpf", 0.3, 0), ("magnitude_mrpf", 0.5, 0)]
+        ("dense", 0.0, 0),
+        ("magnitude_mrpf", 0.3, 0),
+        ("magnitude_mrpf", 0.5, 0),
+    ]
     assert all(c.config["train"]["epochs"] == 2 and c.config["train"]["optimizer"] == "adam" for c in mvit)
     assert all(c.config["train"]["epochs"] == 15 for c in cpu if c.axes["model"] == "resnet20")
     assert len(cpu) == 63

@@ -1,5 +1,6 @@
 """The paper-layout tables of a study's `tables:` section (Bai et al. Tables 1-5) and the '*' in
 budget keys, on hand-made cells whose numbers are known."""
+
 import pytest
 
 from robustprune.errors import UserError
@@ -13,32 +14,69 @@ FGSM = "acc_adv:fgsm@0.0313725"
 
 def base_study(**tables) -> dict:
     return {
-        "name": "t", "dataset": "cifar10",
-        "models": {"r20": {"name": "resnet20", "args": {"width": 4}}, "r32": {"name": "resnet32", "args": {"width": 4}}},
-        "pruning": {
-            "taylor": {"method": "structured", "sparsities": [0.3, 0.5], "finetune_epochs": [1],
-                       "params": {"criterion": "taylor"}},
-            "taylor_at": {"method": "structured", "sparsities": [0.3, 0.5], "finetune_epochs": [1],
-                          "params": {"criterion": "taylor"}, "finetune": {"adversarial": {"attack": "fgsm"}}},
-            "random": {"method": "structured", "sparsities": [0.5], "finetune_epochs": [1], "models": ["r20"],
-                       "params": {"criterion": "random"}},
+        "name": "t",
+        "dataset": "cifar10",
+        "models": {
+            "r20": {"name": "resnet20", "args": {"width": 4}},
+            "r32": {"name": "resnet32", "args": {"width": 4}},
         },
-        "evaluation": {"attacks": {"pgd20": {"attack": "pgd", "eps": [0.0313725], "params": {"steps": 20}},
-                                   "fgsm": {"eps": [0.0313725]}}},
+        "pruning": {
+            "taylor": {
+                "method": "structured",
+                "sparsities": [0.3, 0.5],
+                "finetune_epochs": [1],
+                "params": {"criterion": "taylor"},
+            },
+            "taylor_at": {
+                "method": "structured",
+                "sparsities": [0.3, 0.5],
+                "finetune_epochs": [1],
+                "params": {"criterion": "taylor"},
+                "finetune": {"adversarial": {"attack": "fgsm"}},
+            },
+            "random": {
+                "method": "structured",
+                "sparsities": [0.5],
+                "finetune_epochs": [1],
+                "models": ["r20"],
+                "params": {"criterion": "random"},
+            },
+        },
+        "evaluation": {
+            "attacks": {
+                "pgd20": {"attack": "pgd", "eps": [0.0313725], "params": {"steps": 20}},
+                "fgsm": {"eps": [0.0313725]},
+            }
+        },
         "tables": tables,
     }
 
 
-MAIN = {"title": "Main", "rows": {"Taylor": "taylor", "Taylor + AT": "taylor_at"},
-        "columns": {"Std": "clean", "Adv PGD-20": "pgd20", "Adv FGSM": "fgsm"}}
+MAIN = {
+    "title": "Main",
+    "rows": {"Taylor": "taylor", "Taylor + AT": "taylor_at"},
+    "columns": {"Std": "clean", "Adv PGD-20": "pgd20", "Adv FGSM": "fgsm"},
+}
 
 
 def cell(model, pruning, sparsity, seed, flops, clean, pgd=0.1, fgsm=0.2):
-    axes = {"regime": "clean", "pruning": pruning, "method": None if pruning == "dense" else "structured",
-            "sparsity": sparsity, "finetune_epochs": 0 if pruning == "dense" else 1, "round": None, "seed": seed,
-            "model": model}
-    return {"axes": axes, "status": "done", "error": None, "hash": f"{model}-{pruning}-{sparsity}-{seed}",
-            "metrics": {"acc_clean": clean, PGD: pgd, FGSM: fgsm, "flops_nonzero": flops}}
+    axes = {
+        "regime": "clean",
+        "pruning": pruning,
+        "method": None if pruning == "dense" else "structured",
+        "sparsity": sparsity,
+        "finetune_epochs": 0 if pruning == "dense" else 1,
+        "round": None,
+        "seed": seed,
+        "model": model,
+    }
+    return {
+        "axes": axes,
+        "status": "done",
+        "error": None,
+        "hash": f"{model}-{pruning}-{sparsity}-{seed}",
+        "metrics": {"acc_clean": clean, PGD: pgd, FGSM: fgsm, "flops_nonzero": flops},
+    }
 
 
 def cells() -> list[dict]:
@@ -63,9 +101,9 @@ def test_methods_layout_rows_flops_and_statistics():
     r20 = t.rows[:5]
     assert [r[0] for r in r20] == ["r20", "", "", "", ""]
     assert [r[1] for r in r20] == ["Dense", "Taylor", "Taylor", "Taylor + AT", "Taylor + AT"]
-    assert r20[0][2:] == ["0.00", "91.00 ± 1.41", "10.00", "20.00"]       # 0.90, 0.92 over two seeds
-    assert r20[1][2] == "50.00" and r20[2][2] == "75.00"                    # the same in both seeds: no ± 0
-    assert r20[4][2] == "72.50 ± 3.54"                                      # 75 % and 70 %
+    assert r20[0][2:] == ["0.00", "91.00 ± 1.41", "10.00", "20.00"]  # 0.90, 0.92 over two seeds
+    assert r20[1][2] == "50.00" and r20[2][2] == "75.00"  # the same in both seeds: no ± 0
+    assert r20[4][2] == "72.50 ± 3.54"  # 75 % and 70 %
     assert r20[4][4:] == ["30.00", "40.00"]
     assert t.rows[5][:2] == ["r32", "Dense"] and len(t.rows) == 10
     assert "2 seeds" in t.caption and "pgd-20 at ε = 8/255" in t.caption
@@ -79,41 +117,63 @@ def test_table_options_models_sparsities_dense_and_row_header():
 
 
 def test_flops_layout_one_row_per_sparsity_and_shared_flops_column():
-    spec = {"title": "T1", "layout": "flops", "rows": {"Taylor": "taylor", "Random": "random"},
-            "columns": {"Acc": "clean"}, "models": ["r20"]}
+    spec = {
+        "title": "T1",
+        "layout": "flops",
+        "rows": {"Taylor": "taylor", "Random": "random"},
+        "columns": {"Acc": "clean"},
+        "models": ["r20"],
+    }
     t = paper_table(StudyConfig(**base_study(t1=spec)), cells(), "t1", flags=set())
     assert t.headers == ["Architecture", "Pruning ratio", "FLOPs↓ (%)", "Taylor Acc", "Random Acc"]
     assert t.rows[0] == ["r20", "0 (dense)", "0.00", "91.00 ± 1.41", "91.00 ± 1.41"]
-    assert t.rows[1] == ["", "0.3", "50.00", "81.00 ± 1.41", "—"]      # random runs only at 0.5
+    assert t.rows[1] == ["", "0.3", "50.00", "81.00 ± 1.41", "—"]  # random runs only at 0.5
     assert t.rows[2] == ["", "0.5", "75.00", "81.00 ± 1.41", "50.00"]
 
 
 def test_flops_layout_splits_the_flops_column_when_entries_differ():
-    spec = {"title": "T1", "layout": "flops", "rows": {"Taylor": "taylor", "AT": "taylor_at"},
-            "columns": {"Acc": "clean"}, "models": ["r20"], "dense": False}
+    spec = {
+        "title": "T1",
+        "layout": "flops",
+        "rows": {"Taylor": "taylor", "AT": "taylor_at"},
+        "columns": {"Acc": "clean"},
+        "models": ["r20"],
+        "dense": False,
+    }
     t = paper_table(StudyConfig(**base_study(t1=spec)), cells(), "t1", flags=set())
-    assert t.headers == ["Architecture", "Pruning ratio", "Taylor FLOPs↓ (%)", "Taylor Acc", "AT FLOPs↓ (%)",
-                         "AT Acc"]
+    assert t.headers == ["Architecture", "Pruning ratio", "Taylor FLOPs↓ (%)", "Taylor Acc", "AT FLOPs↓ (%)", "AT Acc"]
     assert t.rows[1][4] == "72.50 ± 3.54"
 
 
 def test_tables_come_first_in_the_report_and_skip_missing_results():
-    study = StudyConfig(**base_study(main=MAIN, only_random={"title": "R", "rows": {"Random": "random"},
-                                                            "columns": {"Std": "clean"}, "models": ["r32"],
-                                                            "dense": False}))
+    study = StudyConfig(
+        **base_study(
+            main=MAIN,
+            only_random={
+                "title": "R",
+                "rows": {"Random": "random"},
+                "columns": {"Std": "clean"},
+                "models": ["r32"],
+                "dense": False,
+            },
+        )
+    )
     tables = all_tables(study, cells())
     assert tables[0].title == "Main"
     assert [t.title for t in paper_tables(study, cells(), set())] == ["Main"]  # r32 has no random cells
 
 
-@pytest.mark.parametrize("spec, message", [
-    (dict(MAIN, rows={"X": "nope"}), "row 'X' names pruning 'nope'"),
-    (dict(MAIN, columns={"A": "apgd"}), "column 'A' names 'apgd'"),
-    (dict(MAIN, models=["r56"]), "names model 'r56'"),
-    (dict(MAIN, regime="noisy"), "names regime 'noisy'"),
-    (dict(MAIN, rows={}), "needs at least one row"),
-    (dict(MAIN, layout="wide"), "layout"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (dict(MAIN, rows={"X": "nope"}), "row 'X' names pruning 'nope'"),
+        (dict(MAIN, columns={"A": "apgd"}), "column 'A' names 'apgd'"),
+        (dict(MAIN, models=["r56"]), "names model 'r56'"),
+        (dict(MAIN, regime="noisy"), "names regime 'noisy'"),
+        (dict(MAIN, rows={}), "needs at least one row"),
+        (dict(MAIN, layout="wide"), "layout"),
+    ],
+)
 def test_bad_tables_are_refused_with_the_reason(spec, message):
     with pytest.raises(UserError, match=message):
         resolve_study(base_study(main=spec), "study.yaml", budget=None)
@@ -123,16 +183,22 @@ def test_star_in_a_budget_key_sets_every_entry():
     raw = base_study(main=MAIN)
     raw["budgets"] = {"small": {"pruning.*.finetune_epochs": [3], "tables.*.models": ["r20"]}}
     study = resolve_study(raw, "study.yaml", budget="small")
-    assert {label: p.finetune_epochs for label, p in study.pruning.items()} == \
-        {"taylor": [3], "taylor_at": [3], "random": [3]}
+    assert {label: p.finetune_epochs for label, p in study.pruning.items()} == {
+        "taylor": [3],
+        "taylor_at": [3],
+        "random": [3],
+    }
     assert study.tables["main"].models == ["r20"]
 
 
-@pytest.mark.parametrize("key, message", [
-    ("pruning.*", "ends in '\\*'"),
-    ("tables.*.models", "'\\*' over an empty section"),
-    ("pruning.*.params.criterion.x", "is not a section"),
-])
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        ("pruning.*", "ends in '\\*'"),
+        ("tables.*.models", "'\\*' over an empty section"),
+        ("pruning.*.params.criterion.x", "is not a section"),
+    ],
+)
 def test_bad_star_keys_are_refused(key, message):
     raw = base_study()
     raw["budgets"] = {"small": {key: 1}}
@@ -142,14 +208,19 @@ def test_bad_star_keys_are_refused(key, message):
 
 # ---- the MRS / ratio figure -------------------------------------------------------------------
 
+
 def mrpf_cells() -> list[dict]:
     """Two MRPF entries on one dense model (same MRS), two seeds; groups stored out of network order."""
     out = []
     for entry in ("taylor_mrpf", "magnitude_mrpf"):
         for seed in (0, 1):
             c = cell("r20", entry, 0.5, seed, 250.0, 0.8)
-            c["metrics"] |= {"mrs:layer3.0.body.conv1": 0.2 + seed * 0.02, "mrs:stem.conv": 0.05,
-                             "ratio:layer3.0.body.conv1": 0.3, "ratio:stem.conv": 0.6}
+            c["metrics"] |= {
+                "mrs:layer3.0.body.conv1": 0.2 + seed * 0.02,
+                "mrs:stem.conv": 0.05,
+                "ratio:layer3.0.body.conv1": 0.3,
+                "ratio:stem.conv": 0.6,
+            }
             out.append(c)
     return out
 
@@ -165,7 +236,7 @@ def test_mrs_figure_is_written_in_network_order(tmp_path):
     assert paths == [tmp_path / "mrs_ratios_r20.png"]
     image = imread(paths[0])
     assert image.shape[0] > 500 and image.shape[1] > 500
-    assert mrs_figures(study, cells(), tmp_path / "none") == []      # no MRPF cells: nothing written
+    assert mrs_figures(study, cells(), tmp_path / "none") == []  # no MRPF cells: nothing written
     assert not (tmp_path / "none").exists()
 
 
@@ -178,6 +249,7 @@ def test_equal_curves_are_drawn_once():
 
 # ---- the other figures and the written report ----------------------------------------------------
 
+
 def sweep_cells() -> list[dict]:
     """One architecture, dense and taylor at two sparsities, two seeds, an attack at two eps, weights."""
     out = []
@@ -185,10 +257,18 @@ def sweep_cells() -> list[dict]:
         for pruning, s, clean in (("dense", 0.0, 0.9), ("taylor", 0.3, 0.85), ("taylor", 0.5, 0.8)):
             c = cell(None, pruning, s, seed, 1000.0 * (1 - s), clean + 0.01 * seed)
             c["axes"].pop("model")
-            c["metrics"] |= {"sparsity": s, "acc_adv:pgd20@0.0078431": clean / 2, "weights:q0": -0.5, "weights:q25": -0.1,
-                             "weights:q50": 0.0, "weights:q75": 0.1, "weights:q100": 0.5 - s / 2}
-            c["history"] = [{"epoch": e, "loss": 1.0 / e, "grad_confusion": 0.1 * e, "layer_rotation": 0.01 * e}
-                            for e in (1, 2)]
+            c["metrics"] |= {
+                "sparsity": s,
+                "acc_adv:pgd20@0.0078431": clean / 2,
+                "weights:q0": -0.5,
+                "weights:q25": -0.1,
+                "weights:q50": 0.0,
+                "weights:q75": 0.1,
+                "weights:q100": 0.5 - s / 2,
+            }
+            c["history"] = [
+                {"epoch": e, "loss": 1.0 / e, "grad_confusion": 0.1 * e, "layer_rotation": 0.01 * e} for e in (1, 2)
+            ]
             out.append(c)
     return out
 
@@ -208,8 +288,13 @@ def test_every_figure_that_applies_is_written(tmp_path):
     from robustprune.report.figures import all_figures
 
     paths = all_figures(sweep_study(), sweep_cells(), tmp_path)
-    assert sorted(p.name for p in paths) == ["generalization_vs_robustness.png", "robustness_vs_sparsity.png",
-                                             "robustness_vs_strength.png", "training_dynamics.png", "weights.png"]
+    assert sorted(p.name for p in paths) == [
+        "generalization_vs_robustness.png",
+        "robustness_vs_sparsity.png",
+        "robustness_vs_strength.png",
+        "training_dynamics.png",
+        "weights.png",
+    ]
     for p in paths:
         assert imread(p).shape[0] > 300
 
@@ -241,20 +326,20 @@ def test_paper_table_marks_differences_from_dense_that_hold_on_the_same_images()
     for c in out:
         n = 1000
         base = rng.random(n) < 0.5
-        c["per_image"] = {"acc_clean": rng.random(n) < c["metrics"]["acc_clean"], PGD: base,
-                          FGSM: rng.random(n) < 0.2}
-    dense_pgd = {(c["axes"]["model"], c["axes"]["seed"]): c["per_image"][PGD] for c in out
-                 if c["axes"]["pruning"] == "dense"}
+        c["per_image"] = {"acc_clean": rng.random(n) < c["metrics"]["acc_clean"], PGD: base, FGSM: rng.random(n) < 0.2}
+    dense_pgd = {
+        (c["axes"]["model"], c["axes"]["seed"]): c["per_image"][PGD] for c in out if c["axes"]["pruning"] == "dense"
+    }
     for c in out:
         a = c["axes"]
         if a["pruning"] == "taylor_at":  # + AT: the dense model's hits plus 30 % more on PGD
             c["per_image"][PGD] = dense_pgd[(a["model"], a["seed"])] | (rng.random(1000) < 0.3)
-        elif a["pruning"] == "taylor":    # taylor: the dense model's hits exactly
+        elif a["pruning"] == "taylor":  # taylor: the dense model's hits exactly
             c["per_image"][PGD] = dense_pgd[(a["model"], a["seed"])].copy()
     t = paper_table(StudyConfig(**base_study(main=MAIN)), out, "main", flags=set())
     pgd = {(r[1], i): r[4] for i, r in enumerate(t.rows[:5])}
     assert pgd[("Taylor + AT", 3)].endswith(" *") and not pgd[("Taylor", 1)].endswith(" *")
-    assert not t.rows[0][4].endswith(" *")                       # the dense row is the reference
+    assert not t.rows[0][4].endswith(" *")  # the dense row is the reference
     assert any("paired bootstrap" in n for n in t.notes)
 
 
@@ -281,6 +366,6 @@ def test_a_budget_removes_an_entry_with_null():
     raw["budgets"] = {"small": {"pruning.random": None, "tables.main": None}}
     study = resolve_study(raw, "study.yaml", budget="small")
     assert list(study.pruning) == ["taylor", "taylor_at"] and study.tables == {}
-    raw["budgets"] = {"bad": {"pruning.taylor": None}}          # a table still names it: refused, with the reason
+    raw["budgets"] = {"bad": {"pruning.taylor": None}}  # a table still names it: refused, with the reason
     with pytest.raises(UserError, match="row 'Taylor' names pruning 'taylor'"):
         resolve_study(raw, "study.yaml", budget="bad")

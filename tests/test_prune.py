@@ -1,4 +1,5 @@
 """Pruning: global magnitude masks, rewinding, structured filter removal, size metrics, registry."""
+
 from __future__ import annotations
 
 import copy
@@ -33,11 +34,16 @@ def flat_mask(masks: dict, model: nn.Module) -> torch.Tensor:
 
 # ---- unstructured -----------------------------------------------------------------------------
 
+
 def test_prunable_weights_are_conv_and_linear_weights_only():
     net = tiny_net()
     assert list(prunable_weights(net)) == ["0.weight", "3.weight"]
     assert list(prunable_weights(MnistCNN(conv1=4, conv2=6, fc=8, kernel_size=3, padding=1))) == [
-        "conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
+        "conv1.weight",
+        "conv2.weight",
+        "fc1.weight",
+        "fc2.weight",
+    ]
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 0.3, 0.5, 0.7, 0.99])
@@ -170,6 +176,7 @@ def test_global_magnitude_method_prunes_and_returns_masks(tiny_cnn):
 
 # ---- structured -------------------------------------------------------------------------------
 
+
 def test_l1_filter_scores():
     conv = nn.Conv2d(2, 3, 1, bias=False)
     with torch.no_grad():
@@ -286,6 +293,7 @@ def test_size_after_structured(tiny_cnn):
 
 # ---- registry -----------------------------------------------------------------------------------
 
+
 def test_unknown_pruning_method_lists_known_names():
     with pytest.raises(UserError) as e:
         PRUNING_METHODS.get("nope")
@@ -293,8 +301,14 @@ def test_unknown_pruning_method_lists_known_names():
     assert "unknown pruning method 'nope'" in msg
     for name in ("channel_l1", "global_magnitude", "lottery_ticket", "mrpf", "structured"):
         assert name in msg
-    assert PRUNING_METHODS.names() == ["channel_l1", "global_magnitude", "lottery_ticket", "mrpf", "reverse_magnitude",
-                                       "structured"]
+    assert PRUNING_METHODS.names() == [
+        "channel_l1",
+        "global_magnitude",
+        "lottery_ticket",
+        "mrpf",
+        "reverse_magnitude",
+        "structured",
+    ]
 
 
 def test_near_miss_suggests_the_name():

@@ -1,5 +1,6 @@
 """The Ray executor on a local Ray instance with 2 CPUs: the same store as the local executor, and
 a Ray worker killed mid-study is retried without recomputing or losing cells."""
+
 import json
 import os
 import signal
@@ -13,20 +14,29 @@ import yaml
 
 ray = pytest.importorskip("ray") if not os.environ.get("CI") else __import__("ray")
 
-STUDY = {"name": "ray_tiny", "dataset": "mnist", "data": {"train_subset": 1500, "test_subset": 300},
-         "model": {"name": "mnist_cnn", "args": {"conv1": 4, "conv2": 8, "fc": 32, "kernel_size": 5, "padding": 0}},
-         "train": {"epochs": 1, "batch_size": 128, "lr": 0.05},
-         "finetune": {"lr": 0.01},
-         "pruning": {"magnitude": {"method": "global_magnitude", "sparsities": [0.3, 0.6], "finetune_epochs": [1]},
-                     "channels": {"method": "channel_l1", "sparsities": [0.5], "finetune_epochs": [1]}},
-         "evaluation": {"attack_subset": 100, "attacks": {"fgsm": {"eps": [0.1]}}},
-         "seeds": [0, 1]}
+STUDY = {
+    "name": "ray_tiny",
+    "dataset": "mnist",
+    "data": {"train_subset": 1500, "test_subset": 300},
+    "model": {"name": "mnist_cnn", "args": {"conv1": 4, "conv2": 8, "fc": 32, "kernel_size": 5, "padding": 0}},
+    "train": {"epochs": 1, "batch_size": 128, "lr": 0.05},
+    "finetune": {"lr": 0.01},
+    "pruning": {
+        "magnitude": {"method": "global_magnitude", "sparsities": [0.3, 0.6], "finetune_epochs": [1]},
+        "channels": {"method": "channel_l1", "sparsities": [0.5], "finetune_epochs": [1]},
+    },
+    "evaluation": {"attack_subset": 100, "attacks": {"fgsm": {"eps": [0.1]}}},
+    "seeds": [0, 1],
+}
 
 
 def stored(out) -> dict:
     with sqlite3.connect(out / "results.sqlite") as db:
-        return {(json.dumps(json.loads(a), sort_keys=True), m): v
-                for a, m, v in db.execute("SELECT axes, metric, value FROM results") if m != "latency_ms"}
+        return {
+            (json.dumps(json.loads(a), sort_keys=True), m): v
+            for a, m, v in db.execute("SELECT axes, metric, value FROM results")
+            if m != "latency_ms"
+        }
 
 
 def finished_at(out) -> dict:
@@ -35,8 +45,9 @@ def finished_at(out) -> dict:
 
 
 def cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "robustprune", *map(str, args)], capture_output=True, text=True,
-                          timeout=900, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "robustprune", *map(str, args)], capture_output=True, text=True, timeout=900, **kw
+    )
 
 
 @pytest.fixture()
@@ -75,9 +86,24 @@ def ray_workers_running_a_job() -> list[int]:
 @pytest.mark.slow
 def test_a_killed_ray_worker_is_retried_and_nothing_is_recomputed(study_path, tmp_path, data_dir):
     out = tmp_path / "ray"
-    proc = subprocess.Popen([sys.executable, "-m", "robustprune", "run", str(study_path), "--data-dir", str(data_dir),
-                             "--out", str(out), "--executor", "ray"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "robustprune",
+            "run",
+            str(study_path),
+            "--data-dir",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--executor",
+            "ray",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     killed, deadline = 0, time.time() + 300
     while proc.poll() is None and time.time() < deadline:
         done = len(finished_at(out)) if (out / "results.sqlite").exists() else 0
@@ -91,8 +117,8 @@ def test_a_killed_ray_worker_is_retried_and_nothing_is_recomputed(study_path, tm
     assert killed, "no Ray worker was seen running a job"
     assert proc.returncode == 0, stderr
     after = finished_at(out)
-    assert len(after) == 8                                            # every cell, once (hash is the key)
-    assert {h: after[h] for h in before} == before                    # cells stored before the kill were kept
+    assert len(after) == 8  # every cell, once (hash is the key)
+    assert {h: after[h] for h in before} == before  # cells stored before the kill were kept
     rerun = cli("run", study_path, "--data-dir", data_dir, "--out", out, "--executor", "ray")
     assert "computed 0 cells, 8 from the store" in rerun.stdout and finished_at(out) == after
 

@@ -1,4 +1,5 @@
 """Training regimes: spurious patches, symmetric label noise, the FGSM data set."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,12 +8,23 @@ from pydantic import ValidationError
 from torch import nn
 
 from robustprune.data import REGIMES, ImageDataset
-from robustprune.data.regimes import (FgsmData, FgsmDataParams, NoisyLabels, NoisyParams, Spurious,
-                                      add_class_patches, symmetric_label_noise)
+from robustprune.data.regimes import (
+    FgsmData,
+    FgsmDataParams,
+    NoisyLabels,
+    NoisyParams,
+    Spurious,
+    add_class_patches,
+    symmetric_label_noise,
+)
 
 # class -> (row slice, col slice) of its white 5x5 patch
-EXPECTED_PATCH = {0: (slice(0, 5), slice(0, 5)), 1: (slice(0, 5), slice(23, 28)),
-                  2: (slice(23, 28), slice(0, 5)), 3: (slice(23, 28), slice(23, 28))}
+EXPECTED_PATCH = {
+    0: (slice(0, 5), slice(0, 5)),
+    1: (slice(0, 5), slice(23, 28)),
+    2: (slice(23, 28), slice(0, 5)),
+    3: (slice(23, 28), slice(23, 28)),
+}
 EXPECTED_PATCH.update({c: (slice(12, 17), slice(12, 17)) for c in range(4, 10)})
 
 
@@ -24,7 +36,10 @@ def tiny_data(n_train=40, n_test=20, seed=0) -> ImageDataset:
         y_train=torch.arange(n_train) % 10,
         x_test=torch.randint(52, 204, (n_test, 1, 28, 28), generator=g, dtype=torch.uint8),
         y_test=(torch.arange(n_test) * 3) % 10,
-        num_classes=10, mean=(0.1307,), std=(0.3081,))
+        num_classes=10,
+        mean=(0.1307,),
+        std=(0.3081,),
+    )
 
 
 def test_registered_regimes():

@@ -1,4 +1,5 @@
 """Report tables from synthetic cells: layouts, values, mean ± std over seeds, masking marks."""
+
 from __future__ import annotations
 
 import io
@@ -18,16 +19,20 @@ RAW = {
     "regimes": {"clean": {}, "fgsm_data": {"eps": 0.2}},
     "pruning": {"magnitude": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [1]}},
     "evaluation": {
-        "attacks": {"fgsm": {"eps": [0.1, 0.2]},
-                    "pgd20": {"attack": "pgd", "eps": [0.1, 0.2], "params": {"steps": 20, "step_size": 0.01}},
-                    "pgd10": {"attack": "pgd", "eps": [0.1], "params": {"steps": 10, "step_size": 0.01}}},
+        "attacks": {
+            "fgsm": {"eps": [0.1, 0.2]},
+            "pgd20": {"attack": "pgd", "eps": [0.1, 0.2], "params": {"steps": 20, "step_size": 0.01}},
+            "pgd10": {"attack": "pgd", "eps": [0.1], "params": {"steps": 10, "step_size": 0.01}},
+        },
         "occlusion": [4, 8],
         "corruptions": {"types": ["gaussian_noise", "fog"], "severities": [1, 2]},
         "transfer": {"attack": "pgd20", "eps": 0.1, "models": ["dense", MAG]},
         "report_eps": 0.2,
     },
-    "table1": {"columns": {"Clean": ["clean", "acc_clean"], "FGSM": ["fgsm_data", "acc_fgsm_data"]},
-               "rows": [{"label": "Magnitude (50%)", "pruning": "magnitude", "sparsity": 0.5}]},
+    "table1": {
+        "columns": {"Clean": ["clean", "acc_clean"], "FGSM": ["fgsm_data", "acc_fgsm_data"]},
+        "rows": [{"label": "Magnitude (50%)", "pruning": "magnitude", "sparsity": 0.5}],
+    },
     "seeds": [0, 1],
 }
 PGD_VS_FGSM = names.check("iterative_vs_fgsm", names.adv("pgd20", 0.1), names.adv("fgsm", 0.1))
@@ -41,14 +46,25 @@ def study():
 
 def metrics(base: float, regime: str, setting: str) -> dict[str, float]:
     """Every metric of one model; `base` shifts all accuracies so settings and seeds differ."""
-    m = {"acc_clean": 0.90 + base, "sparsity": 0.0 if setting == "dense" else 0.5,
-         "params_nonzero": 1000.0, "flops_nonzero": 5000.0, "params": 1000.0, "flops": 5000.0,
-         "images:attacks": 100.0, "images:shifts": 200.0, "masking_violations": 0.0,
-         names.adv("fgsm", 0.1): 0.50 + base, names.adv("fgsm", 0.2): 0.30 + base,
-         names.adv("pgd20", 0.1): 0.40 + base, names.adv("pgd20", 0.2): 0.10 + base,
-         names.adv("pgd10", 0.1): 0.45 + base,
-         names.occlusion(4): 0.80 + base, names.occlusion(8): 0.60 + base,
-         PGD_VS_FGSM: -0.10}
+    m = {
+        "acc_clean": 0.90 + base,
+        "sparsity": 0.0 if setting == "dense" else 0.5,
+        "params_nonzero": 1000.0,
+        "flops_nonzero": 5000.0,
+        "params": 1000.0,
+        "flops": 5000.0,
+        "images:attacks": 100.0,
+        "images:shifts": 200.0,
+        "masking_violations": 0.0,
+        names.adv("fgsm", 0.1): 0.50 + base,
+        names.adv("fgsm", 0.2): 0.30 + base,
+        names.adv("pgd20", 0.1): 0.40 + base,
+        names.adv("pgd20", 0.2): 0.10 + base,
+        names.adv("pgd10", 0.1): 0.45 + base,
+        names.occlusion(4): 0.80 + base,
+        names.occlusion(8): 0.60 + base,
+        PGD_VS_FGSM: -0.10,
+    }
     for kind, acc in (("gaussian_noise", 0.85), ("fog", 0.75)):
         for sev in (1, 2):
             m[names.corruption(kind, sev)] = acc + base + (0.02 if sev == 1 else -0.02)
@@ -66,16 +82,32 @@ def metrics(base: float, regime: str, setting: str) -> dict[str, float]:
 def cell(regime: str, setting: str, seed: int, **overrides: float) -> dict:
     pruning, sparsity, ft = ("dense", 0.0, 0) if setting == "dense" else ("magnitude", 0.5, 1)
     base = (0.0 if setting == "dense" else -0.04) + (0.0 if seed == 0 else 0.02)
-    axes = {"regime": regime, "pruning": pruning, "method": None if pruning == "dense" else "global_magnitude",
-            "sparsity": sparsity, "finetune_epochs": ft, "round": None, "seed": seed}
-    return {"axes": axes, "metrics": metrics(base, regime, setting) | overrides, "status": "done", "error": None,
-            "hash": f"{regime}-{setting}-{seed}"}
+    axes = {
+        "regime": regime,
+        "pruning": pruning,
+        "method": None if pruning == "dense" else "global_magnitude",
+        "sparsity": sparsity,
+        "finetune_epochs": ft,
+        "round": None,
+        "seed": seed,
+    }
+    return {
+        "axes": axes,
+        "metrics": metrics(base, regime, setting) | overrides,
+        "status": "done",
+        "error": None,
+        "hash": f"{regime}-{setting}-{seed}",
+    }
 
 
 def study_cells(**overrides_of) -> list[dict]:
     """Both regimes x (dense, magnitude) x seeds 0, 1; overrides_of['regime/setting/seed'] = metrics."""
-    return [cell(r, s, seed, **overrides_of.get(f"{r}/{s}/{seed}", {}))
-            for r in ("clean", "fgsm_data") for s in ("dense", "magnitude") for seed in (0, 1)]
+    return [
+        cell(r, s, seed, **overrides_of.get(f"{r}/{s}/{seed}", {}))
+        for r in ("clean", "fgsm_data")
+        for s in ("dense", "magnitude")
+        for seed in (0, 1)
+    ]
 
 
 def column(table, header: str) -> list[str]:
@@ -87,6 +119,7 @@ def by_title(tables, title: str):
 
 
 # ---- layouts and values -----------------------------------------------------------------------------
+
 
 def test_sweep_shows_only_core_metrics(study):
     t = sweep_table(study, study_cells(), "fgsm_data")
@@ -103,10 +136,26 @@ def test_mean_and_std_over_two_seeds(study):
 def test_summary_columns_follow_report_eps(study):
     t = rb.summary_table(study, study_cells(), "clean")
     # report_eps 0.2 where the attack ran at it, else its first eps (pgd10 runs 0.1 only)
-    assert t.headers == ["Setting", "Clean", "FGSM ε=0.2", "PGD20 ε=0.2", "PGD10 ε=0.1", "Occlusion", "Corruption",
-                         "Masking"]
-    assert t.rows[0] == ["Dense", "91.00 ± 1.41", "31.00 ± 1.41", "11.00 ± 1.41", "46.00 ± 1.41",
-                         "71.00 ± 1.41", "81.00 ± 1.41", "✓"]
+    assert t.headers == [
+        "Setting",
+        "Clean",
+        "FGSM ε=0.2",
+        "PGD20 ε=0.2",
+        "PGD10 ε=0.1",
+        "Occlusion",
+        "Corruption",
+        "Masking",
+    ]
+    assert t.rows[0] == [
+        "Dense",
+        "91.00 ± 1.41",
+        "31.00 ± 1.41",
+        "11.00 ± 1.41",
+        "46.00 ± 1.41",
+        "71.00 ± 1.41",
+        "81.00 ± 1.41",
+        "✓",
+    ]
     assert "2 seeds" in t.caption and "first 100 test images" in t.caption and "first 200 test images" in t.caption
     assert not t.notes
 
@@ -114,9 +163,13 @@ def test_summary_columns_follow_report_eps(study):
 def test_attack_occlusion_and_corruption_sweeps(study):
     tables = rb.detail_tables(study, study_cells(), "clean")
     assert [t.title for t in tables] == [
-        "Attack strength: FGSM (regime 'clean')", "Attack strength: PGD20 (regime 'clean')",
-        "Occlusion (regime 'clean')", "Corruptions by type (regime 'clean')",
-        "Corruptions by severity (regime 'clean')", "Transfer attacks (regime 'clean')"]
+        "Attack strength: FGSM (regime 'clean')",
+        "Attack strength: PGD20 (regime 'clean')",
+        "Occlusion (regime 'clean')",
+        "Corruptions by type (regime 'clean')",
+        "Corruptions by severity (regime 'clean')",
+        "Transfer attacks (regime 'clean')",
+    ]
     fgsm, _, occ, by_type, by_sev, _ = tables
     assert fgsm.headers == ["Setting", "ε=0.1", "ε=0.2"] and fgsm.rows[1][1:] == ["47.00 ± 1.41", "27.00 ± 1.41"]
     assert occ.headers == ["Setting", "δ=4", "δ=8"] and occ.rows[0][1:] == ["81.00 ± 1.41", "61.00 ± 1.41"]
@@ -145,6 +198,7 @@ def test_tables_are_skipped_without_their_metrics(study):
 
 # ---- gradient-masking checks ----------------------------------------------------------------------
 
+
 def test_all_checks_passed_row_counts_checks(study):
     t = rb.masking_table(study, study_cells())
     n = 8 + 4  # one check in every cell, one more in each fgsm_data cell
@@ -167,8 +221,19 @@ def test_violated_check_marks_the_stronger_attack(study):
     assert transfer.rows[1][2] == "37.00 ± 1.41 ⚠" and "⚠" not in transfer.rows[0][2]
     checks = by_title(tables, "Gradient-masking checks")
     # seed 1 of magnitude: acc pgd20@0.1 = 0.40 - 0.04 + 0.02 = 0.38, weaker = 0.38 - 0.03
-    assert checks.rows == [["clean", "magnitude s=0.5, FT 1 ep", "1", "iterative attack weaker than FGSM",
-                            "PGD20 ε=0.1", "38.00", "FGSM ε=0.1", "35.00", "3.00"]]
+    assert checks.rows == [
+        [
+            "clean",
+            "magnitude s=0.5, FT 1 ep",
+            "1",
+            "iterative attack weaker than FGSM",
+            "PGD20 ε=0.1",
+            "38.00",
+            "FGSM ε=0.1",
+            "35.00",
+            "3.00",
+        ]
+    ]
     assert checks.caption.startswith("1 of 12 checks failed")
 
 
@@ -197,21 +262,40 @@ def test_gap_at_the_tolerance_passes(study):
 
 # ---- order and rendering --------------------------------------------------------------------------
 
+
 def test_all_tables_order(study):
     cells = study_cells() + [cell("clean", "dense", 2) | {"status": "failed", "error": "boom", "metrics": {}}]
     titles = [t.title for t in all_tables(study, cells)]
-    per_regime = lambda r: [f"Robustness summary (regime '{r}')",  # noqa: E731
-                            f"Gain over the unpruned network (regime '{r}')", f"Sweep: regime '{r}'",
-                            f"Attack strength: FGSM (regime '{r}')", f"Attack strength: PGD20 (regime '{r}')",
-                            f"Occlusion (regime '{r}')", f"Corruptions by type (regime '{r}')",
-                            f"Corruptions by severity (regime '{r}')", f"Transfer attacks (regime '{r}')"]
-    assert titles == ["Table 1: robustness under different pruning methods", *per_regime("clean"),
-                      *per_regime("fgsm_data"), "Gradient-masking checks", "Failed cells"]
+    per_regime = lambda r: [  # noqa: E731
+        f"Robustness summary (regime '{r}')",
+        f"Gain over the unpruned network (regime '{r}')",
+        f"Sweep: regime '{r}'",
+        f"Attack strength: FGSM (regime '{r}')",
+        f"Attack strength: PGD20 (regime '{r}')",
+        f"Occlusion (regime '{r}')",
+        f"Corruptions by type (regime '{r}')",
+        f"Corruptions by severity (regime '{r}')",
+        f"Transfer attacks (regime '{r}')",
+    ]
+    assert titles == [
+        "Table 1: robustness under different pruning methods",
+        *per_regime("clean"),
+        *per_regime("fgsm_data"),
+        "Gradient-masking checks",
+        "Failed cells",
+    ]
 
 
 def test_markdown_escapes_pipes_and_prints_notes(study):
-    cells = study_cells(**{"clean/dense/0": {names.check("transfer", names.adv("pgd20", 0.1),
-                                                         names.transfer("pgd20", 0.1, "magnitude s=0.5 ft=1")): 0.02}})
+    cells = study_cells(
+        **{
+            "clean/dense/0": {
+                names.check(
+                    "transfer", names.adv("pgd20", 0.1), names.transfer("pgd20", 0.1, "magnitude s=0.5 ft=1")
+                ): 0.02
+            }
+        }
+    )
     assert "| x\\|y |" in to_markdown(Table("t", ["a"], [["x|y"]]))
     tables = all_tables(study, cells)
     checks = to_markdown(by_title(tables, "Gradient-masking checks"))
@@ -235,8 +319,16 @@ def test_gains_table_in_jordao_layout(study):
     # seed 1 of the pruned model gains 3 p.p. of clean accuracy over its dense model, seed 0 loses 4
     cells = study_cells(**{"clean/magnitude/1": {"acc_clean": 0.95}})
     t = rb.gains_table(study, cells, "clean")
-    assert t.headers == ["Setting", "Semantic", "Occlusion", "FGSM ε=0.2", "PGD20 ε=0.2", "PGD10 ε=0.1",
-                         "Clean", "Average"]
+    assert t.headers == [
+        "Setting",
+        "Semantic",
+        "Occlusion",
+        "FGSM ε=0.2",
+        "PGD20 ε=0.2",
+        "PGD10 ε=0.1",
+        "Clean",
+        "Average",
+    ]
     assert [r[0] for r in t.rows] == ["magnitude s=0.5, FT 1 ep"]  # the dense network is the reference
     row = dict(zip(t.headers, t.rows[0]))
     assert row["Semantic"] == "(-) 4.00 ± 0.00" and row["Occlusion"] == "(-) 4.00 ± 0.00"  # paired by seed

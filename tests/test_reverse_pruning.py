@@ -1,5 +1,6 @@
 """Reverse pruning, the high-magnitude penalty and the weight statistics (reverse-pruning paper),
 on hand-made tensors and models whose answers are known."""
+
 import math
 
 import pytest
@@ -26,7 +27,7 @@ class TwoLayers(nn.Module):
 def test_reverse_pruning_removes_exactly_the_largest_weights_globally():
     model = TwoLayers([0.1, -0.9, 0.3, 0.05], [-0.5, 0.2, 0.7, -0.01])
     method = PRUNING_METHODS.get("reverse_magnitude")()
-    masks = method.prune(model, 0.25, None, method.Params())     # 2 of 8 weights: |-0.9| and |0.7|
+    masks = method.prune(model, 0.25, None, method.Params())  # 2 of 8 weights: |-0.9| and |0.7|
     assert model.a.weight.tolist() == [[pytest.approx(0.1), 0.0, pytest.approx(0.3), pytest.approx(0.05)]]
     assert model.b.weight.tolist() == [[-0.5, pytest.approx(0.2), 0.0, pytest.approx(-0.01)]]
     assert int(sum((~m).sum() for m in masks.values())) == 2
@@ -51,14 +52,14 @@ def test_conventional_and_reverse_masks_are_complements_at_half():
 
 def test_reverse_threshold_is_the_largest_kept_magnitude():
     model = TwoLayers([0.1, -0.9, 0.3, 0.05], [-0.5, 0.2, 0.7, -0.01])
-    assert reverse_threshold(model, 0.25) == pytest.approx(0.5)   # 0.9 and 0.7 go, 0.5 is the largest left
+    assert reverse_threshold(model, 0.25) == pytest.approx(0.5)  # 0.9 and 0.7 go, 0.5 is the largest left
     assert reverse_threshold(model, 0.0) == pytest.approx(0.9)
 
 
 def test_penalty_is_zero_below_tau_and_has_the_right_gradient_above():
     w = torch.tensor([0.1, -0.2, 0.5, -0.8, 0.3], requires_grad=True)
     value = magnitude_penalty([w], 0.3)
-    assert value.item() == pytest.approx(0.2 ** 2 + 0.5 ** 2)
+    assert value.item() == pytest.approx(0.2**2 + 0.5**2)
     value.backward()
     # d/dw max(|w| - tau, 0)^2 = 2 (|w| - tau) sign(w) above tau, 0 inside [-tau, tau]
     assert w.grad.tolist() == pytest.approx([0.0, 0.0, 0.4, -1.0, 0.0])
@@ -75,8 +76,15 @@ def test_training_with_the_penalty_shrinks_the_large_weights_only():
         model = nn.Sequential(nn.Linear(4, 2))
         with torch.no_grad():
             model[0].weight.copy_(torch.tensor([[2.0, 0.05, -3.0, 0.1], [0.02, -0.04, 0.03, 1.5]]))
-        cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, momentum=0.0, weight_decay=0.0, schedule="constant",
-                          magnitude_penalty=penalty)
+        cfg = TrainConfig(
+            epochs=3,
+            batch_size=16,
+            lr=0.05,
+            momentum=0.0,
+            weight_decay=0.0,
+            schedule="constant",
+            magnitude_penalty=penalty,
+        )
         train(model, x, y, cfg, seed=0)
         return model[0].weight.detach()
 
@@ -86,8 +94,15 @@ def test_training_with_the_penalty_shrinks_the_large_weights_only():
     assert torch.allclose(penalised[small], plain[small], atol=0.02)  # below tau the penalty does nothing
 
 
-@pytest.mark.parametrize("kwargs", [{"weight": 1.0}, {"weight": 1.0, "threshold": 0.1, "threshold_from_reverse": 0.1},
-                                    {"weight": 0.0, "threshold": 0.1}, {"weight": 1.0, "threshold_from_reverse": 1.5}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"weight": 1.0},
+        {"weight": 1.0, "threshold": 0.1, "threshold_from_reverse": 0.1},
+        {"weight": 0.0, "threshold": 0.1},
+        {"weight": 1.0, "threshold_from_reverse": 1.5},
+    ],
+)
 def test_bad_penalties_are_refused(kwargs):
     with pytest.raises(ValueError):
         MagnitudePenalty(**kwargs)
@@ -106,6 +121,7 @@ def test_threshold_from_reverse_needs_a_dense_model():
 
 # ---- weight statistics -------------------------------------------------------------------------
 
+
 def test_quantiles_match_numpy():
     import numpy as np
 
@@ -117,7 +133,7 @@ def test_weight_statistics_of_a_hand_made_model():
     model = TwoLayers([3.0, -4.0], [0.0, 2.0])
     stats = weight_statistics(model)
     assert stats["weights:q0"] == -4.0 and stats["weights:q100"] == 3.0
-    assert stats["weights:q50"] == pytest.approx(1.0)            # sorted -4, 0, 2, 3: halfway between 0 and 2
+    assert stats["weights:q50"] == pytest.approx(1.0)  # sorted -4, 0, 2, 3: halfway between 0 and 2
     assert stats["weights:l1"] == 9.0 and stats["weights:linf"] == 4.0
     assert stats["weights:l2"] == pytest.approx(math.sqrt(29))
     # spectral norms of the 1x2 rows: 5 and 2, product 10
@@ -152,19 +168,39 @@ def test_a_layer_of_zeros_leaves_no_finite_bound():
 
 # ---- the study through the CLI, on real CIFAR-10 -------------------------------------------------
 
-STUDY = {"name": "rp_tiny", "dataset": "cifar10", "data": {"train_subset": 512, "test_subset": 200},
-         "model": {"name": "resnet20", "args": {"width": 4}},
-         "train": {"epochs": 1, "batch_size": 128, "lr": 0.1},
-         "finetune": {"lr": 0.01, "schedule": "constant", "weight_decay": 0.0},
-         "pruning": {"cp": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [1]},
-                     "rp": {"method": "reverse_magnitude", "sparsities": [0.1], "finetune_epochs": [0, 1]},
-                     "ours": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [1],
-                              "finetune": {"magnitude_penalty": {"weight": 10.0, "threshold_from_reverse": 0.1}}}},
-         "evaluation": {"attack_subset": 100, "attacks": {"pgd4": {"attack": "pgd", "eps": [0.0039216, 0.0313725],
-                                                                   "params": {"steps": 4}}}},
-         "tables": {"t2": {"title": "Table 2", "rows": {"Baseline": "dense", "CP": "cp@0.5", "RP": "rp@0.1"},
-                           "columns": {"Benign": "clean", "PGD-4 1/255": "pgd4@0.0039216"}, "dense": False,
-                           "show_flops": False, "transpose": True, "row_header": "Attack"}}}
+STUDY = {
+    "name": "rp_tiny",
+    "dataset": "cifar10",
+    "data": {"train_subset": 512, "test_subset": 200},
+    "model": {"name": "resnet20", "args": {"width": 4}},
+    "train": {"epochs": 1, "batch_size": 128, "lr": 0.1},
+    "finetune": {"lr": 0.01, "schedule": "constant", "weight_decay": 0.0},
+    "pruning": {
+        "cp": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [1]},
+        "rp": {"method": "reverse_magnitude", "sparsities": [0.1], "finetune_epochs": [0, 1]},
+        "ours": {
+            "method": "global_magnitude",
+            "sparsities": [0.5],
+            "finetune_epochs": [1],
+            "finetune": {"magnitude_penalty": {"weight": 10.0, "threshold_from_reverse": 0.1}},
+        },
+    },
+    "evaluation": {
+        "attack_subset": 100,
+        "attacks": {"pgd4": {"attack": "pgd", "eps": [0.0039216, 0.0313725], "params": {"steps": 4}}},
+    },
+    "tables": {
+        "t2": {
+            "title": "Table 2",
+            "rows": {"Baseline": "dense", "CP": "cp@0.5", "RP": "rp@0.1"},
+            "columns": {"Benign": "clean", "PGD-4 1/255": "pgd4@0.0039216"},
+            "dense": False,
+            "show_flops": False,
+            "transpose": True,
+            "row_header": "Attack",
+        }
+    },
+}
 
 
 @pytest.mark.slow
@@ -194,8 +230,14 @@ def test_reverse_pruning_study_through_the_cli(tmp_path, data_dir):
     rep = run_cli("report", out, "--out", tmp_path / "report")
     assert rep.returncode == 0, rep.stderr
     text = (tmp_path / "report" / "report.md").read_text()
-    assert "| Attack | Baseline | CP | RP (FT 0 ep) | RP (FT 1 ep) |" in text and "![weights](figures/weights.png)" in text
-    assert len(list((tmp_path / "report" / "tables").glob("*.tex"))) == len(list((tmp_path / "report" / "tables").glob("*.csv"))) > 5
+    assert (
+        "| Attack | Baseline | CP | RP (FT 0 ep) | RP (FT 1 ep) |" in text and "![weights](figures/weights.png)" in text
+    )
+    assert (
+        len(list((tmp_path / "report" / "tables").glob("*.tex")))
+        == len(list((tmp_path / "report" / "tables").glob("*.csv")))
+        > 5
+    )
     assert (tmp_path / "report" / "figures" / "robustness_vs_sparsity.png").exists()
     assert "weights:l1" in (tmp_path / "report" / "results.csv").read_text()
     (tmp_path / "a_file").write_text("x")

@@ -1,4 +1,5 @@
 """The study file: validation, budgets, overrides, and the expansion into hashed cells."""
+
 from __future__ import annotations
 
 import copy
@@ -28,11 +29,18 @@ def smoke(raw):
 
 # ---- loading ---------------------------------------------------------------------------------------
 
+
 def test_load_study_full(study_file):
     s = load_study(study_file, "full")
     assert s.name == "mnist_pruning_robustness" and s.dataset == "mnist"
     assert s.train.epochs == 3 and s.train.lr == 0.05 and s.finetune.lr == 0.01
-    assert s.model.name == "mnist_cnn" and s.model.args == {"conv1": 8, "conv2": 16, "fc": 128, "kernel_size": 5, "padding": 0}
+    assert s.model.name == "mnist_cnn" and s.model.args == {
+        "conv1": 8,
+        "conv2": 16,
+        "fc": 128,
+        "kernel_size": 5,
+        "padding": 0,
+    }
     assert list(s.regimes) == ["clean", "spurious", "noisy_labels", "fgsm_data"]
     assert s.pruning["magnitude"].sparsities == [0.1, 0.3, 0.5, 0.7]
     assert s.pruning["structured"].finetune_epochs == [0, 5]
@@ -44,8 +52,11 @@ def test_load_study_full(study_file):
     assert ev.transfer.attack == "pgd20" and ev.transfer_eps() == 0.1 and len(ev.transfer.models) == 3
     assert s.seeds == [0]
     assert s.data.train_subset is None
-    assert [r.label for r in s.table1.rows] == ["Magnitude (50%)", "Structured channel (30%)",
-                                                 "Lottery ticket (best round)"]
+    assert [r.label for r in s.table1.rows] == [
+        "Magnitude (50%)",
+        "Structured channel (30%)",
+        "Lottery ticket (best round)",
+    ]
 
 
 def test_load_study_smoke(study_file):
@@ -76,9 +87,18 @@ def test_full_budget_need_not_be_listed(raw):
 
 
 def test_overrides_have_yaml_types(raw):
-    s = resolve_study(raw, "test", "full", overrides=["train.epochs=5", "train.lr=0.1",
-                                                     "evaluation.attacks.fgsm.eps=[0.05, 0.1]",
-                                                     "train.nesterov=false", "data.train_subset=100"])
+    s = resolve_study(
+        raw,
+        "test",
+        "full",
+        overrides=[
+            "train.epochs=5",
+            "train.lr=0.1",
+            "evaluation.attacks.fgsm.eps=[0.05, 0.1]",
+            "train.nesterov=false",
+            "data.train_subset=100",
+        ],
+    )
     assert s.train.epochs == 5 and isinstance(s.train.epochs, int)
     assert s.train.lr == 0.1 and isinstance(s.train.lr, float)
     assert s.evaluation.attacks["fgsm"].eps == [0.05, 0.1] and s.train.nesterov is False
@@ -105,7 +125,10 @@ BAD_OVERRIDES = [
     ("bogus=1", "unknown key 'bogus'"),
     ("train.epochz=3", "unknown key 'train.epochz'"),
     ("regimes.rainy={}", "unknown training regime 'rainy'; known: clean, fgsm_data, noisy_labels, spurious"),
-    ("pruning.magnitude.method=magic", "unknown pruning method 'magic'; known: channel_l1, global_magnitude, lottery_ticket"),
+    (
+        "pruning.magnitude.method=magic",
+        "unknown pruning method 'magic'; known: channel_l1, global_magnitude, lottery_ticket",
+    ),
     ("model.name=resnet", "unknown model 'resnet'; did you mean"),
     ("dataset=svhn", "unknown dataset 'svhn'; known: cifar10, cifar100, mnist, tiny_imagenet"),
     ("pruning.magnitude.sparsities=[1.0]", "'pruning.magnitude.sparsities': sparsity 1.0 is outside [0, 1)"),
@@ -114,7 +137,10 @@ BAD_OVERRIDES = [
     ("train.epochs=-1", "'train.epochs': Input should be greater than or equal to 0"),
     ("train.epochs=2.5", "'train.epochs': Input should be a valid integer"),
     ("finetune.epochs=-1", "'finetune.epochs': Input should be greater than or equal to 0"),
-    ("pruning.magnitude.finetune_epochs=[-1]", "'pruning.magnitude.finetune_epochs': fine-tuning epochs -1 is negative"),
+    (
+        "pruning.magnitude.finetune_epochs=[-1]",
+        "'pruning.magnitude.finetune_epochs': fine-tuning epochs -1 is negative",
+    ),
     ("pruning.magnitude.finetune_epochs=[]", "'pruning.magnitude.finetune_epochs': needs at least one value"),
     ("seeds=[]", "'seeds': needs at least one seed"),
     ("seeds=[-1]", "'seeds': seeds must be >= 0"),
@@ -136,8 +162,10 @@ BAD_OVERRIDES = [
     ("evaluation.transfer.eps=0.3", "transfer.eps 0.3 is not one of attack 'pgd20''s eps [0.1, 0.2]"),
     ("evaluation.transfer.models=[dense]", "needs at least two models"),
     ("evaluation.transfer.models=[dense, nope]", "names pruning 'nope', which the study does not run"),
-    ("evaluation.transfer.models=[dense, {pruning: magnitude, sparsity: 0.4, finetune_epochs: 1}]",
-     "needs a sparsity the study runs ([0.1, 0.3, 0.5, 0.7])"),
+    (
+        "evaluation.transfer.models=[dense, {pruning: magnitude, sparsity: 0.4, finetune_epochs: 1}]",
+        "needs a sparsity the study runs ([0.1, 0.3, 0.5, 0.7])",
+    ),
     ("evaluation.transfer.models=[dense, {pruning: lottery, round: 9}]", "needs a round between 1 and 5"),
     ("evaluation.masking_tolerance=-0.1", "'evaluation.masking_tolerance': Input should be greater than or equal to 0"),
     ("evaluation.attack_subset=0", "'evaluation.attack_subset': Input should be greater than or equal to 1"),
@@ -146,7 +174,10 @@ BAD_OVERRIDES = [
     ("train.epochs=[1", "--set train.epochs: the value '[1' is not valid YAML"),
     ("name.x=1", "cannot set 'name.x' because 'name' is not a section"),
     ("table1.rows=[{label: X, pruning: nope}]", "table1 row 'X' names pruning 'nope', which the study does not run"),
-    ("table1.columns={X: [rainy, acc_clean]}", "table1 column 'X' names regime 'rainy', which the study does not train"),
+    (
+        "table1.columns={X: [rainy, acc_clean]}",
+        "table1 column 'X' names regime 'rainy', which the study does not train",
+    ),
     ("budgets=3", "'budgets': Input should be a valid dictionary"),
 ]
 
@@ -237,6 +268,7 @@ def test_minimal_study_gets_defaults(tmp_path):
 
 # ---- cells --------------------------------------------------------------------------------------------
 
+
 def test_cell_counts(full, smoke):
     cells = expand(full)
     assert len(cells) == 4 * (1 + 4 * 2 + 4 * 2 + 5) == 88
@@ -251,12 +283,26 @@ def test_cell_counts(full, smoke):
 
 def test_cell_axes(smoke):
     cells = [c for c in expand(smoke) if c.axes["regime"] == "clean"]
-    assert [c.axes["pruning"] for c in cells] == ["dense", "magnitude", "magnitude", "structured", "structured",
-                                                   "lottery", "lottery"]
+    assert [c.axes["pruning"] for c in cells] == [
+        "dense",
+        "magnitude",
+        "magnitude",
+        "structured",
+        "structured",
+        "lottery",
+        "lottery",
+    ]
     keys = {"regime", "pruning", "method", "sparsity", "finetune_epochs", "round", "seed"}
     assert all(set(c.axes) == keys for c in cells)
-    assert cells[0].axes == {"regime": "clean", "pruning": "dense", "method": None, "sparsity": 0.0,
-                             "finetune_epochs": 0, "round": None, "seed": 0}
+    assert cells[0].axes == {
+        "regime": "clean",
+        "pruning": "dense",
+        "method": None,
+        "sparsity": 0.0,
+        "finetune_epochs": 0,
+        "round": None,
+        "seed": 0,
+    }
     assert [c.axes["finetune_epochs"] for c in cells[1:3]] == [0, 1]
     assert cells[2].config["pruning"]["finetune"]["epochs"] == 1 and cells[1].config["pruning"]["finetune"] is None
     assert cells[2].config["pruning"]["finetune"]["lr"] == 0.01
@@ -280,8 +326,9 @@ def test_hashes_unique_and_stable(raw, full):
     assert {c.hash for c in three if c.axes["seed"] == 0} == set(hashes)
 
 
-@pytest.mark.parametrize("override", ["seeds=[0, 0]", "pruning.magnitude.sparsities=[0.5, 0.5]",
-                                      "pruning.structured.finetune_epochs=[0, 0]"])
+@pytest.mark.parametrize(
+    "override", ["seeds=[0, 0]", "pruning.magnitude.sparsities=[0.5, 0.5]", "pruning.structured.finetune_epochs=[0, 0]"]
+)
 def test_duplicate_axis_values_never_give_duplicate_cells(raw, override):
     # BUG: robustprune/study/schema.py accepts repeated values in seeds / sparsities / finetune_epochs,
     # and cells.expand then yields several cells with the same hash (counted twice in progress and

@@ -2,6 +2,7 @@
 (robustprune.evaluate.robustbench). The curve tests run FMN and APGD-CE on the real MNIST CNNs of
 the mnist_cnns fixture: at a fixed eps, FMN's curve must not claim more robustness than APGD-CE
 finds (a minimum-norm attack that misses breaks overstates robustness)."""
+
 from __future__ import annotations
 
 import itertools
@@ -28,6 +29,7 @@ SLACK = 0.05
 
 # ---- curve_from_norms and friends (pure) -------------------------------------------------------
 
+
 def test_curve_from_hand_made_norms():
     norms = [0.0, 0.1, 0.2, 0.3, math.inf]
     assert curve_from_norms(norms, [0, 0.05, 0.1, 0.25, 0.3, 1.0, 100]) == [0.8, 0.8, 0.6, 0.4, 0.2, 0.2, 0.2]
@@ -39,15 +41,18 @@ def test_curve_from_hand_made_norms():
     assert default_grid([0.0, math.inf], "L2", points=3) == [0.0, 5.0, 10.0]
 
 
-@pytest.mark.parametrize("norms, grid, match", [
-    ([], [0.1], "at least one"),
-    ([0.1, float("nan")], [0.1], "NaN"),
-    ([-0.1], [0.1], "negative"),
-    ([0.1], [], "eps_grid"),
-    ([0.1], [-1.0], "eps_grid"),
-    ([0.1], [math.inf], "eps_grid"),
-    ([0.1], "abc", "eps_grid"),
-])
+@pytest.mark.parametrize(
+    "norms, grid, match",
+    [
+        ([], [0.1], "at least one"),
+        ([0.1, float("nan")], [0.1], "NaN"),
+        ([-0.1], [0.1], "negative"),
+        ([0.1], [], "eps_grid"),
+        ([0.1], [-1.0], "eps_grid"),
+        ([0.1], [math.inf], "eps_grid"),
+        ([0.1], "abc", "eps_grid"),
+    ],
+)
 def test_curve_from_norms_rejects(norms, grid, match):
     with pytest.raises(UserError, match=match):
         curve_from_norms(norms, grid)
@@ -73,6 +78,7 @@ def test_security_curve_on_a_tiny_model(tiny_cnn):
 
 # ---- real models: FMN's curve against APGD-CE ------------------------------------------------------
 
+
 def _check_curve(c, model, x, y):
     acc = c["robust_accuracy"]
     assert all(a >= b for a, b in itertools.pairwise(acc)), acc  # non-increasing in eps
@@ -88,9 +94,11 @@ def test_linf_curve_agrees_with_apgd(mnist_cnns, which, eps):
     c = security_curve(model, x, y, "Linf", eps_grid=[0.0, 0.05, 0.1, 0.2, 0.3, 0.4])
     fmn = c["robust_accuracy"][c["eps"].index(eps)]
     apgd = adversarial_accuracy(model, APGDCE(eps, steps=100), x, y)
-    print(f"\n{which} Linf eps {eps}: FMN curve {fmn:.3f} ({c['seconds']:.1f} s for {len(x)} images), "
-          f"APGD-CE {apgd:.3f} ({time.perf_counter() - start - c['seconds']:.1f} s); "
-          f"median norm {c['median_norm']:.4f}")
+    print(
+        f"\n{which} Linf eps {eps}: FMN curve {fmn:.3f} ({c['seconds']:.1f} s for {len(x)} images), "
+        f"APGD-CE {apgd:.3f} ({time.perf_counter() - start - c['seconds']:.1f} s); "
+        f"median norm {c['median_norm']:.4f}"
+    )
     _check_curve(c, model, x, y)
     assert fmn <= apgd + SLACK
 
@@ -103,19 +111,29 @@ def test_l2_curve_agrees_with_apgd(mnist_cnns, which, eps):
     fmn = c["robust_accuracy"][c["eps"].index(eps)]
     ta = torchattacks.APGD(model, norm="L2", eps=eps, steps=100, n_restarts=1, loss="ce", seed=0)
     apgd = adversarial_accuracy(model, lambda m, xb, yb: ta(xb, yb), x, y)
-    print(f"\n{which} L2 eps {eps}: FMN curve {fmn:.3f} ({c['seconds']:.1f} s for {len(x)} images), "
-          f"torchattacks APGD-CE L2 {apgd:.3f}; median norm {c['median_norm']:.4f}")
+    print(
+        f"\n{which} L2 eps {eps}: FMN curve {fmn:.3f} ({c['seconds']:.1f} s for {len(x)} images), "
+        f"torchattacks APGD-CE L2 {apgd:.3f}; median norm {c['median_norm']:.4f}"
+    )
     _check_curve(c, model, x, y)
     assert fmn <= apgd + SLACK
 
 
 # ---- the figure ---------------------------------------------------------------------------------
 
+
 def test_plot_security_curves(tmp_path):
-    curves = {"dense": {"eps": [0, 0.1, 0.2, 0.3], "robust_accuracy": [0.98, 0.9, 0.75, 0.6]},
-              "pruned 90 %": {"eps": [0, 0.1, 0.2, 0.3], "robust_accuracy": [0.97, 0.85, 0.6, 0.4]}}
-    out = security.plot_security_curves(curves, tmp_path / "figs" / "security.png", "Linf",
-                               checked={"dense": (0.3, 0.58), "pruned 90 %": (0.3, 0.37)}, title="MNIST")
+    curves = {
+        "dense": {"eps": [0, 0.1, 0.2, 0.3], "robust_accuracy": [0.98, 0.9, 0.75, 0.6]},
+        "pruned 90 %": {"eps": [0, 0.1, 0.2, 0.3], "robust_accuracy": [0.97, 0.85, 0.6, 0.4]},
+    }
+    out = security.plot_security_curves(
+        curves,
+        tmp_path / "figs" / "security.png",
+        "Linf",
+        checked={"dense": (0.3, 0.58), "pruned 90 %": (0.3, 0.37)},
+        title="MNIST",
+    )
     assert out == tmp_path / "figs" / "security.png"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 1000
     assert [p.name for p in out.parent.iterdir()] == ["security.png"]  # no temporary file left
@@ -130,45 +148,90 @@ def test_plot_security_curves(tmp_path):
 
 # ---- RobustBench ------------------------------------------------------------------------------------
 
+
 def test_robustbench_formats():
     # as robustbench/utils.py update_json writes them: str(round(100 * acc, 2))
-    assert [percent(a) for a in (0.5953, 0.8969, 0.58, 0.0, 1.0, 0.29, 0.123456)] == \
-        ["59.53", "89.69", "58.0", "0.0", "100.0", "29.0", "12.35"]
+    assert [percent(a) for a in (0.5953, 0.8969, 0.58, 0.0, 1.0, 0.29, 0.123456)] == [
+        "59.53",
+        "89.69",
+        "58.0",
+        "0.0",
+        "100.0",
+        "29.0",
+        "12.35",
+    ]
     # eps as in model_info/*/Linf/*.json ("8/255", "4/255") and L2 ("0.5")
     assert eps_string(8 / 255, "Linf") == "8/255" and eps_string(4 / 255, "Linf") == "4/255"
     assert eps_string(0.3, "Linf") == "0.3" and eps_string(0.5, "L2") == "0.5" and eps_string(1.5, "L2") == "1.5"
 
 
 def test_robustbench_entry_round_trips(tmp_path):
-    entry = robustbench_entry(0.8969, 0.5953, 8 / 255, "Linf", 1000, "cifar10", "Dense_RN18",
-                              extra={"architecture": "ResNet-18", "footnote": "Evaluated on 1000 test points."})
+    entry = robustbench_entry(
+        0.8969,
+        0.5953,
+        8 / 255,
+        "Linf",
+        1000,
+        "cifar10",
+        "Dense_RN18",
+        extra={"architecture": "ResNet-18", "footnote": "Evaluated on 1000 test points."},
+    )
     assert entry == {
-        "link": "", "name": "Dense_RN18", "authors": "", "additional_data": False, "number_forward_passes": 1,
-        "dataset": "cifar10", "venue": "", "architecture": "ResNet-18", "eps": "8/255", "clean_acc": "89.69",
-        "reported": "", "autoattack_acc": "59.53", "footnote": "Evaluated on 1000 test points.",
-        "unreliable": False, "threat_model": "Linf", "n_examples": 1000}
+        "link": "",
+        "name": "Dense_RN18",
+        "authors": "",
+        "additional_data": False,
+        "number_forward_passes": 1,
+        "dataset": "cifar10",
+        "venue": "",
+        "architecture": "ResNet-18",
+        "eps": "8/255",
+        "clean_acc": "89.69",
+        "reported": "",
+        "autoattack_acc": "59.53",
+        "footnote": "Evaluated on 1000 test points.",
+        "unreliable": False,
+        "threat_model": "Linf",
+        "n_examples": 1000,
+    }
     path = tmp_path / "model_info" / "cifar10" / "Linf" / "Dense_RN18.json"
     write_robustbench_json(entry, path)
     assert json.loads(path.read_text()) == entry
     assert [p.name for p in path.parent.iterdir()] == ["Dense_RN18.json"]
     l2 = robustbench_entry(0.95, 0.7, 0.5, "L2", 500, "MNIST", "x")
-    assert (l2["eps"], l2["threat_model"], l2["dataset"], l2["clean_acc"], l2["autoattack_acc"]) == \
-        ("0.5", "L2", "mnist", "95.0", "70.0")
+    assert (l2["eps"], l2["threat_model"], l2["dataset"], l2["clean_acc"], l2["autoattack_acc"]) == (
+        "0.5",
+        "L2",
+        "mnist",
+        "95.0",
+        "70.0",
+    )
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"clean_acc": 95.0}, "clean_acc"),
-    ({"autoattack_acc": -0.1}, "autoattack_acc"),
-    ({"autoattack_acc": 0.99}, "cannot exceed"),
-    ({"eps": -1.0}, "eps"),
-    ({"norm": "L1"}, "norm"),
-    ({"n_points": 0}, "n_points"),
-    ({"dataset": ""}, "dataset"),
-    ({"extra": {"clean_acc": "99.0"}}, "measured"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"clean_acc": 95.0}, "clean_acc"),
+        ({"autoattack_acc": -0.1}, "autoattack_acc"),
+        ({"autoattack_acc": 0.99}, "cannot exceed"),
+        ({"eps": -1.0}, "eps"),
+        ({"norm": "L1"}, "norm"),
+        ({"n_points": 0}, "n_points"),
+        ({"dataset": ""}, "dataset"),
+        ({"extra": {"clean_acc": "99.0"}}, "measured"),
+    ],
+)
 def test_robustbench_entry_rejects(kwargs, match):
-    args = {"clean_acc": 0.95, "autoattack_acc": 0.6, "eps": 0.3, "norm": "Linf", "n_points": 100,
-            "dataset": "mnist", "model_name": "m", **kwargs}
+    args = {
+        "clean_acc": 0.95,
+        "autoattack_acc": 0.6,
+        "eps": 0.3,
+        "norm": "Linf",
+        "n_points": 100,
+        "dataset": "mnist",
+        "model_name": "m",
+        **kwargs,
+    }
     with pytest.raises(UserError, match=match):
         robustbench_entry(**args)
 

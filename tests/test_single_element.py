@@ -1,4 +1,5 @@
 """Algorithm 2 (remove one filter or block at a time, no adjustment) and Fig. 5's fractions."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,12 @@ from torch import nn
 from robustprune.attacks import ATTACKS
 from robustprune.models.blocks import ResidualBlock
 from robustprune.models.mnist_cnn import MnistCNN
-from robustprune.prune.single_element import (improvement_fractions, make_evaluator, remove_filter_copy,
-                                              single_element_study)
+from robustprune.prune.single_element import (
+    improvement_fractions,
+    make_evaluator,
+    remove_filter_copy,
+    single_element_study,
+)
 
 
 def randomise_bn_(model: nn.Module) -> nn.Module:
@@ -35,21 +40,43 @@ def cnn():
 
 def vgg_bn():
     torch.manual_seed(0)
-    return randomise_bn_(nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.Conv2d(5, 1, 1),  # 1 filter: skipped
-        nn.Flatten(), nn.Linear(16, 3)))
+    return randomise_bn_(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(4, 5, 3, padding=1),
+            nn.BatchNorm2d(5),
+            nn.ReLU(),
+            nn.Conv2d(5, 1, 1),  # 1 filter: skipped
+            nn.Flatten(),
+            nn.Linear(16, 3),
+        )
+    )
 
 
 class Block(ResidualBlock):
     def __init__(self, cin, cout, stride=1):
         super().__init__()
-        self.body = nn.Sequential(OrderedDict([
-            ("conv1", nn.Conv2d(cin, cout, 3, stride, 1, bias=False)), ("bn1", nn.BatchNorm2d(cout)),
-            ("relu", nn.ReLU()), ("conv2", nn.Conv2d(cout, cout, 3, 1, 1, bias=False)),
-            ("bn2", nn.BatchNorm2d(cout))]))
-        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(OrderedDict([
-            ("conv", nn.Conv2d(cin, cout, 1, stride, bias=False)), ("bn", nn.BatchNorm2d(cout))]))
+        self.body = nn.Sequential(
+            OrderedDict(
+                [
+                    ("conv1", nn.Conv2d(cin, cout, 3, stride, 1, bias=False)),
+                    ("bn1", nn.BatchNorm2d(cout)),
+                    ("relu", nn.ReLU()),
+                    ("conv2", nn.Conv2d(cout, cout, 3, 1, 1, bias=False)),
+                    ("bn2", nn.BatchNorm2d(cout)),
+                ]
+            )
+        )
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and cin == cout
+            else nn.Sequential(
+                OrderedDict([("conv", nn.Conv2d(cin, cout, 1, stride, bias=False)), ("bn", nn.BatchNorm2d(cout))])
+            )
+        )
         self.act = nn.ReLU()
 
 
@@ -71,9 +98,11 @@ def resnet():
 
 def outputs(x):
     """evaluate() that returns the logits, so rows can be compared with a reference network."""
+
     def evaluate(model):
         with torch.no_grad():
             return {"out": model.eval()(x).clone()}
+
     return evaluate
 
 
@@ -118,8 +147,12 @@ def test_residual_channels_are_one_element_and_hooks_zero_every_coupled_layer():
         per_layer.setdefault(r["layer"], []).append(r)
     # stem + block 0's conv2 share channels; block 1's conv2, its projection and block 2's conv2 too
     assert {k: (len(v), v[0]["coupled"]) for k, v in per_layer.items()} == {
-        "stem.0": (4, 2), "layer1.0.body.conv1": (4, 1), "layer1.1.body.conv1": (6, 1),
-        "layer1.1.body.conv2": (6, 3), "layer1.2.body.conv1": (6, 1)}
+        "stem.0": (4, 2),
+        "layer1.0.body.conv1": (4, 1),
+        "layer1.1.body.conv1": (6, 1),
+        "layer1.1.body.conv2": (6, 3),
+        "layer1.2.body.conv1": (6, 1),
+    }
     assert {r["method"] for r in rows} == {"hook"}
     assert_equals_reference(model, rows, x)
     physical = single_element_study(model, "filters", outputs(x), x, method="physical")
@@ -128,9 +161,20 @@ def test_residual_channels_are_one_element_and_hooks_zero_every_coupled_layer():
 
 def test_channel_through_a_bias_or_sigmoid_is_removed_physically():
     torch.manual_seed(0)
-    model = randomise_bn_(nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=4), nn.BatchNorm2d(4),
-        nn.Sigmoid(), nn.Conv2d(4, 3, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2)))
+    model = randomise_bn_(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, groups=4),
+            nn.BatchNorm2d(4),
+            nn.Sigmoid(),
+            nn.Conv2d(4, 3, 1),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(3, 2),
+        )
+    )
     x = torch.rand(3, 3, 10, 10)
     rows = single_element_study(model, "filters", outputs(x), x)
     assert {r["layer"]: r["method"] for r in rows} == {"0": "physical", "6": "hook"}
@@ -174,7 +218,9 @@ def test_blocks_are_replaced_by_identity_one_at_a_time():
     before = model(x).detach()
     rows = single_element_study(model, "blocks", outputs(x), x)
     assert [(r["element"], r["index"], r["method"]) for r in rows] == [
-        ("layer1.0", 0, "identity"), ("layer1.2", 2, "identity")]  # layer1.1 has a projection shortcut
+        ("layer1.0", 0, "identity"),
+        ("layer1.2", 2, "identity"),
+    ]  # layer1.1 has a projection shortcut
     with torch.no_grad():
         for r in rows:
             ref = TinyResNet()

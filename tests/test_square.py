@@ -1,5 +1,6 @@
 """Square Attack (Andriushchenko et al. 2020): unit tests on tiny tensors, and a cross-check against the
 independent torchattacks implementation on the adversarially trained MNIST CNN of conftest."""
+
 from __future__ import annotations
 
 import math
@@ -43,15 +44,30 @@ class Counting(nn.Module):
 
 # ---- arguments ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, word", [
-    ({"eps": -0.1}, "eps"), ({"eps": 1.5}, "eps"), ({"eps": math.nan}, "eps"), ({"eps": "0.3"}, "eps"),
-    ({"eps": True}, "eps"), ({"eps": -1.0, "norm": "L2"}, "eps"),
-    ({"norm": "L1"}, "norm"), ({"norm": None}, "norm"),
-    ({"n_queries": 0}, "n_queries"), ({"n_queries": 1.5}, "n_queries"), ({"n_queries": True}, "n_queries"),
-    ({"p_init": 0}, "p_init"), ({"p_init": 1.2}, "p_init"), ({"p_init": "0.8"}, "p_init"),
-    ({"p_init": math.nan}, "p_init"), ({"restarts": 0}, "restarts"), ({"seed": 1.5}, "seed"),
-    ({"seed": "0"}, "seed"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        ({"eps": -0.1}, "eps"),
+        ({"eps": 1.5}, "eps"),
+        ({"eps": math.nan}, "eps"),
+        ({"eps": "0.3"}, "eps"),
+        ({"eps": True}, "eps"),
+        ({"eps": -1.0, "norm": "L2"}, "eps"),
+        ({"norm": "L1"}, "norm"),
+        ({"norm": None}, "norm"),
+        ({"n_queries": 0}, "n_queries"),
+        ({"n_queries": 1.5}, "n_queries"),
+        ({"n_queries": True}, "n_queries"),
+        ({"p_init": 0}, "p_init"),
+        ({"p_init": 1.2}, "p_init"),
+        ({"p_init": "0.8"}, "p_init"),
+        ({"p_init": math.nan}, "p_init"),
+        ({"restarts": 0}, "restarts"),
+        ({"seed": 1.5}, "seed"),
+        ({"seed": "0"}, "seed"),
+    ],
+)
 def test_square_rejects_bad_arguments(kwargs, word):
     kwargs = {"eps": 0.3, **kwargs}
     with pytest.raises(UserError, match=word):
@@ -77,10 +93,22 @@ def test_square_rejects_bad_images(tiny_cnn):
 
 # ---- the pieces ---------------------------------------------------------------------------------------
 
+
 def test_window_fraction_follows_the_paper_schedule():
     # 10 000 queries: halved after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000
     assert [window_fraction(0.8, i, 10000) for i in (0, 10, 11, 50, 51, 201, 1001, 4001, 8000, 8001, 9999)] == [
-        0.8, 0.8, 0.4, 0.4, 0.2, 0.1, 0.025, 0.8 / 128, 0.8 / 256, 0.8 / 512, 0.8 / 512]
+        0.8,
+        0.8,
+        0.4,
+        0.4,
+        0.2,
+        0.1,
+        0.025,
+        0.8 / 128,
+        0.8 / 256,
+        0.8 / 512,
+        0.8 / 512,
+    ]
     # 1000 queries: the same schedule at a tenth of the iterations
     assert [window_fraction(0.8, i, 1000) for i in (1, 2, 5, 6, 999)] == [0.8, 0.4, 0.4, 0.2, 0.8 / 512]
 
@@ -100,12 +128,13 @@ def test_centre_pattern_matches_torchattacks():
     for s in (1, 3, 5, 6, 25):
         p = centre_pattern(s)
         assert p.norm().item() == pytest.approx(1.0)
-        assert (p[: s // 2] >= 0).all() and (p[s // 2:] < 0).all()
+        assert (p[: s // 2] >= 0).all() and (p[s // 2 :] < 0).all()
         eta = ta.eta(s).double()  # randomly transposed
         assert min((eta - p).abs().max(), (eta - p.t()).abs().max()) < 1e-6
 
 
 # ---- the attack on a tiny CNN -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("norm, eps", [("Linf", 0.3), ("L2", 2.0)])
 def test_square_stays_in_the_ball_and_breaks_points(tiny_batch, norm, eps):
@@ -175,6 +204,7 @@ def test_square_leaves_the_model_as_it_was(tiny_batch):
 
 # ---- cross-check against torchattacks on the adversarially trained MNIST CNN ----------------------------
 
+
 def robust_accuracy(model, x, y) -> float:
     return (predicted(model, x) == y).float().mean().item()
 
@@ -213,9 +243,11 @@ def test_square_is_no_weaker_than_torchattacks(mnist_cnns, norm, eps, seeds, tol
         torch.set_num_threads(threads)
     clean = robust_accuracy(model, x, y)
     ours_mean, theirs_mean = sum(ours) / len(ours), sum(theirs) / len(theirs)
-    print(f"\nSquare {norm} eps={eps}, 200 images, 1000 queries, seeds {seeds}: clean {clean:.3f}; robust accuracy "
-          f"robustprune {[round(a, 3) for a in ours]} (mean {ours_mean:.3f}, {t_ours:.1f} s), torchattacks "
-          f"{[round(a, 3) for a in theirs]} "
-          f"(mean {theirs_mean:.3f}, {t_theirs:.1f} s)")
+    print(
+        f"\nSquare {norm} eps={eps}, 200 images, 1000 queries, seeds {seeds}: clean {clean:.3f}; robust accuracy "
+        f"robustprune {[round(a, 3) for a in ours]} (mean {ours_mean:.3f}, {t_ours:.1f} s), torchattacks "
+        f"{[round(a, 3) for a in theirs]} "
+        f"(mean {theirs_mean:.3f}, {t_theirs:.1f} s)"
+    )
     assert clean > 0.9 and ours_mean < clean - 0.2  # a robust model, and an attack that bites
     assert ours_mean <= theirs_mean + tol + 1e-9

@@ -1,5 +1,6 @@
 """Statistics behind the tables: the confidence interval over seeds, the paired bootstrap over seeds
 and images, per-image results in the store, and the significance marks of the gains table."""
+
 import numpy as np
 import pytest
 
@@ -8,7 +9,7 @@ from robustprune.report.stats import ci95, paired_bootstrap, pooled
 
 def test_ci95_is_the_student_t_interval():
     low, high = ci95([1.0, 2.0, 3.0])
-    assert (low, high) == pytest.approx((2 - 4.302653 / 3 ** 0.5, 2 + 4.302653 / 3 ** 0.5))
+    assert (low, high) == pytest.approx((2 - 4.302653 / 3**0.5, 2 + 4.302653 / 3**0.5))
     assert ci95([1.0]) is None
 
 
@@ -21,7 +22,7 @@ def test_identical_models_differ_by_nothing():
 def test_a_clear_difference_is_significant_and_its_interval_holds_it():
     rng = np.random.default_rng(1)
     b = rng.random(1000) < 0.6
-    a = b | (rng.random(1000) < 0.3)                     # a keeps every b hit and adds about 12 p.p.
+    a = b | (rng.random(1000) < 0.3)  # a keeps every b hit and adds about 12 p.p.
     d = paired_bootstrap([(a, b)])
     assert d.significant and d.p < 0.001 and d.low < d.mean < d.high
     assert d.mean == pytest.approx((a.sum() - b.sum()) / 1000)
@@ -51,7 +52,7 @@ def test_the_multinomial_shortcut_matches_resampling_images():
 def test_seeds_are_resampled_too():
     rng = np.random.default_rng(4)
     pairs = []
-    for shift in (0.0, 0.05, 0.10):                      # seeds that disagree widen the interval
+    for shift in (0.0, 0.05, 0.10):  # seeds that disagree widen the interval
         b = rng.random(2000) < 0.5
         a = b | (rng.random(2000) < shift)
         pairs.append((a, b))
@@ -71,8 +72,7 @@ def test_per_image_results_round_trip_through_the_store(tmp_path):
     from robustprune.study.store import Store
 
     hits = np.random.default_rng(5).random(1001) < 0.5
-    cell = Cell(hash="h1", study="s", axes={"seed": 0, "regime": "clean", "pruning": "dense"}, config={},
-                dense_key={})
+    cell = Cell(hash="h1", study="s", axes={"seed": 0, "regime": "clean", "pruning": "dense"}, config={}, dense_key={})
     store = Store(tmp_path / "r.sqlite")
     store.put(cell, {"acc_clean": float(hits.mean())}, 1.0, per_image={"acc_clean": hits})
     (c,) = store.cells()
@@ -85,27 +85,43 @@ def test_gains_table_marks_significant_differences():
     from robustprune.report.robustness import gains_table, summary_table
     from robustprune.study.schema import StudyConfig
 
-    study = StudyConfig(name="t", pruning={"m": {"method": "global_magnitude", "sparsities": [0.5],
-                                                 "finetune_epochs": [1]}},
-                        evaluation={"attacks": {"fgsm": {"eps": [0.1]}}})
+    study = StudyConfig(
+        name="t",
+        pruning={"m": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [1]}},
+        evaluation={"attacks": {"fgsm": {"eps": [0.1]}}},
+    )
     rng = np.random.default_rng(6)
     cells = []
     for seed in (0, 1):
         dense_clean = rng.random(1000) < 0.9
         dense_adv = rng.random(1000) < 0.3
         pruned_clean = dense_clean.copy()
-        pruned_clean[:3] = ~pruned_clean[:3]                                  # a few flips: noise
-        pruned_adv = dense_adv | (rng.random(1000) < 0.2)                     # a real gain
+        pruned_clean[:3] = ~pruned_clean[:3]  # a few flips: noise
+        pruned_adv = dense_adv | (rng.random(1000) < 0.2)  # a real gain
         for pruning, clean, adv in (("dense", dense_clean, dense_adv), ("m", pruned_clean, pruned_adv)):
-            axes = {"regime": "clean", "pruning": pruning, "method": None, "sparsity": 0.0 if pruning == "dense" else 0.5,
-                    "finetune_epochs": 0 if pruning == "dense" else 1, "round": None, "seed": seed}
-            cells.append({"hash": f"{pruning}{seed}", "axes": axes, "status": "done", "error": None,
-                          "metrics": {"acc_clean": clean.mean(), "acc_adv:fgsm@0.1": adv.mean()},
-                          "per_image": {"acc_clean": clean, "acc_adv:fgsm@0.1": adv}})
+            axes = {
+                "regime": "clean",
+                "pruning": pruning,
+                "method": None,
+                "sparsity": 0.0 if pruning == "dense" else 0.5,
+                "finetune_epochs": 0 if pruning == "dense" else 1,
+                "round": None,
+                "seed": seed,
+            }
+            cells.append(
+                {
+                    "hash": f"{pruning}{seed}",
+                    "axes": axes,
+                    "status": "done",
+                    "error": None,
+                    "metrics": {"acc_clean": clean.mean(), "acc_adv:fgsm@0.1": adv.mean()},
+                    "per_image": {"acc_clean": clean, "acc_adv:fgsm@0.1": adv},
+                }
+            )
     t = gains_table(study, cells, "clean", flags=set())
     summary = summary_table(study, cells, "clean", flags=set())
     pruned_row = summary.rows[1]
-    assert pruned_row[2].endswith(" *") and not pruned_row[1].endswith(" *")   # FGSM gain is real, clean is not
+    assert pruned_row[2].endswith(" *") and not pruned_row[1].endswith(" *")  # FGSM gain is real, clean is not
     assert not summary.rows[0][2].endswith(" *") and any("differs significantly" in n for n in summary.notes)
     fgsm, clean = t.rows[0][1], t.rows[0][2]
     assert fgsm.startswith("(+) ") and fgsm.endswith(" *")

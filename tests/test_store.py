@@ -1,4 +1,5 @@
 """The SQLite result store and the long CSV export."""
+
 from __future__ import annotations
 
 import csv
@@ -14,13 +15,25 @@ from robustprune.report.tables import long_csv
 from robustprune.study.cells import Cell
 from robustprune.study.store import Store
 
-AXES = {"regime": "clean", "pruning": "magnitude", "method": "global_magnitude", "sparsity": 0.5,
-        "finetune_epochs": 2, "round": None, "seed": 3}
+AXES = {
+    "regime": "clean",
+    "pruning": "magnitude",
+    "method": "global_magnitude",
+    "sparsity": 0.5,
+    "finetune_epochs": 2,
+    "round": None,
+    "seed": 3,
+}
 
 
 def cell(h="abc", **axes) -> Cell:
-    return Cell(study="s", axes=AXES | axes, config={"train": {"epochs": 3}, "pruning": {"sparsity": 0.5}, "h": h},
-                hash=h, dense_key={})
+    return Cell(
+        study="s",
+        axes=AXES | axes,
+        config={"train": {"epochs": 3}, "pruning": {"sparsity": 0.5}, "h": h},
+        hash=h,
+        dense_key={},
+    )
 
 
 @pytest.fixture
@@ -64,19 +77,29 @@ def test_rows_carry_config_hash_seed_versions_wall_time(store):
     c = cell()
     store.put(c, {"acc_clean": 0.75}, 2.5, history=[{"epoch": 1, "loss": 0.3}])
     h, study, seed, metric, value, axes, config, versions, wall = store.db.execute(
-        "SELECT hash, study, seed, metric, value, axes, config, versions, wall_time_s FROM results").fetchone()
+        "SELECT hash, study, seed, metric, value, axes, config, versions, wall_time_s FROM results"
+    ).fetchone()
     assert (h, study, seed, metric, value, wall) == ("abc", "s", 3, "acc_clean", 0.75, 2.5)
     assert json.loads(config) == c.config and json.loads(axes) == c.axes
     v = json.loads(versions)
     assert v["torch"] == torch.__version__ and v["robustprune"] == "0.1.0"
     assert {"numpy", "torch_pruning", "python"} <= set(v)
     status, error, finished, cell_versions = store.db.execute(
-        "SELECT status, error, finished_at, versions FROM cells").fetchone()
+        "SELECT status, error, finished_at, versions FROM cells"
+    ).fetchone()
     assert status == "done" and error is None and finished and json.loads(cell_versions) == v
     [row] = store.cells()
-    assert row == {"hash": "abc", "axes": c.axes, "config": c.config, "status": "done", "error": None,
-                   "wall_time_s": 2.5, "metrics": {"acc_clean": 0.75}, "history": [{"epoch": 1, "loss": 0.3}],
-                   "per_image": {}}
+    assert row == {
+        "hash": "abc",
+        "axes": c.axes,
+        "config": c.config,
+        "status": "done",
+        "error": None,
+        "wall_time_s": 2.5,
+        "metrics": {"acc_clean": 0.75},
+        "history": [{"epoch": 1, "loss": 0.3}],
+        "per_image": {},
+    }
 
 
 def test_failed_cell_recorded(store):
@@ -154,8 +177,19 @@ def test_readonly_missing_store(tmp_path):
 
 # ---- long CSV ----------------------------------------------------------------------------------------
 
-HEADER = ["regime", "pruning", "method", "sparsity", "finetune_epochs", "round", "seed", "metric", "value",
-          "config_hash", "status"]
+HEADER = [
+    "regime",
+    "pruning",
+    "method",
+    "sparsity",
+    "finetune_epochs",
+    "round",
+    "seed",
+    "metric",
+    "value",
+    "config_hash",
+    "status",
+]
 
 
 def test_long_csv_one_row_per_cell_and_metric(store):
@@ -174,8 +208,10 @@ def test_long_csv_one_row_per_cell_and_metric(store):
 def test_long_csv_failed_cell(store):
     store.put(cell("bad", round=2), {}, 1.0, status="failed", error="diverged")
     rows = list(csv.reader(io.StringIO(long_csv(store.cells()))))
-    assert rows == [HEADER, ["clean", "magnitude", "global_magnitude", "0.5", "2", "2", "3", "error", "diverged",
-                             "bad", "failed"]]
+    assert rows == [
+        HEADER,
+        ["clean", "magnitude", "global_magnitude", "0.5", "2", "2", "3", "error", "diverged", "bad", "failed"],
+    ]
 
 
 def test_long_csv_empty():

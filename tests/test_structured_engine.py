@@ -2,6 +2,7 @@
 per-layer), residual-block removal, filters + blocks, iterative pruning (Algorithm 1 of Jordão &
 Pedrini), and the errors a user can cause. Tiny models defined here; the criteria are local so the
 tests do not depend on the registered ones."""
+
 from __future__ import annotations
 
 import copy
@@ -18,25 +19,42 @@ from robustprune.errors import UserError
 from robustprune.models.blocks import ResidualBlock
 from robustprune.prune.blocks import prune_blocks_, removable_blocks
 from robustprune.prune.criteria import Criterion
-from robustprune.prune.structured import (StructuredParams, channel_widths, check_ratio, filter_count,
-                                          filters_to_remove, iterative_prune, prune_filters_,
-                                          prune_structured_, remove_filters_)
+from robustprune.prune.structured import (
+    StructuredParams,
+    channel_widths,
+    check_ratio,
+    filter_count,
+    filters_to_remove,
+    iterative_prune,
+    prune_filters_,
+    prune_structured_,
+    remove_filters_,
+)
 
 X_CIFAR = torch.zeros(1, 3, 16, 16)
 
 
 # ---- tiny models -------------------------------------------------------------------------------------
 
+
 class MiniBlock(ResidualBlock):
     def __init__(self, cin, cout, stride=1):
         super().__init__()
-        self.body = nn.Sequential(OrderedDict([
-            ("conv1", nn.Conv2d(cin, cout, 3, stride, 1, bias=False)), ("bn1", nn.BatchNorm2d(cout)),
-            ("relu", nn.ReLU()),
-            ("conv2", nn.Conv2d(cout, cout, 3, 1, 1, bias=False)), ("bn2", nn.BatchNorm2d(cout))]))
+        self.body = nn.Sequential(
+            OrderedDict(
+                [
+                    ("conv1", nn.Conv2d(cin, cout, 3, stride, 1, bias=False)),
+                    ("bn1", nn.BatchNorm2d(cout)),
+                    ("relu", nn.ReLU()),
+                    ("conv2", nn.Conv2d(cout, cout, 3, 1, 1, bias=False)),
+                    ("bn2", nn.BatchNorm2d(cout)),
+                ]
+            )
+        )
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(OrderedDict([
-                ("conv", nn.Conv2d(cin, cout, 1, stride, bias=False)), ("bn", nn.BatchNorm2d(cout))]))
+            self.shortcut = nn.Sequential(
+                OrderedDict([("conv", nn.Conv2d(cin, cout, 1, stride, bias=False)), ("bn", nn.BatchNorm2d(cout))])
+            )
         else:
             self.shortcut = nn.Identity()
         self.act = nn.ReLU()
@@ -49,8 +67,11 @@ class MiniResNet(nn.Module):
     def __init__(self, widths=(8, 16), classes=10):
         super().__init__()
         w1, w2 = widths
-        self.stem = nn.Sequential(OrderedDict([
-            ("conv", nn.Conv2d(3, w1, 3, 1, 1, bias=False)), ("bn", nn.BatchNorm2d(w1)), ("relu", nn.ReLU())]))
+        self.stem = nn.Sequential(
+            OrderedDict(
+                [("conv", nn.Conv2d(3, w1, 3, 1, 1, bias=False)), ("bn", nn.BatchNorm2d(w1)), ("relu", nn.ReLU())]
+            )
+        )
         self.layer1 = nn.Sequential(MiniBlock(w1, w1), MiniBlock(w1, w1))
         self.layer2 = nn.Sequential(MiniBlock(w1, w2, 2), MiniBlock(w2, w2))
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -66,8 +87,11 @@ class PlainCNN(nn.Module):
         super().__init__()
         layers, cin = [], 3
         for i, w in enumerate(widths):
-            layers += [(f"conv{i}", nn.Conv2d(cin, w, 3, padding=1)), (f"bn{i}", nn.BatchNorm2d(w)),
-                       (f"relu{i}", nn.ReLU())]
+            layers += [
+                (f"conv{i}", nn.Conv2d(cin, w, 3, padding=1)),
+                (f"bn{i}", nn.BatchNorm2d(w)),
+                (f"relu{i}", nn.ReLU()),
+            ]
             cin = w
         self.features = nn.Sequential(OrderedDict(layers))
         self.pool = nn.AdaptiveAvgPool2d(2)
@@ -115,6 +139,7 @@ def images(n=4, seed=3, size=16):
 
 # ---- local criteria ------------------------------------------------------------------------------------
 
+
 class RootL1(Criterion):
     """L1 norm of the group's root conv filters (as channel_l1 scores them); blocks by the L1 norm
     of the last BN of their body (a block whose body output is zero scores 0)."""
@@ -153,8 +178,12 @@ class NeedsData(RootL1):
 
 RESNET_GROUPS = [  # the coupled layers of MiniResNet (out channels pruned together)
     ["stem.conv", "layer1.0.body.conv2", "layer1.1.body.conv2"],
-    ["layer1.0.body.conv1"], ["layer1.1.body.conv1"], ["layer2.0.body.conv1"],
-    ["layer2.0.body.conv2", "layer2.0.shortcut.conv", "layer2.1.body.conv2"], ["layer2.1.body.conv1"]]
+    ["layer1.0.body.conv1"],
+    ["layer1.1.body.conv1"],
+    ["layer2.0.body.conv1"],
+    ["layer2.0.body.conv2", "layer2.0.shortcut.conv", "layer2.1.body.conv2"],
+    ["layer2.1.body.conv1"],
+]
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.1, 0.25, 0.3, 0.5, 0.7])
@@ -273,8 +302,15 @@ def test_classifier_is_never_pruned_and_ignored_layers_stay():
 
 def test_grouped_channels_are_pruned_in_every_group():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
-                          nn.Conv2d(8, 6, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.GroupNorm(2, 8),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 4),
+    )
     prune_filters_(model, RootL1(), 0.25, X_CIFAR)  # 4 positions per channel group: 1 removed in each
     assert model[0].out_channels == 6 and model[1].num_channels == 6 and model[1].num_groups == 2
     assert model[3].out_channels == 4  # round(0.25 * 6) = round(1.5) = 2 (half to even)
@@ -284,11 +320,13 @@ def test_grouped_channels_are_pruned_in_every_group():
 
 # ---- per-layer ratios -----------------------------------------------------------------------------------
 
+
 def test_layer_ratios_prune_exactly_the_named_layers():
     model = resnet()
     before = convs(model)
-    prune_filters_(model, RootL1(), 0.0, X_CIFAR,
-                   layer_ratios={"layer1.0.body.conv1": 0.5, "layer2.1.body.conv1": 0.25})
+    prune_filters_(
+        model, RootL1(), 0.0, X_CIFAR, layer_ratios={"layer1.0.body.conv1": 0.5, "layer2.1.body.conv1": 0.25}
+    )
     after = convs(model)
     changed = {n: (before[n], after[n]) for n in before if before[n] != after[n]}
     assert changed == {"layer1.0.body.conv1": (8, 4), "layer2.1.body.conv1": (16, 12)}
@@ -328,6 +366,7 @@ def test_layer_ratio_errors():
 
 # ---- global -------------------------------------------------------------------------------------------
 
+
 def test_global_removes_the_globally_lowest():
     model = plain()
     tiny = [0, 2, 4, 6, 8]
@@ -351,7 +390,7 @@ def test_global_matches_a_brute_force_ranking(normalize):
         s = model.get_submodule(name).weight.detach().abs().flatten(1).sum(1)
         scores += [(float(v / s.mean() if normalize else v), name, i) for i, v in enumerate(s)]
     ratio = 0.3
-    lowest = sorted(scores, key=lambda t: t[0])[:round(ratio * 36)]
+    lowest = sorted(scores, key=lambda t: t[0])[: round(ratio * 36)]
     expected = {n: w - sum(1 for _, m, _ in lowest if m == n) for n, w in convs(model).items()}
     prune_filters_(model, RootL1(), ratio, X_CIFAR, scope="global", normalize=normalize)
     assert convs(model) == expected
@@ -362,6 +401,7 @@ def test_global_matches_a_brute_force_ranking(normalize):
 def test_global_normalisation_follows_the_criterion():
     """A criterion that declares its scores comparable across layers (normalized = True, as LAMP's
     are) is ranked raw; others are divided by their group's mean."""
+
     class Raw(RootL1):
         normalized = True
 
@@ -390,6 +430,7 @@ def test_global_keeps_one_filter_per_group_or_refuses():
 
 # ---- criterion data -----------------------------------------------------------------------------------
 
+
 def test_data_criterion_is_prepared_on_the_unpruned_model():
     crit, x, y = NeedsData(), images(6), torch.arange(6)
     model = resnet()
@@ -403,6 +444,7 @@ def test_data_criterion_is_prepared_on_the_unpruned_model():
 
 
 # ---- blocks ---------------------------------------------------------------------------------------------
+
 
 def test_block_pruning_removes_the_planted_identity_block_first():
     model = resnet()
@@ -432,8 +474,9 @@ def test_block_ratio_is_a_share_of_removable_blocks(ratio, n):
 
 def test_block_ties_go_to_the_earlier_block():
     model = resnet()
-    assert prune_blocks_(model, FixedBlockScores(dict.fromkeys(["layer1.0", "layer1.1", "layer2.1"], 1.0)),
-                         count=1) == ["layer1.0"]
+    assert prune_blocks_(
+        model, FixedBlockScores(dict.fromkeys(["layer1.0", "layer1.1", "layer2.1"], 1.0)), count=1
+    ) == ["layer1.0"]
 
 
 def test_refuses_emptying_a_stage():
@@ -450,8 +493,13 @@ def test_refuses_emptying_a_stage():
 def test_a_stage_that_keeps_a_strided_block_may_lose_all_its_residual_blocks():
     """MobileNetV2-like: the stage's first block is a plain module, so its residual blocks can all go."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sequential(nn.Conv2d(8, 8, 1), MiniBlock(8, 8)),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.Sequential(nn.Conv2d(8, 8, 1), MiniBlock(8, 8)),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
     assert prune_blocks_(model, RootL1(), count=1) == ["1.1"]
     assert isinstance(model[1][1], nn.Identity)
 
@@ -464,11 +512,19 @@ def test_refuses_models_without_removable_blocks():
         prune_blocks_(projection_only, RootL1(), 0.5)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({}, "either a ratio or a count"), ({"ratio": 0.3, "count": 1}, "either a ratio or a count"),
-    ({"ratio": 1.0}, r"block pruning ratio must be a number in \[0, 1\)"), ({"ratio": -0.1}, "block pruning ratio"),
-    ({"count": 4}, "from 0 to 3"), ({"count": -1}, "from 0 to 3"), ({"count": 1.0}, "whole number"),
-    ({"count": True}, "whole number")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({}, "either a ratio or a count"),
+        ({"ratio": 0.3, "count": 1}, "either a ratio or a count"),
+        ({"ratio": 1.0}, r"block pruning ratio must be a number in \[0, 1\)"),
+        ({"ratio": -0.1}, "block pruning ratio"),
+        ({"count": 4}, "from 0 to 3"),
+        ({"count": -1}, "from 0 to 3"),
+        ({"count": 1.0}, "whole number"),
+        ({"count": True}, "whole number"),
+    ],
+)
 def test_block_argument_errors(kwargs, match):
     with pytest.raises(UserError, match=match):
         prune_blocks_(resnet(), RootL1(), **kwargs)
@@ -487,6 +543,7 @@ def test_criterion_without_block_scores_is_refused():
 
 # ---- filters + blocks ---------------------------------------------------------------------------------
 
+
 def test_both_removes_blocks_first_then_filters():
     model = resnet()
     with torch.no_grad():
@@ -495,9 +552,16 @@ def test_both_removes_blocks_first_then_filters():
     removed = prune_structured_(model, RootL1(), (0.34, 0.25), X_CIFAR, target="both")
     assert removed == ["layer2.1"]
     assert "layer2.1.body.conv1" not in convs(model)
-    assert convs(model) == {"stem.conv": 6, "layer1.0.body.conv1": 6, "layer1.0.body.conv2": 6,
-                            "layer1.1.body.conv1": 6, "layer1.1.body.conv2": 6, "layer2.0.body.conv1": 12,
-                            "layer2.0.body.conv2": 12, "layer2.0.shortcut.conv": 12}
+    assert convs(model) == {
+        "stem.conv": 6,
+        "layer1.0.body.conv1": 6,
+        "layer1.0.body.conv2": 6,
+        "layer1.1.body.conv1": 6,
+        "layer1.1.body.conv2": 6,
+        "layer2.0.body.conv1": 12,
+        "layer2.0.body.conv2": 12,
+        "layer2.0.shortcut.conv": 12,
+    }
     with torch.no_grad():
         assert model(images()).shape == (4, 10)
 
@@ -507,31 +571,43 @@ def test_structured_targets():
     assert prune_structured_(model, RootL1(), 0.25, X_CIFAR) == []
     assert convs(model)["stem.conv"] == 6
     model = resnet()
-    assert prune_structured_(model, FixedBlockScores({"layer1.0": 0, "layer1.1": 1, "layer2.1": 2}), 0.34,
-                             X_CIFAR, target="blocks") == ["layer1.0"]
+    assert prune_structured_(
+        model, FixedBlockScores({"layer1.0": 0, "layer1.1": 1, "layer2.1": 2}), 0.34, X_CIFAR, target="blocks"
+    ) == ["layer1.0"]
     assert convs(model)["stem.conv"] == 8
     # a layer ratio naming a layer of a removed block goes with the block
     model = resnet()
-    prune_structured_(model, FixedBlockScores({"layer1.0": 0, "layer1.1": 1, "layer2.1": 2}), (0.34, 0.0),
-                      X_CIFAR, target="both", layer_ratios={"layer1.0.body.conv1": 0.5, "layer1.1.body.conv1": 0.5})
+    prune_structured_(
+        model,
+        FixedBlockScores({"layer1.0": 0, "layer1.1": 1, "layer2.1": 2}),
+        (0.34, 0.0),
+        X_CIFAR,
+        target="both",
+        layer_ratios={"layer1.0.body.conv1": 0.5, "layer1.1.body.conv1": 0.5},
+    )
     assert convs(model)["layer1.1.body.conv1"] == 4 and "layer1.0.body.conv1" not in convs(model)
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda m: prune_structured_(m, RootL1(), 0.3, X_CIFAR, target="layers"), "unknown pruning target 'layers'"),
-    (lambda m: prune_structured_(m, RootL1(), (0.3, 0.2), X_CIFAR), "needs target 'both'"),
-    (lambda m: prune_structured_(m, RootL1(), (0.3,), X_CIFAR, target="both"), "two numbers"),
-    (lambda m: prune_structured_(m, RootL1(), (0.3, 1.2), X_CIFAR, target="both"), r"in \[0, 1\)"),
-    (lambda m: prune_structured_(m, RootL1(), 0.3, X_CIFAR, target="both", layer_ratios={"x": 0.1}),
-     "'x' is not a layer"),
-    (lambda m: prune_filters_(m, RootL1(), 0.3, X_CIFAR, scope="local"), "unknown pruning scope 'local'"),
-    (lambda m: prune_filters_(m, RootL1(), 1.0, X_CIFAR), r"pruning ratio must be a number in \[0, 1\)"),
-    (lambda m: prune_filters_(m, RootL1(), -0.2, X_CIFAR), "pruning ratio must be"),
-    (lambda m: prune_filters_(m, RootL1(), float("nan"), X_CIFAR), "pruning ratio must be"),
-    (lambda m: prune_filters_(m, RootL1(), "0.3", X_CIFAR), "pruning ratio must be"),
-    (lambda m: prune_filters_(m, RootL1(), 0.95, X_CIFAR), "would remove all of them"),
-    (lambda m: prune_filters_(m, RootL1(), 0.3, X_CIFAR, ignored_layers=["nope"]), "ignored layer 'nope'"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda m: prune_structured_(m, RootL1(), 0.3, X_CIFAR, target="layers"), "unknown pruning target 'layers'"),
+        (lambda m: prune_structured_(m, RootL1(), (0.3, 0.2), X_CIFAR), "needs target 'both'"),
+        (lambda m: prune_structured_(m, RootL1(), (0.3,), X_CIFAR, target="both"), "two numbers"),
+        (lambda m: prune_structured_(m, RootL1(), (0.3, 1.2), X_CIFAR, target="both"), r"in \[0, 1\)"),
+        (
+            lambda m: prune_structured_(m, RootL1(), 0.3, X_CIFAR, target="both", layer_ratios={"x": 0.1}),
+            "'x' is not a layer",
+        ),
+        (lambda m: prune_filters_(m, RootL1(), 0.3, X_CIFAR, scope="local"), "unknown pruning scope 'local'"),
+        (lambda m: prune_filters_(m, RootL1(), 1.0, X_CIFAR), r"pruning ratio must be a number in \[0, 1\)"),
+        (lambda m: prune_filters_(m, RootL1(), -0.2, X_CIFAR), "pruning ratio must be"),
+        (lambda m: prune_filters_(m, RootL1(), float("nan"), X_CIFAR), "pruning ratio must be"),
+        (lambda m: prune_filters_(m, RootL1(), "0.3", X_CIFAR), "pruning ratio must be"),
+        (lambda m: prune_filters_(m, RootL1(), 0.95, X_CIFAR), "would remove all of them"),
+        (lambda m: prune_filters_(m, RootL1(), 0.3, X_CIFAR, ignored_layers=["nope"]), "ignored layer 'nope'"),
+    ],
+)
 def test_bad_inputs_are_user_errors(call, match):
     model = resnet()
     before = copy.deepcopy(model.state_dict())
@@ -558,6 +634,7 @@ def test_check_ratio():
 
 # ---- iterative (Algorithm 1) ---------------------------------------------------------------------------
 
+
 def test_iterative_prunes_the_remaining_share_and_adjusts_each_round():
     model = plain(widths=(64, 64, 64))
     calls = []
@@ -571,7 +648,7 @@ def test_iterative_prunes_the_remaining_share_and_adjusts_each_round():
     assert iterative_prune(model, 3, 0.2, prune, adjust) is model
     # per layer 64 -> 51 -> 41 -> 33 (round(0.2 * n) of what remains each round)
     assert calls == [(1, 3 * 51), (2, 3 * 41), (3, 3 * 33)]
-    assert math.isclose(33 / 64, 0.8 ** 3, abs_tol=0.01)
+    assert math.isclose(33 / 64, 0.8**3, abs_tol=0.01)
 
 
 def test_iterative_blocks_and_errors():
@@ -591,13 +668,20 @@ def test_structured_params():
     p = StructuredParams()
     assert (p.criterion, p.target, p.scope, p.layer_ratios, p.rounds) == ("l1", "filters", "uniform", None, 1)
     StructuredParams(target="both", block_ratio=0.2, layer_ratios={"layer1.0.body.conv1": 0.5}, rounds=3)
-    for bad in ({"target": "layers"}, {"scope": "local"}, {"rounds": 0}, {"layer_ratios": {"a": 1.0}},
-                {"block_ratio": 1.0}, {"unknown": 1}):
+    for bad in (
+        {"target": "layers"},
+        {"scope": "local"},
+        {"rounds": 0},
+        {"layer_ratios": {"a": 1.0}},
+        {"block_ratio": 1.0},
+        {"unknown": 1},
+    ):
         with pytest.raises(pydantic.ValidationError):
             StructuredParams(**bad)
 
 
 # ---- the CIFAR models (when registered) -------------------------------------------------------------------
+
 
 def _cifar(name):
     from robustprune.models import MODELS, build_model
@@ -620,8 +704,10 @@ def test_cifar_models_prune_filters(name):
     before, filters = n_params(model), filter_count(model)
     t = time.perf_counter()
     prune_filters_(model, BodyL1(), 0.3, x[:1])
-    print(f"\n{name}: filters 30% in {time.perf_counter() - t:.2f} s, "
-          f"filters {filters} -> {filter_count(model)}, params {before} -> {n_params(model)}")
+    print(
+        f"\n{name}: filters 30% in {time.perf_counter() - t:.2f} s, "
+        f"filters {filters} -> {filter_count(model)}, params {before} -> {n_params(model)}"
+    )
     assert filter_count(model) < filters and n_params(model) < before
     with torch.no_grad():
         assert model(x).shape == (2, 10)

@@ -1,6 +1,7 @@
 """What a study records besides accuracy: training dynamics per epoch (TrainConfig.dynamics),
 per-layer widths, the criterion scores that rebuild a cached pruned model, and the report tables
 built from them."""
+
 from __future__ import annotations
 
 import copy
@@ -41,8 +42,7 @@ def test_dynamics_are_recorded_per_epoch_without_changing_training(tiny_cnn):
 
 def test_layer_widths_follow_structured_pruning(tiny_cnn):
     before = layer_widths(tiny_cnn)
-    assert before == {"width:conv1": 4.0, "width:conv2": 6.0, "width:fc1": 8.0,
-                      "width:fc2": 10.0}
+    assert before == {"width:conv1": 4.0, "width:conv2": 6.0, "width:fc1": 8.0, "width:fc2": 10.0}
     prune_structured_(tiny_cnn, build_criterion("l1"), 0.5, torch.zeros(1, 1, 28, 28))
     after = layer_widths(tiny_cnn)
     assert after["width:conv1"] == 2.0 and after["width:conv2"] == 3.0
@@ -63,27 +63,50 @@ def test_recorded_scores_survive_a_weights_only_checkpoint_and_replay_exactly(tm
         assert torch.equal(a, b), k  # the same filters went
 
 
-@pytest.mark.parametrize("n, expected", [(1, [1]), (8, list(range(1, 9))), (15, [1, 3, 5, 7, 9, 11, 13, 15]),
-                                         (200, [1, 29, 58, 86, 115, 143, 172, 200])])
+@pytest.mark.parametrize(
+    "n, expected",
+    [(1, [1]), (8, list(range(1, 9))), (15, [1, 3, 5, 7, 9, 11, 13, 15]), (200, [1, 29, 58, 86, 115, 143, 172, 200])],
+)
 def test_shown_epochs(n, expected):
     assert shown_epochs(n) == expected
 
 
-STUDY = {"name": "t", "dataset": "cifar10", "model": {"name": "resnet20"},
-         "pruning": {"l1": {"method": "structured", "sparsities": [0.5], "finetune_epochs": [2]},
-                     "mag": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [2]}}}
+STUDY = {
+    "name": "t",
+    "dataset": "cifar10",
+    "model": {"name": "resnet20"},
+    "pruning": {
+        "l1": {"method": "structured", "sparsities": [0.5], "finetune_epochs": [2]},
+        "mag": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [2]},
+    },
+}
 
 
 def cell(pruning: str, seed: int, history: list[dict], widths: dict[str, float]) -> dict:
-    axes = {"regime": "clean", "pruning": pruning, "method": None, "sparsity": 0.0 if pruning == "dense" else 0.5,
-            "finetune_epochs": 0 if pruning == "dense" else 2, "round": None, "seed": seed}
-    return {"axes": axes, "metrics": {"acc_clean": 0.9, **{f"width:{k}": v for k, v in widths.items()}},
-            "status": "done", "error": None, "hash": f"{pruning}{seed}", "history": history}
+    axes = {
+        "regime": "clean",
+        "pruning": pruning,
+        "method": None,
+        "sparsity": 0.0 if pruning == "dense" else 0.5,
+        "finetune_epochs": 0 if pruning == "dense" else 2,
+        "round": None,
+        "seed": seed,
+    }
+    return {
+        "axes": axes,
+        "metrics": {"acc_clean": 0.9, **{f"width:{k}": v for k, v in widths.items()}},
+        "status": "done",
+        "error": None,
+        "hash": f"{pruning}{seed}",
+        "history": history,
+    }
 
 
 def hist(*losses, dyn=True):
-    return [{"epoch": i + 1, "loss": v, **({"grad_confusion": v / 10, "layer_rotation": 0.1 * (i + 1)} if dyn else {})}
-            for i, v in enumerate(losses)]
+    return [
+        {"epoch": i + 1, "loss": v, **({"grad_confusion": v / 10, "layer_rotation": 0.1 * (i + 1)} if dyn else {})}
+        for i, v in enumerate(losses)
+    ]
 
 
 DENSE_W = {"stem.conv": 16, "layer1.0.body.conv1": 16, "fc": 10}
@@ -91,9 +114,12 @@ DENSE_W = {"stem.conv": 16, "layer1.0.body.conv1": 16, "fc": 10}
 
 def test_dynamics_tables_rows_columns_and_seed_statistics():
     study = resolve_study(STUDY, "t")
-    cells = [cell("dense", 0, hist(2.0, 1.0, 0.5), DENSE_W), cell("dense", 1, hist(2.2, 1.2, 0.7), DENSE_W),
-             cell("l1", 0, hist(0.6, 0.4), {"stem.conv": 8, "fc": 10}),
-             cell("mag", 0, hist(0.5, 0.3), DENSE_W)]
+    cells = [
+        cell("dense", 0, hist(2.0, 1.0, 0.5), DENSE_W),
+        cell("dense", 1, hist(2.2, 1.2, 0.7), DENSE_W),
+        cell("l1", 0, hist(0.6, 0.4), {"stem.conv": 8, "fc": 10}),
+        cell("mag", 0, hist(0.5, 0.3), DENSE_W),
+    ]
     loss, confusion, rotation = dynamics_tables(study, cells, "clean")
     assert loss.title == "Training dynamics: Training loss (regime 'clean')"
     assert loss.headers == ["Setting", "Ep 1", "Ep 2", "Ep 3"]
@@ -110,8 +136,7 @@ def test_no_dynamics_table_when_the_study_did_not_ask_for_them():
 
 def test_widths_table_shows_layers_and_only_settings_that_changed_them():
     study = resolve_study(STUDY, "t")
-    cells = [cell("dense", 0, [], DENSE_W), cell("l1", 0, [], {"stem.conv": 8, "fc": 10}),
-             cell("mag", 0, [], DENSE_W)]
+    cells = [cell("dense", 0, [], DENSE_W), cell("l1", 0, [], {"stem.conv": 8, "fc": 10}), cell("mag", 0, [], DENSE_W)]
     (t,) = widths_tables(study, cells, "clean")
     assert t.headers == ["Layer", "Dense", "l1 s=0.5"]  # magnitude pruning leaves every width
     assert t.rows == [["stem.conv", "16", "8"], ["layer1.0.body.conv1", "16", "—"], ["fc", "10", "10"]]
@@ -119,9 +144,11 @@ def test_widths_table_shows_layers_and_only_settings_that_changed_them():
 
 
 def test_widths_tables_split_many_settings_and_keep_iterations_apart():
-    raw = dict(STUDY, pruning={f"e{i}": {"method": "structured", "sparsities": [0.5], "finetune_epochs": [2]}
-                               for i in range(7)} | {"it": {"method": "structured", "sparsities": [0.5],
-                                                            "finetune_epochs": [2], "params": {"rounds": 2}}})
+    raw = dict(
+        STUDY,
+        pruning={f"e{i}": {"method": "structured", "sparsities": [0.5], "finetune_epochs": [2]} for i in range(7)}
+        | {"it": {"method": "structured", "sparsities": [0.5], "finetune_epochs": [2], "params": {"rounds": 2}}},
+    )
     study = resolve_study(raw, "t")
     cells = [cell("dense", 0, [], DENSE_W)]
     for i in range(7):
@@ -145,19 +172,24 @@ def test_plan_table_lists_mrs_and_ratios_per_group():
     cells = []
     for seed, scale in ((0, 1.0), (1, 3.0)):
         c = cell("m", seed, [], {"stem.conv": 8})
-        c["metrics"] |= {"mrs:stem.conv": 0.1 * scale, "ratio:stem.conv": 0.4, "mrs:layer1.0.body.conv1": 0.02,
-                         "ratio:layer1.0.body.conv1": 0.6}
+        c["metrics"] |= {
+            "mrs:stem.conv": 0.1 * scale,
+            "ratio:stem.conv": 0.4,
+            "mrs:layer1.0.body.conv1": 0.02,
+            "ratio:layer1.0.body.conv1": 0.6,
+        }
         cells.append(c)
     (t,) = plan_tables(study, [cell("dense", 0, [], DENSE_W), *cells], "clean")
-    assert t.headers == ["Group (first layer)", "MRS", "ratio m s=0.5"]   # one MRS column: no setting named
+    assert t.headers == ["Group (first layer)", "MRS", "ratio m s=0.5"]  # one MRS column: no setting named
     assert t.rows == [["stem.conv", "0.2000 ± 0.1414", "0.400"], ["layer1.0.body.conv1", "0.0200", "0.600"]]
 
 
 def test_plan_table_merges_equal_columns_and_keeps_different_ones():
     from robustprune.report.training import plan_tables
 
-    raw = dict(STUDY, pruning={p: {"method": "mrpf", "sparsities": [0.3, 0.5], "finetune_epochs": [2]}
-                               for p in ("a", "b")})
+    raw = dict(
+        STUDY, pruning={p: {"method": "mrpf", "sparsities": [0.3, 0.5], "finetune_epochs": [2]} for p in ("a", "b")}
+    )
     study = resolve_study(raw, "t")
     cells = []
     for p in ("a", "b"):
@@ -167,6 +199,11 @@ def test_plan_table_merges_equal_columns_and_keeps_different_ones():
             c["metrics"] |= {"mrs:stem.conv": 0.1 if p == "a" else 0.3, "ratio:stem.conv": s}
             cells.append(c)
     (t,) = plan_tables(study, [cell("dense", 0, [], DENSE_W), *cells], "clean")
-    assert t.headers == ["Group (first layer)", "MRS a s=0.3 and 1 more alike", "ratio a s=0.3 and 1 more alike",
-                         "ratio a s=0.5 and 1 more alike", "MRS b s=0.3 and 1 more alike"]
+    assert t.headers == [
+        "Group (first layer)",
+        "MRS a s=0.3 and 1 more alike",
+        "ratio a s=0.3 and 1 more alike",
+        "ratio a s=0.5 and 1 more alike",
+        "MRS b s=0.3 and 1 more alike",
+    ]
     assert t.rows == [["stem.conv", "0.1000", "0.300", "0.500", "0.3000"]]

@@ -1,5 +1,6 @@
 """Attacks share one call shape, attack(model, x, y) -> x_adv, inputs in [0, 1] (as torchattacks).
 Importing a module registers its attacks; the order below is the registry's dependency order."""
+
 from robustprune.attacks import (  # noqa: F401  (registers)
     apgd,
     autoattack,

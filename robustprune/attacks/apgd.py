@@ -9,6 +9,7 @@ checkpoint or (2) neither its step size nor its best loss changed since the last
 Active set: an example leaves the batch the moment an iterate misclassifies it, and that iterate is
 its adversarial example. The others' trajectories do not depend on the batch (the model is in eval
 mode), so dropping the broken ones changes no number and saves their gradient rows."""
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustprune.attacks.base import ATTACKS, attack_autocast, check_image_range, check_precision, frozen_eval
-from robustprune.attacks.norms import (ascent_direction, check_norm, check_radius, dlr_loss, dlr_targeted_loss,
-                                       project, random_start, verified)
+from robustprune.attacks.norms import (
+    ascent_direction,
+    check_norm,
+    check_radius,
+    dlr_loss,
+    dlr_targeted_loss,
+    project,
+    random_start,
+    verified,
+)
 from robustprune.attacks.pgd import check_count, check_seed, make_generator
 from robustprune.errors import UserError
 
@@ -56,8 +65,18 @@ class APGD:
     name = "APGD"
     loss = "ce"
 
-    def __init__(self, eps: float, norm: str = "Linf", steps: int = 100, restarts: int = 1, seed: int = 0,
-                 rho: float = 0.75, eot_iter: int = 1, n_target_classes: int = 9, precision: str = "fp32"):
+    def __init__(
+        self,
+        eps: float,
+        norm: str = "Linf",
+        steps: int = 100,
+        restarts: int = 1,
+        seed: int = 0,
+        rho: float = 0.75,
+        eot_iter: int = 1,
+        n_target_classes: int = 9,
+        precision: str = "fp32",
+    ):
         self.norm = check_norm(self.name, norm)
         self.eps = check_radius(self.name, eps, self.norm)
         self.steps = check_count(self.name, "steps", steps, 100)
@@ -92,7 +111,7 @@ class APGD:
         eps, norm, n = self.eps, self.norm, len(x)
         out = x.clone()
         broken = torch.zeros(n, dtype=torch.bool, device=x.device)
-        idx = torch.arange(n, device=x.device)              # active example -> row of the batch
+        idx = torch.arange(n, device=x.device)  # active example -> row of the batch
         x0, yy, tt = x, y, t
         x_cur = random_start(x0, eps, norm, gen)
         loss, logits, grad = self._grad(model, x_cur, yy, tt)
@@ -100,15 +119,18 @@ class APGD:
         shape = (n,) + (1,) * (x.dim() - 1)
         step = torch.full(shape, 2 * eps, device=x.device, dtype=x.dtype)
         x_prev = x_cur
-        ups = torch.zeros(n, device=x.device)                # loss increases since the last checkpoint
+        ups = torch.zeros(n, device=x.device)  # loss increases since the last checkpoint
         last_w = 0
-        best_at_last = loss_best.clone()                     # best loss at the last checkpoint
+        best_at_last = loss_best.clone()  # best loss at the last checkpoint
         reduced_at_last = torch.zeros(n, dtype=torch.bool, device=x.device)
         for k in range(0, self.steps + 1):
             if k > 0:
                 z = project(x_cur + step * ascent_direction(grad, norm), x0, eps, norm)
-                x_new = z if k == 1 else project(x_cur + MOMENTUM * (z - x_cur) + (1 - MOMENTUM) * (x_cur - x_prev),
-                                                 x0, eps, norm)
+                x_new = (
+                    z
+                    if k == 1
+                    else project(x_cur + MOMENTUM * (z - x_cur) + (1 - MOMENTUM) * (x_cur - x_prev), x0, eps, norm)
+                )
                 x_prev = x_cur
                 loss_new, logits, grad = self._grad(model, x_new, yy, tt)
                 ups += loss_new > loss
@@ -189,8 +211,10 @@ class APGDDLR(APGD):
 
     def _targets(self, logits, y):
         if logits.shape[1] < 3:
-            raise UserError(f"{self.name} needs at least 3 classes (the DLR loss uses the third-largest logit), "
-                            f"the model has {logits.shape[1]}; use apgd_ce")
+            raise UserError(
+                f"{self.name} needs at least 3 classes (the DLR loss uses the third-largest logit), "
+                f"the model has {logits.shape[1]}; use apgd_ce"
+            )
         return [None]
 
 
@@ -204,8 +228,10 @@ class APGDT(APGD):
     def _targets(self, logits, y):
         classes = logits.shape[1]
         if classes < 4:
-            raise UserError(f"{self.name} needs at least 4 classes (the targeted DLR loss uses the fourth-largest "
-                            f"logit), the model has {classes}; use apgd_ce")
+            raise UserError(
+                f"{self.name} needs at least 4 classes (the targeted DLR loss uses the fourth-largest "
+                f"logit), the model has {classes}; use apgd_ce"
+            )
         order = logits.argsort(dim=1, descending=True)
         # the i-th most likely class other than the top one (the true class of a correctly classified input)
         return [order[:, i] for i in range(1, min(self.n_target_classes, classes - 1) + 1)]

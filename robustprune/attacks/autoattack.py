@@ -10,6 +10,7 @@ earlier attack failed on go on to the next one. The versions and their parameter
 All steps counts are 100. Square is a black-box attack: a point that only Square breaks is a point
 whose gradients misled every white-box attack before it, the symptom of gradient masking that the
 report flags."""
+
 from __future__ import annotations
 
 import time
@@ -51,8 +52,8 @@ BLACK_BOX = frozenset({"square"})
 class CascadeResult:
     """What one AutoAttack run found, per point and per stage of the cascade."""
 
-    x_adv: torch.Tensor                       # the breaking example, or the input where none broke it
-    broken_by: list[str]                      # per point: 'clean' (misclassified as given), an attack, or ''
+    x_adv: torch.Tensor  # the breaking example, or the input where none broke it
+    broken_by: list[str]  # per point: 'clean' (misclassified as given), an attack, or ''
     robust_after: dict[str, float] = field(default_factory=dict)  # robust accuracy after each stage
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -76,8 +77,15 @@ class AutoAttack:
 
     searches_ball = True  # robust accuracy at eps is a search of the whole ball (see evaluate/suite.py)
 
-    def __init__(self, eps: float, norm: str = "Linf", version: str = "standard", seed: int = 0,
-                 attacks: list[str] | None = None, precision: str = "fp32"):
+    def __init__(
+        self,
+        eps: float,
+        norm: str = "Linf",
+        version: str = "standard",
+        seed: int = 0,
+        attacks: list[str] | None = None,
+        precision: str = "fp32",
+    ):
         self.norm = check_norm("AutoAttack", norm)
         self.precision = check_precision("AutoAttack", precision)
         self.eps = check_radius("AutoAttack", eps, self.norm)
@@ -89,12 +97,16 @@ class AutoAttack:
         if attacks is not None:  # a subset of the version's cascade, in the version's order
             known = [name for name, _ in plan]
             if not isinstance(attacks, list) or not attacks or any(a not in known for a in attacks):
-                raise UserError(f"AutoAttack attacks must be a non-empty list drawn from the {version} version's "
-                                f"{', '.join(known)}, got {attacks!r}")
+                raise UserError(
+                    f"AutoAttack attacks must be a non-empty list drawn from the {version} version's "
+                    f"{', '.join(known)}, got {attacks!r}"
+                )
             plan = [(name, p) for name, p in plan if name in attacks]
         # precision: the autocast of every stage's iterations; their candidates are checked in fp32
-        self.stages = [(name, ATTACKS.get(name)(eps=self.eps, norm=self.norm, seed=self.seed, precision=precision,
-                                                **params)) for name, params in plan]
+        self.stages = [
+            (name, ATTACKS.get(name)(eps=self.eps, norm=self.norm, seed=self.seed, precision=precision, **params))
+            for name, params in plan
+        ]
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> CascadeResult:
         """The cascade on one batch, with what broke each point and the robust accuracy after each stage."""

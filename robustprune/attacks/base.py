@@ -42,8 +42,10 @@ PRECISIONS = ("fp32", "bf16", "auto")
 
 def check_precision(attack: str, precision) -> str:
     if precision not in PRECISIONS:
-        raise UserError(f"{attack} precision must be fp32, bf16 or auto (bf16 where the device multiplies it "
-                        f"natively), got {precision!r}")
+        raise UserError(
+            f"{attack} precision must be fp32, bf16 or auto (bf16 where the device multiplies it "
+            f"natively), got {precision!r}"
+        )
     return precision
 
 
@@ -62,12 +64,21 @@ def check_image_range(x: torch.Tensor) -> None:
         return
     lo, hi = (float(v) for v in torch.aminmax(x.detach()))
     if not (lo >= 0 and hi <= 1):  # written so that NaN fails too
-        raise UserError(f"images must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; divide uint8 images "
-                        f"by 255 (robustprune.train.to_float), since normalisation belongs inside the model")
+        raise UserError(
+            f"images must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; divide uint8 images "
+            f"by 255 (robustprune.train.to_float), since normalisation belongs inside the model"
+        )
 
 
-def adversarial_accuracy(model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
-                         record: dict | None = None, name: str | None = None) -> float:
+def adversarial_accuracy(
+    model: nn.Module,
+    attack,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 1000,
+    record: dict | None = None,
+    name: str | None = None,
+) -> float:
     """Accuracy on attack(model, x, y), batch by batch; x uint8 or float in [0, 1]. With `record`,
     record[name] keeps which images stayed correct."""
     if len(x) == 0:
@@ -75,7 +86,7 @@ def adversarial_accuracy(model: nn.Module, attack, x: torch.Tensor, y: torch.Ten
     device = next(model.parameters()).device
     hits = []
     for i in range(0, len(x), batch_size):
-        xb, yb = to_float(x[i:i + batch_size].to(device)), y[i:i + batch_size].to(device)
+        xb, yb = to_float(x[i : i + batch_size].to(device)), y[i : i + batch_size].to(device)
         x_adv = attack(model, xb, yb)
         with torch.inference_mode(), frozen_eval(model):
             hits.append((model(x_adv).argmax(1) == yb).cpu())

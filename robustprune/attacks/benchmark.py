@@ -1,5 +1,6 @@
 """Speed and strength of robustprune's attacks against torchattacks' (PGD) and against the reference
 AutoAttack built from torchattacks' four attacks, on the same model and inputs in the same run."""
+
 from __future__ import annotations
 
 import time
@@ -26,8 +27,9 @@ def _timed(attack, xb, yb, device) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - t0, x_adv
 
 
-def pgd_benchmark(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 0.1, steps: int = 20,
-                  batch_size: int = 500) -> dict:
+def pgd_benchmark(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 0.1, steps: int = 20, batch_size: int = 500
+) -> dict:
     """Images/s of robustprune's PGD and of torchattacks.PGD (no random start, step eps/4) on the
     same inputs in the same run; x uint8 or float in [0, 1]. Also returns both accuracies."""
     torchattacks = _torchattacks("the PGD benchmark's comparison")
@@ -48,8 +50,8 @@ def pgd_benchmark(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     seconds = {name: 0.0 for name in runs}
     correct = {name: 0 for name in runs}
     for b, i in enumerate(range(0, len(x), batch_size)):
-        xb, yb = to_float(x[i:i + batch_size].to(device)), y[i:i + batch_size].to(device)
-        for name in (list(runs) if b % 2 == 0 else list(runs)[::-1]):
+        xb, yb = to_float(x[i : i + batch_size].to(device)), y[i : i + batch_size].to(device)
+        for name in list(runs) if b % 2 == 0 else list(runs)[::-1]:
             dt, x_adv = _timed(runs[name], xb, yb, device)
             seconds[name] += dt
             with torch.inference_mode(), frozen_eval(model):
@@ -69,25 +71,35 @@ def reference_autoattack(model: nn.Module, eps: float, norm: str = "Linf", n_cla
     not the reference: it leaves APGD, APGD-T and FAB at 10 steps. Called as attack(x, y)."""
     torchattacks = _torchattacks("the AutoAttack reference")
     common = {"norm": norm, "eps": eps, "seed": seed}
-    return torchattacks.MultiAttack([
-        torchattacks.APGD(model, steps=100, n_restarts=1, loss="ce", **common),
-        torchattacks.APGDT(model, steps=100, n_restarts=1, n_classes=n_classes, **common),
-        torchattacks.FAB(model, steps=100, n_restarts=1, multi_targeted=True, n_classes=n_classes, **common),
-        torchattacks.Square(model, n_queries=5000, n_restarts=1, p_init=0.8, loss="margin", **common),
-    ])
+    return torchattacks.MultiAttack(
+        [
+            torchattacks.APGD(model, steps=100, n_restarts=1, loss="ce", **common),
+            torchattacks.APGDT(model, steps=100, n_restarts=1, n_classes=n_classes, **common),
+            torchattacks.FAB(model, steps=100, n_restarts=1, multi_targeted=True, n_classes=n_classes, **common),
+            torchattacks.Square(model, n_queries=5000, n_restarts=1, p_init=0.8, loss="margin", **common),
+        ]
+    )
 
 
 def _torchattacks(what: str):
     try:
         import torchattacks
     except ImportError:
-        raise UserError(f"{what} comes from torchattacks, which is not installed; "
-                        "run `pip install --no-deps torchattacks`") from None
+        raise UserError(
+            f"{what} comes from torchattacks, which is not installed; run `pip install --no-deps torchattacks`"
+        ) from None
     return torchattacks
 
 
-def autoattack_benchmark(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "Linf",
-                         batch_size: int = 500, n_classes: int = 10) -> dict:
+def autoattack_benchmark(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    norm: str = "Linf",
+    batch_size: int = 500,
+    n_classes: int = 10,
+) -> dict:
     """Robust accuracy and seconds of robustprune's AutoAttack (standard) and of the torchattacks
     reference on the same images in the same run (ours first, then theirs, batch by batch in
     alternating order); also ours per stage. x uint8 or float in [0, 1]."""
@@ -102,7 +114,7 @@ def autoattack_benchmark(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     robust = {"robustprune": 0, "reference": 0}
     stages: dict[str, float] = {}
     for b, i in enumerate(range(0, len(x), batch_size)):
-        xb, yb = to_float(x[i:i + batch_size].to(device)), y[i:i + batch_size].to(device)
+        xb, yb = to_float(x[i : i + batch_size].to(device)), y[i : i + batch_size].to(device)
         order = ["robustprune", "reference"] if b % 2 == 0 else ["reference", "robustprune"]
         for name in order:
             _sync(device)
@@ -118,7 +130,15 @@ def autoattack_benchmark(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps
             seconds[name] += time.perf_counter() - t0
             with torch.inference_mode(), frozen_eval(model):
                 robust[name] += int((model(x_adv).argmax(1) == yb).sum())
-    return {"images": len(x), "eps": eps, "norm": norm, "device": str(device),
-            "robustprune_accuracy": robust["robustprune"] / len(x), "reference_accuracy": robust["reference"] / len(x),
-            "robustprune_seconds": seconds["robustprune"], "reference_seconds": seconds["reference"],
-            "speedup": seconds["reference"] / max(seconds["robustprune"], 1e-9), "robustprune_stage_seconds": stages}
+    return {
+        "images": len(x),
+        "eps": eps,
+        "norm": norm,
+        "device": str(device),
+        "robustprune_accuracy": robust["robustprune"] / len(x),
+        "reference_accuracy": robust["reference"] / len(x),
+        "robustprune_seconds": seconds["robustprune"],
+        "reference_seconds": seconds["reference"],
+        "speedup": seconds["reference"] / max(seconds["robustprune"], 1e-9),
+        "robustprune_stage_seconds": stages,
+    }

@@ -34,6 +34,7 @@ with the original parameters it shrinks for these three):
 motion_blur's severities 3 and 4 are (radius, sigma) (6, 2) and (8, 2): the radius only lengthens
 a tail of the Gaussian below 1e-8, so in the original too they are the same blur.
 """
+
 from __future__ import annotations
 
 import functools
@@ -53,6 +54,7 @@ SEVERITIES = (1, 2, 3, 4, 5)
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
 
 def _scale(x: torch.Tensor) -> float:
     """Pixel-size parameters are given for 32 x 32 images: scale them by sqrt(H * W) / 32, but not
@@ -165,9 +167,9 @@ def _clipped_zoom(x: torch.Tensor, z: float) -> torch.Tensor:
     ch, cw = math.ceil(h / z), math.ceil(w / z)
     top, left = (h - ch) // 2, (w - cw) // 2
     oh, ow = int(round(ch * z)), int(round(cw * z))
-    y = F.interpolate(x[..., top:top + ch, left:left + cw], size=(oh, ow), mode="bilinear", align_corners=True)
+    y = F.interpolate(x[..., top : top + ch, left : left + cw], size=(oh, ow), mode="bilinear", align_corners=True)
     th, tw = (oh - h) // 2, (ow - w) // 2
-    return y[..., th:th + h, tw:tw + w]
+    return y[..., th : th + h, tw : tw + w]
 
 
 def _motion_blur(x: torch.Tensor, radius: float, sigma: float, angle_deg: torch.Tensor) -> torch.Tensor:
@@ -201,7 +203,7 @@ def _motion_blur(x: torch.Tensor, radius: float, sigma: float, angle_deg: torch.
         ends = starts[1:] + [n]
         for s, e in zip(starts, ends):
             oy, ox = p + int(dy[s]), p + int(dx[s])
-            out[s:e].add_(xp[s:e, :, oy:oy + h, ox:ox + w], alpha=k[t])
+            out[s:e].add_(xp[s:e, :, oy : oy + h, ox : ox + w], alpha=k[t])
     result = torch.empty_like(out)
     result[order] = out
     return result
@@ -217,6 +219,7 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # noise
 
+
 def gaussian_noise(x, severity, g):
     """Additive Gaussian noise, std 0.04-0.10 (exact)."""
     c = [0.04, 0.06, 0.08, 0.09, 0.10][severity - 1]
@@ -229,7 +232,7 @@ _POISSON_PARTS = 4  # fixed, so that the output does not depend on the number of
 def _poisson(lam: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """torch.poisson, in _POISSON_PARTS slices with seeds drawn from g, run on a thread pool:
     torch.poisson runs on one core on CPU (and releases the GIL), so this is ~2x faster on 2."""
-    seeds = torch.randint(0, 2 ** 62, (_POISSON_PARTS,), generator=g, device=g.device).tolist()
+    seeds = torch.randint(0, 2**62, (_POISSON_PARTS,), generator=g, device=g.device).tolist()
     flat = lam.reshape(-1)
     parts = flat.chunk(_POISSON_PARTS)
 
@@ -259,6 +262,7 @@ def impulse_noise(x, severity, g):
 # ---------------------------------------------------------------------------------------------
 # blur
 
+
 def _disk_kernel(radius: float, alias_blur: float) -> torch.Tensor:
     """The original's anti-aliased disk: pixels within `radius`, normalised, smoothed by cv2's
     3 x 3 (5 x 5 beyond radius 8) Gaussian; the zero margin lets a plain convolution stand in."""
@@ -267,9 +271,9 @@ def _disk_kernel(radius: float, alias_blur: float) -> torch.Tensor:
     r = math.ceil(radius) + m
     t = torch.arange(-r, r + 1, dtype=torch.float64)
     yy, xx = torch.meshgrid(t, t, indexing="ij")
-    disk = (xx ** 2 + yy ** 2 <= radius ** 2).double()
+    disk = (xx**2 + yy**2 <= radius**2).double()
     disk /= disk.sum()
-    g = torch.exp(-((torch.arange(ks, dtype=torch.float64) - m) ** 2) / (2 * alias_blur ** 2))
+    g = torch.exp(-((torch.arange(ks, dtype=torch.float64) - m) ** 2) / (2 * alias_blur**2))
     g /= g.sum()
     k = F.conv2d(disk[None, None], torch.outer(g, g)[None, None], padding=m)[0, 0]
     # weights below 1e-9 are noise (and as float32 denormals they make the convolution ~10x slower)
@@ -277,7 +281,7 @@ def _disk_kernel(radius: float, alias_blur: float) -> torch.Tensor:
     keep = torch.nonzero(k.sum(0) > 0).flatten()
     r = int(max(keep.max() - len(t) // 2, len(t) // 2 - keep.min()))
     c = len(t) // 2
-    k = k[c - r:c + r + 1, c - r:c + r + 1]
+    k = k[c - r : c + r + 1, c - r : c + r + 1]
     return (k / k.sum()).float()
 
 
@@ -295,8 +299,9 @@ def _local_shuffle(n, h, w, d, iterations, g, device) -> torch.Tensor:
     pixel (h, w) with (h + dy, w + dx), dy and dx uniform in [-d, d - 1]. A pixel can be carried
     on by later swaps, so the order matters; both versions below give exactly the sequential result
     (tests/test_corruptions.py checks them against a plain loop)."""
-    hh, ww = torch.meshgrid(torch.arange(h - d, d, -1, device=device),
-                            torch.arange(w - d, d, -1, device=device), indexing="ij")
+    hh, ww = torch.meshgrid(
+        torch.arange(h - d, d, -1, device=device), torch.arange(w - d, d, -1, device=device), indexing="ij"
+    )
     perm = torch.arange(h * w, device=device).repeat(n, 1)
     for _ in range(iterations):
         code = _swap_codes(n, hh.numel(), d, g, device)
@@ -347,8 +352,9 @@ def _swap_rows(perm: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     # dx = -1 -> (r, w - 1) or (r - 1, w - 1), untouched so far; indices into [row r, row r - 1]
     stay_or_up = up_now + b1 * (start - up_now)
     left_or_upleft = cols - 1 + (1 - b1) * w
-    idx = torch.cat([left_or_upleft + b0 * (stay_or_up - left_or_upleft),
-                     up_now + b0 * (1 - b1) * (start - up_now)], 2).long()  # [row r, row r - 1] after
+    idx = torch.cat(
+        [left_or_upleft + b0 * (stay_or_up - left_or_upleft), up_now + b0 * (1 - b1) * (start - up_now)], 2
+    ).long()  # [row r, row r - 1] after
     out = perm.clone()
     row = perm[:, h - 1]
     for k, r in enumerate(range(h - 1, 1, -1)):
@@ -416,8 +422,8 @@ def _clipped_zoom_1d(n: int, z: float) -> torch.Tensor:
     top = (n - ch) // 2
     oh = int(round(ch * z))
     th = (oh - n) // 2
-    zoomed = F.interpolate(eye[:, top:top + ch][None], size=oh, mode="linear", align_corners=True)[0]
-    return zoomed[:, th:th + n].T  # row j of `zoomed` is the zoom of the unit signal e_j
+    zoomed = F.interpolate(eye[:, top : top + ch][None], size=oh, mode="linear", align_corners=True)[0]
+    return zoomed[:, th : th + n].T  # row j of `zoomed` is the zoom of the unit signal e_j
 
 
 @functools.lru_cache(maxsize=32)
@@ -445,6 +451,7 @@ def zoom_blur(x, severity, g):
 # ---------------------------------------------------------------------------------------------
 # weather
 
+
 def snow(x, severity, g):
     """A seeded snow layer: Gaussian noise, centre zoom, threshold, ImageMagick motion blur at an
     angle uniform in [-135, -45] degrees; the image is greyed towards white and the layer and its
@@ -454,7 +461,8 @@ def snow(x, severity, g):
         (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
         (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
         (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
-        (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)][severity - 1]
+        (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8),
+    ][severity - 1]
     n, c, h, w = x.shape
     s = _scale(x)
     layer = loc + scale * torch.randn((n, 1, h, w), generator=g, device=x.device)
@@ -537,6 +545,7 @@ def fog(x, severity, g):
 # ---------------------------------------------------------------------------------------------
 # digital
 
+
 def brightness(x, severity, g):
     """+c on the HSV value channel. With hue and saturation fixed, RGB scales with the value,
     so no HSV round trip is needed: rgb * v' / v, and grey v' where v = 0 (exact)."""
@@ -575,8 +584,11 @@ def elastic_transform(x, severity, g):
     # warpAffine samples the source at M^-1 p, the affine map sending pts2 back to pts1
     ones = torch.ones((n, 3, 1), dtype=torch.float64, device=dev)
     inv = torch.linalg.solve(torch.cat([pts2, ones], 2), pts1.expand(n, 3, 2))  # (n, 3, 2)
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64, device=dev),
-                            torch.arange(w, dtype=torch.float64, device=dev), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64, device=dev),
+        torch.arange(w, dtype=torch.float64, device=dev),
+        indexing="ij",
+    )
     grid_pts = torch.stack([xs, ys, torch.ones_like(xs)], -1).reshape(-1, 3)  # (hw, 3)
     src = (grid_pts @ inv).reshape(n, h, w, 2)
     # align_corners=True: -1 and 1 are the centres of the border pixels, reflection is reflect-101
@@ -624,12 +636,106 @@ def pixelate(x, severity, g):
 
 
 # The JPEG standard's (Annex K) luminance and chrominance quantisation tables, quality 50.
-_LUMA_Q = [16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
-           14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
-           18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
-           49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99]
-_CHROMA_Q = [17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99,
-             24, 26, 56, 99, 99, 99, 99, 99, 47, 66, 99, 99, 99, 99, 99, 99] + [99] * 32
+_LUMA_Q = [
+    16,
+    11,
+    10,
+    16,
+    24,
+    40,
+    51,
+    61,
+    12,
+    12,
+    14,
+    19,
+    26,
+    58,
+    60,
+    55,
+    14,
+    13,
+    16,
+    24,
+    40,
+    57,
+    69,
+    56,
+    14,
+    17,
+    22,
+    29,
+    51,
+    87,
+    80,
+    62,
+    18,
+    22,
+    37,
+    56,
+    68,
+    109,
+    103,
+    77,
+    24,
+    35,
+    55,
+    64,
+    81,
+    104,
+    113,
+    92,
+    49,
+    64,
+    78,
+    87,
+    103,
+    121,
+    120,
+    101,
+    72,
+    92,
+    95,
+    98,
+    112,
+    100,
+    103,
+    99,
+]
+_CHROMA_Q = [
+    17,
+    18,
+    24,
+    47,
+    99,
+    99,
+    99,
+    99,
+    18,
+    21,
+    26,
+    66,
+    99,
+    99,
+    99,
+    99,
+    24,
+    26,
+    56,
+    99,
+    99,
+    99,
+    99,
+    99,
+    47,
+    66,
+    99,
+    99,
+    99,
+    99,
+    99,
+    99,
+] + [99] * 32
 
 
 def _quant_table(base, quality: int) -> torch.Tensor:
@@ -725,8 +831,9 @@ def corrupt(x: torch.Tensor, name: str, severity: int, seed: int = 0) -> torch.T
     [0, 1] or uint8); float output in [0, 1] of the same shape. The same seed gives the same output."""
     _check(name, severity)
     if x.dim() != 4 or x.shape[1] not in (1, 3):
-        raise UserError(f"corruptions expect grey or RGB images of shape N x C x H x W with C = 1 or 3, "
-                        f"got shape {tuple(x.shape)}")
+        raise UserError(
+            f"corruptions expect grey or RGB images of shape N x C x H x W with C = 1 or 3, got shape {tuple(x.shape)}"
+        )
     x = x.float().div(255) if x.dtype == torch.uint8 else x
     if not x.is_floating_point():
         raise UserError(f"corruptions expect float images in [0, 1] or uint8 images, got {x.dtype}")
@@ -735,7 +842,7 @@ def corrupt(x: torch.Tensor, name: str, severity: int, seed: int = 0) -> torch.T
     g.manual_seed(seed)
     fn = CORRUPTIONS[name]
     with torch.no_grad():
-        parts = [fn(x[i:i + CHUNK].float().contiguous(), severity, g) for i in range(0, len(x), CHUNK)]
+        parts = [fn(x[i : i + CHUNK].float().contiguous(), severity, g) for i in range(0, len(x), CHUNK)]
     return torch.cat(parts).to(dtype) if parts else x.clone()
 
 
@@ -761,5 +868,11 @@ def corruption_benchmark(n: int = 10000, size: int = 32, channels: int = 3, seed
         for severity in SEVERITIES:
             corrupt(x, name, severity, seed)
         per[name] = time.perf_counter() - start
-    return {"n": n, "size": size, "channels": channels, "threads": torch.get_num_threads(),
-            "total_seconds": sum(per.values()), "per_corruption_seconds": per}
+    return {
+        "n": n,
+        "size": size,
+        "channels": channels,
+        "threads": torch.get_num_threads(),
+        "total_seconds": sum(per.values()),
+        "per_corruption_seconds": per,
+    }

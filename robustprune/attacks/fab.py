@@ -11,6 +11,7 @@ remembered if it is the smallest so far, then moved back towards x_0 by the fact
 FAB looks for the smallest perturbation, not for one inside the eps-ball; as in AutoAttack, a point counts as
 broken when the smallest adversarial example found lies within eps, and eps only sizes the random restarts
 (uniform direction, radius eps/2 around x_0)."""
+
 from __future__ import annotations
 
 import math
@@ -26,11 +27,12 @@ from robustprune.errors import UserError
 # ---- the projection onto a hyperplane intersected with the [0, 1] box ----------------------------------------
 
 
-NEWTON_STEPS = 8   # FAB's hyperplanes on MNIST need at most 5; rows still short after 8 are solved by sorting
+NEWTON_STEPS = 8  # FAB's hyperplanes on MNIST need at most 5; rows still short after 8 are solved by sorting
 
 
-def _level_crossing(weight: torch.Tensor, knot: torch.Tensor, level: torch.Tensor,
-                    newton_steps: int = NEWTON_STEPS) -> torch.Tensor:
+def _level_crossing(
+    weight: torch.Tensor, knot: torch.Tensor, level: torch.Tensor, newton_steps: int = NEWTON_STEPS
+) -> torch.Tensor:
     """Per row, the smallest lam >= 0 with F(lam) = sum_i weight_i * min(lam, knot_i) = level (weight, knot,
     level >= 0), or, when no lam reaches the level, one at least as large as every knot of positive weight.
 
@@ -42,7 +44,7 @@ def _level_crossing(weight: torch.Tensor, knot: torch.Tensor, level: torch.Tenso
     short = level
     for _ in range(newton_steps):
         slope = (weight * (knot > lam[:, None])).sum(1)
-        step = (short > 1e-5 * level) & (slope > 0)     # slope 0: lam is past every knot, F is flat
+        step = (short > 1e-5 * level) & (slope > 0)  # slope 0: lam is past every knot, F is flat
         if not bool(step.any()):
             return lam
         lam = torch.where(step, lam + short / slope.clamp_min(1e-30), lam)
@@ -60,9 +62,9 @@ def _level_crossing_sorted(weight: torch.Tensor, knot: torch.Tensor, level: torc
     knot, order = knot.sort(dim=1)
     weight = weight.gather(1, order)
     wk = weight * knot
-    before = wk.cumsum(1) - wk                          # A_k
-    after = weight.flip(1).cumsum(1).flip(1)            # S_k
-    below = (before + knot * after < level[:, None]).sum(1)    # knots where F is still short of the level
+    before = wk.cumsum(1) - wk  # A_k
+    after = weight.flip(1).cumsum(1).flip(1)  # S_k
+    below = (before + knot * after < level[:, None]).sum(1)  # knots where F is still short of the level
     k = below.clamp(max=knot.shape[1] - 1)[:, None]
     lam = (level - before.gather(1, k).squeeze(1)) / after.gather(1, k).squeeze(1).clamp_min(1e-30)
     return torch.where(below == knot.shape[1], knot[:, -1], lam.clamp_min(0.0))
@@ -77,7 +79,7 @@ def project_to_hyperplane(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, nor
     the box). For L-inf the optimum moves every coordinate by min(lam, room_i), closing sum |w_i| min(lam, room_i);
     for L2 (KKT) by min(mu |w_i|, room_i), closing sum w_i^2 min(mu, room_i / |w_i|). Both are one level crossing
     of a piecewise linear sum, solved for all rows at once."""
-    gap = (w * t).sum(1) - b                            # > 0: <w, t> must decrease
+    gap = (w * t).sum(1) - b  # > 0: <w, t> must decrease
     direction = -torch.sign(w) * torch.where(gap >= 0, 1.0, -1.0).to(w.dtype)[:, None]
     room = torch.where(direction > 0, 1.0 - t, t).clamp_min(0.0)
     size = w.abs()
@@ -103,8 +105,9 @@ def _dual_norm(g: torch.Tensor, norm: str) -> torch.Tensor:
 # ---- the gradients of the logit differences -------------------------------------------------------------------
 
 
-def _target_difference(forward, z: torch.Tensor, y: torch.Tensor,
-                       target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _target_difference(
+    forward, z: torch.Tensor, y: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """f = logit_target - logit_y at each flat point z and its gradient, from one backward of the sum."""
     z = z.detach().requires_grad_(True)
     logits = forward(z)
@@ -120,7 +123,7 @@ def class_differences(forward, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.
     logits = forward(z)
     k = logits.shape[1]
     eye = torch.eye(k, device=z.device, dtype=logits.dtype)
-    seeds = eye[:, None, :] - eye[y][None, :, :]        # (K, n, K): d(logit_k - logit_y) per class k
+    seeds = eye[:, None, :] - eye[y][None, :, :]  # (K, n, K): d(logit_k - logit_y) per class k
     grads = torch.stack([torch.autograd.grad(logits, z, seeds[c], retain_graph=c < k - 1)[0] for c in range(k)])
     diff = (logits - logits.gather(1, y[:, None])).detach()
     return diff.float(), grads.float()
@@ -133,8 +136,9 @@ def _check_fraction(attack: str, name: str, value, low_open: bool, meaning: str,
     number = not isinstance(value, bool) and isinstance(value, (int, float))
     if not (number and (value > 0 if low_open else value >= 0) and value <= 1):
         interval = "(0, 1]" if low_open else "[0, 1]"
-        raise UserError(f"{attack} {name} ({meaning}) must be a number in {interval}, got {value!r}; "
-                        f"AutoAttack uses {usual}")
+        raise UserError(
+            f"{attack} {name} ({meaning}) must be a number in {interval}, got {value!r}; AutoAttack uses {usual}"
+        )
     return float(value)
 
 
@@ -144,19 +148,30 @@ class _FABBase:
     NAME = "FAB"
     searches_ball = True  # robust accuracy at eps is a search of the whole ball (see evaluate/suite.py)
 
-    def __init__(self, eps: float, norm: str = "Linf", steps: int = 100, restarts: int = 1, alpha_max: float = 0.1,
-                 eta: float = 1.05, beta: float = 0.9, seed: int = 0, precision: str = "fp32"):
+    def __init__(
+        self,
+        eps: float,
+        norm: str = "Linf",
+        steps: int = 100,
+        restarts: int = 1,
+        alpha_max: float = 0.1,
+        eta: float = 1.05,
+        beta: float = 0.9,
+        seed: int = 0,
+        precision: str = "fp32",
+    ):
         name = self.NAME
         self.precision = check_precision(name, precision)
         self.norm = check_norm(name, norm)
         self.eps = check_radius(name, eps, self.norm)
         self.steps = check_count(name, "steps", steps, 100)
         self.restarts = check_count(name, "restarts", restarts, 1)
-        self.alpha_max = _check_fraction(name, "alpha_max", alpha_max, False, "the largest pull towards the input",
-                                         0.1)
+        self.alpha_max = _check_fraction(name, "alpha_max", alpha_max, False, "the largest pull towards the input", 0.1)
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (1 <= eta and math.isfinite(eta)):
-            raise UserError(f"{name} eta (the overshoot past the linearised boundary) must be a finite number >= 1, "
-                            f"got {eta!r}; AutoAttack uses 1.05")
+            raise UserError(
+                f"{name} eta (the overshoot past the linearised boundary) must be a finite number >= 1, "
+                f"got {eta!r}; AutoAttack uses 1.05"
+            )
         self.eta = float(eta)
         self.beta = _check_fraction(name, "beta", beta, True, "the backward step towards the input", 0.9)
         self.seed = check_seed(name, seed)
@@ -172,7 +187,7 @@ class _FABBase:
         for _ in range(self.steps):
             if target is None:
                 diff, grads = class_differences(forward, x1, y)
-                dist = diff.abs() / (1e-12 + _dual_norm(grads, self.norm).T)     # (n, K)
+                dist = diff.abs() / (1e-12 + _dual_norm(grads, self.norm).T)  # (n, K)
                 dist.scatter_(1, y[:, None], math.inf)
                 k = dist.argmin(1)
                 f = diff.gather(1, k[:, None]).squeeze(1)
@@ -212,8 +227,10 @@ class _FABBase:
         check_image_range(x)
         x = x.detach()
         if y.shape != (len(x),) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            raise UserError(f"{self.NAME} needs one integer label per image, got labels of shape {tuple(y.shape)} "
-                            f"and dtype {y.dtype} for {len(x)} images")
+            raise UserError(
+                f"{self.NAME} needs one integer label per image, got labels of shape {tuple(y.shape)} "
+                f"and dtype {y.dtype} for {len(x)} images"
+            )
         y = y.long()
         if self.eps == 0 or len(x) == 0:  # nothing but the input lies within a zero radius
             return x.clone()
@@ -225,9 +242,11 @@ class _FABBase:
             with torch.no_grad():
                 logits = model(x)
             if int(y.min()) < 0 or int(y.max()) >= logits.shape[1]:
-                raise UserError(f"{self.NAME} labels must be in [0, {logits.shape[1] - 1}] for a model with "
-                                f"{logits.shape[1]} classes, got values in [{int(y.min())}, {int(y.max())}]")
-            left = logits.argmax(1) == y       # misclassified inputs are their own adversarial examples
+                raise UserError(
+                    f"{self.NAME} labels must be in [0, {logits.shape[1] - 1}] for a model with "
+                    f"{logits.shape[1]} classes, got values in [{int(y.min())}, {int(y.max())}]"
+                )
+            left = logits.argmax(1) == y  # misclassified inputs are their own adversarial examples
 
             def forward(z):  # flat fp32 points -> fp32 logits, the model fed in the images' dtype
                 with attack_autocast(self.precision, x.device):
@@ -253,8 +272,18 @@ class FAB(_FABBase):
 
     NAME = "FAB"
 
-    def __init__(self, eps: float, norm: str = "Linf", steps: int = 100, restarts: int = 5, alpha_max: float = 0.1,
-                 eta: float = 1.05, beta: float = 0.9, seed: int = 0, precision: str = "fp32"):
+    def __init__(
+        self,
+        eps: float,
+        norm: str = "Linf",
+        steps: int = 100,
+        restarts: int = 5,
+        alpha_max: float = 0.1,
+        eta: float = 1.05,
+        beta: float = 0.9,
+        seed: int = 0,
+        precision: str = "fp32",
+    ):
         super().__init__(eps, norm, steps, restarts, alpha_max, eta, beta, seed, precision)
 
 
@@ -264,9 +293,19 @@ class FABT(_FABBase):
 
     NAME = "FAB-T"
 
-    def __init__(self, eps: float, norm: str = "Linf", steps: int = 100, n_target_classes: int = 9,
-                 restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9, seed: int = 0,
-                 precision: str = "fp32"):
+    def __init__(
+        self,
+        eps: float,
+        norm: str = "Linf",
+        steps: int = 100,
+        n_target_classes: int = 9,
+        restarts: int = 1,
+        alpha_max: float = 0.1,
+        eta: float = 1.05,
+        beta: float = 0.9,
+        seed: int = 0,
+        precision: str = "fp32",
+    ):
         super().__init__(eps, norm, steps, restarts, alpha_max, eta, beta, seed, precision)
         self.n_target_classes = check_count(self.NAME, "n_target_classes", n_target_classes, 9)
 

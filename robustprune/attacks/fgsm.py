@@ -1,4 +1,5 @@
 """Fast Gradient Sign Method (Goodfellow et al. 2015), L-inf, one step of size eps."""
+
 from __future__ import annotations
 
 import torch
@@ -28,12 +29,14 @@ class FGSM:
         return (x.detach() + self.eps * grad.sign()).clamp_(0.0, 1.0)
 
 
-def fgsm_dataset(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, eps: float, batch_size: int = 1000) -> torch.Tensor:
+def fgsm_dataset(
+    model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, eps: float, batch_size: int = 1000
+) -> torch.Tensor:
     """A fixed FGSM data set, stored as uint8 images like any image data set."""
     attack = FGSM(eps)
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(x_u8), batch_size):
-        xb = to_float(x_u8[i:i + batch_size].to(device))
-        out.append((attack(model, xb, y[i:i + batch_size].to(device)) * 255).round_().to(torch.uint8).cpu())
+        xb = to_float(x_u8[i : i + batch_size].to(device))
+        out.append((attack(model, xb, y[i : i + batch_size].to(device)) * 255).round_().to(torch.uint8).cpu())
     return torch.cat(out).contiguous() if out else x_u8.clone()

@@ -26,6 +26,7 @@ distance of the stored point, so a reported norm is always the size of a point t
 the model. Points misclassified on the clean input have norm 0 and are not attacked; points FMN
 never broke have norm inf. FMN has no random start: the seed only draws the direction of a step where
 the gradient vanishes (a saturated model), from a torch.Generator, so a run is deterministic."""
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,7 @@ from robustprune.attacks.pgd import check_count, check_seed, make_generator
 from robustprune.errors import UserError
 
 ALPHA_INIT = {"Linf": 10.0, "L2": 1.0}  # the paper's step sizes; alpha_final defaults to alpha_init / 100
-DUAL = {"Linf": 1, "L2": 2}              # the dual norm q of the boundary estimate margin / ||g||_q
+DUAL = {"Linf": 1, "L2": 2}  # the dual norm q of the boundary estimate margin / ||g||_q
 
 
 def _positive(name: str, value) -> float:
@@ -73,23 +74,37 @@ class FMN:
 
     searches_ball = True  # robust accuracy at eps is a search of the whole ball (see evaluate/suite.py)
 
-    def __init__(self, norm: str = "Linf", steps: int = 100, alpha_init: float | None = None,
-                 alpha_final: float | None = None, gamma_init: float = 0.05, gamma_final: float = 0.001,
-                 seed: int = 0, eps: float | None = None):
+    def __init__(
+        self,
+        norm: str = "Linf",
+        steps: int = 100,
+        alpha_init: float | None = None,
+        alpha_final: float | None = None,
+        gamma_init: float = 0.05,
+        gamma_final: float = 0.001,
+        seed: int = 0,
+        eps: float | None = None,
+    ):
         self.norm = check_norm("FMN", norm)
         self.steps = check_count("FMN", "steps", steps, 100)
         self.alpha_init = ALPHA_INIT[self.norm] if alpha_init is None else _positive("alpha_init", alpha_init)
         self.alpha_final = self.alpha_init / 100 if alpha_final is None else _positive("alpha_final", alpha_final)
         if self.alpha_final > self.alpha_init:
-            raise UserError(f"FMN alpha_final ({self.alpha_final:g}) must not exceed alpha_init "
-                            f"({self.alpha_init:g}); the step size decays")
+            raise UserError(
+                f"FMN alpha_final ({self.alpha_final:g}) must not exceed alpha_init "
+                f"({self.alpha_init:g}); the step size decays"
+            )
         for name, value in (("gamma_init", gamma_init), ("gamma_final", gamma_final)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise UserError(f"FMN {name} must be a number in [0, 1), got {value!r}; the paper uses "
-                                f"gamma_init 0.05 and gamma_final 0.001")
+                raise UserError(
+                    f"FMN {name} must be a number in [0, 1), got {value!r}; the paper uses "
+                    f"gamma_init 0.05 and gamma_final 0.001"
+                )
         if gamma_final > gamma_init:
-            raise UserError(f"FMN gamma_final ({gamma_final:g}) must not exceed gamma_init ({gamma_init:g}); "
-                            f"the radius adjustment decays")
+            raise UserError(
+                f"FMN gamma_final ({gamma_final:g}) must not exceed gamma_init ({gamma_init:g}); "
+                f"the radius adjustment decays"
+            )
         self.gamma_init, self.gamma_final = float(gamma_init), float(gamma_final)
         self.seed = check_seed("FMN", seed)
         self.eps = None if eps is None else check_radius("FMN", eps, self.norm)
@@ -130,7 +145,7 @@ class FMN:
         n, norm = len(x), self.norm
         shape = (n,) + (1,) * (x.dim() - 1)
         x32 = x.float()
-        far = torch.maximum(x32, 1 - x32).flatten(1)        # the largest perturbation the box allows
+        far = torch.maximum(x32, 1 - x32).flatten(1)  # the largest perturbation the box allows
         worst = far.amax(1) if norm == "Linf" else far.norm(p=2, dim=1)
         delta = torch.zeros_like(x)
         eps = torch.zeros(n, device=x.device)

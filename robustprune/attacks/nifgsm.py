@@ -1,6 +1,7 @@
 """NI-FGSM, Nesterov iterative FGSM (Lin et al. 2020, "Nesterov accelerated gradient and scale
 invariance for adversarial attacks", ICLR), L-inf. Momentum iterative FGSM whose gradient is taken at
 the look-ahead point x_t + alpha * decay * g_t."""
+
 from __future__ import annotations
 
 import torch

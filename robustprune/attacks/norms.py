@@ -1,6 +1,7 @@
 """Threat-model geometry every attack shares: the norms, per-example distances, the projection onto
 the eps-ball intersected with the [0, 1] image box, the margin losses of AutoAttack (DLR), and the
 fp32 check that an adversarial example really is one."""
+
 from __future__ import annotations
 
 import math
@@ -29,7 +30,10 @@ def check_radius(attack: str, eps, norm: str) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise UserError(f"{attack} eps must be a finite number >= 0, got {eps!r}; use e.g. 8/255 (Linf) or 0.5 (L2)")
     if norm == "Linf" and eps > 1:
-        raise UserError(f"{attack} eps must be in [0, 1] for the Linf norm (pixels are in [0, 1]), got {eps!r}; use e.g. 0.3 or 8/255")
+        raise UserError(
+            f"{attack} eps must be in [0, 1] for the Linf norm (pixels are in [0, 1]), got {eps!r}; "
+            f"use e.g. 0.3 or 8/255"
+        )
     return float(eps)
 
 
@@ -93,8 +97,9 @@ def dlr_targeted_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tenso
 
 
 @torch.no_grad()
-def verified(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, eps: float,
-             norm: str) -> torch.Tensor:
+def verified(
+    model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, eps: float, norm: str
+) -> torch.Tensor:
     """x_adv where it is misclassified by the fp32 model, inside the eps-ball (float tolerance
     EPS_TOLERANCE) and inside [0, 1]; x elsewhere. Whatever the attack did inside (bf16, any
     iterate), a point counts as broken only if this check says so."""
@@ -103,7 +108,10 @@ def verified(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Te
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     with frozen_eval(model), torch.autocast(x.device.type, enabled=False):
         wrong = model(adv32.to(dtype)).argmax(1) != y
-    inside = (distance(adv32, x32, norm) <= eps + EPS_TOLERANCE) & (adv32.flatten(1).amin(1) >= 0) \
+    inside = (
+        (distance(adv32, x32, norm) <= eps + EPS_TOLERANCE)
+        & (adv32.flatten(1).amin(1) >= 0)
         & (adv32.flatten(1).amax(1) <= 1)
+    )
     ok = (wrong & inside).view((len(x),) + (1,) * (x.dim() - 1))
     return torch.where(ok, x_adv, x)

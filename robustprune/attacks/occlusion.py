@@ -1,4 +1,5 @@
 """Centre occlusion: a square of zeros over every channel at the centre of each image."""
+
 from __future__ import annotations
 
 import torch
@@ -25,7 +26,7 @@ def occlude(x: torch.Tensor, size: int) -> torch.Tensor:
         return x
     top, left = (h - size) // 2, (w - size) // 2
     out = x.clone()
-    out[..., top:top + size, left:left + size] = 0
+    out[..., top : top + size, left : left + size] = 0
     return out
 
 

@@ -1,6 +1,7 @@
 """Projected gradient descent, L-inf (Madry et al. 2018, "Towards deep learning models resistant to
 adversarial attacks"), and the small pieces the other iterative attacks share: parameter checks,
 the projection onto the eps-ball intersected with [0, 1], seeded random starts."""
+
 from __future__ import annotations
 
 import math
@@ -13,13 +14,14 @@ from robustprune.attacks.base import ATTACKS, check_image_range, frozen_eval
 from robustprune.attacks.norms import ascent_direction, check_norm, check_radius, project, random_start, verified
 from robustprune.errors import UserError
 
-
 # ---- shared by the iterative attacks ----------------------------------------------------------------
+
 
 def check_eps(attack: str, eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
-        raise UserError(f"{attack} eps must be a number in [0, 1] (pixels are in [0, 1]), got {eps!r}; "
-                        f"use e.g. 0.1 or 8/255")
+        raise UserError(
+            f"{attack} eps must be a number in [0, 1] (pixels are in [0, 1]), got {eps!r}; use e.g. 0.1 or 8/255"
+        )
     return float(eps)
 
 
@@ -74,6 +76,7 @@ def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
 
 # ---- PGD --------------------------------------------------------------------------------------------
 
+
 @ATTACKS.register("pgd")
 class PGD:
     """PGD (Madry et al. 2018), L-inf or L2: normalised-gradient steps projected onto the eps-ball, random
@@ -81,13 +84,23 @@ class PGD:
 
     searches_ball = True  # robust accuracy at eps is a search of the whole ball (see evaluate/suite.py)
 
-    def __init__(self, eps: float, steps: int = 10, step_size: float | None = None, random_start: bool = True,
-                 restarts: int = 1, seed: int = 0, norm: str = "Linf", early_stop: bool = True):
+    def __init__(
+        self,
+        eps: float,
+        steps: int = 10,
+        step_size: float | None = None,
+        random_start: bool = True,
+        restarts: int = 1,
+        seed: int = 0,
+        norm: str = "Linf",
+        early_stop: bool = True,
+    ):
         self.norm = check_norm("PGD", norm)
         self.eps = check_radius("PGD", eps, self.norm)
         self.steps = check_count("PGD", "steps", steps, 10)
-        self.step_size = (2.5 * self.eps / self.steps if step_size is None
-                          else check_nonneg("PGD", "step_size", step_size))
+        self.step_size = (
+            2.5 * self.eps / self.steps if step_size is None else check_nonneg("PGD", "step_size", step_size)
+        )
         for flag, value in (("random_start", random_start), ("early_stop", early_stop)):
             if not isinstance(value, bool):
                 raise UserError(f"PGD {flag} must be true or false, got {value!r}")

@@ -17,6 +17,7 @@ fixed fractions of the query budget (the paper's schedule for 10 000 queries, re
 Each point draws its own windows, signs and pattern orientations from a torch.Generator seeded by `seed`.
 A point leaves the working batch as soon as it is misclassified, keeping that adversarial example.
 `n_queries` counts the random-search iterations after the initial point, as AutoAttack does."""
+
 from __future__ import annotations
 
 import math
@@ -44,6 +45,7 @@ def centre_pattern(s: int) -> torch.Tensor:
     """The s x s 'centre' pattern of the L2 attack, unit L2 norm (float64): the upper rows hold a bump of
     nested squares around their centre, a pixel at Chebyshev distance d from it weighing sum_{k>=d} 1/(k+1)^2;
     the lower rows hold the negated bump of their own centre; both halves have the same energy."""
+
     def bump(rows: int, cols: int) -> torch.Tensor:
         if rows == 0:
             return torch.zeros(0, cols, dtype=torch.float64)
@@ -75,7 +77,7 @@ def window_index(top: torch.Tensor, left: torch.Tensor, shape: torch.Size, s: in
     dev = top.device
     base = torch.arange(n, device=dev)[:, None] * (c * h * w) + torch.arange(c, device=dev)[None, :] * (h * w)
     ar = torch.arange(s, device=dev)
-    offset = (top * w + left)[:, None, None] + (ar[:, None] * w + ar[None, :])     # (n, s, s)
+    offset = (top * w + left)[:, None, None] + (ar[:, None] * w + ar[None, :])  # (n, s, s)
     return (base[:, :, None, None] + offset[:, None]).view(-1)
 
 
@@ -97,15 +99,25 @@ class Square:
 
     searches_ball = True  # robust accuracy at eps is a search of the whole ball (see evaluate/suite.py)
 
-    def __init__(self, eps: float, norm: str = "Linf", n_queries: int = 5000, p_init: float = 0.8,
-                 restarts: int = 1, seed: int = 0, precision: str = "fp32"):
+    def __init__(
+        self,
+        eps: float,
+        norm: str = "Linf",
+        n_queries: int = 5000,
+        p_init: float = 0.8,
+        restarts: int = 1,
+        seed: int = 0,
+        precision: str = "fp32",
+    ):
         self.norm = check_norm("Square", norm)
         self.precision = check_precision("Square", precision)
         self.eps = check_radius("Square", eps, self.norm)
         self.n_queries = check_count("Square", "n_queries", n_queries, 5000)
         if isinstance(p_init, bool) or not isinstance(p_init, (int, float)) or not 0 < p_init <= 1:
-            raise UserError(f"Square p_init must be a number in (0, 1] (the share of the image the first squares "
-                            f"cover), got {p_init!r}; AutoAttack uses 0.8")
+            raise UserError(
+                f"Square p_init must be a number in (0, 1] (the share of the image the first squares "
+                f"cover), got {p_init!r}; AutoAttack uses 0.8"
+            )
         self.p_init = float(p_init)
         self.restarts = check_count("Square", "restarts", restarts, 1)
         self.seed = check_seed("Square", seed)
@@ -163,10 +175,11 @@ class Square:
         pair = self._pattern_pair(b, x.device, x.dtype)
         turn = torch.randint(0, 2, (n, 1, nh, nw), generator=gen, device=x.device)
         sign = torch.randint(0, 2, (n, c, nh, nw), generator=gen, device=x.device, dtype=x.dtype).mul_(2).sub_(1)
-        blocks = pair[turn] * sign[..., None, None]                                   # (n, c, nh, nw, b, b)
+        blocks = pair[turn] * sign[..., None, None]  # (n, c, nh, nw, b, b)
         delta = torch.zeros_like(x)
-        delta[:, :, top:top + nh * b, left:left + nw * b] = blocks.permute(0, 1, 2, 4, 3, 5).reshape(
-            n, c, nh * b, nw * b)
+        delta[:, :, top : top + nh * b, left : left + nw * b] = blocks.permute(0, 1, 2, 4, 3, 5).reshape(
+            n, c, nh * b, nw * b
+        )
         return self._l2_place(x, delta)
 
     def _l2_place(self, x, delta):
@@ -183,12 +196,12 @@ class Square:
         delta = x_best - x
         flat = delta.view(-1)
         w1, w2 = random_window(x.shape, s, gen, dev), random_window(x.shape, s, gen, dev)
-        unused = (self.eps ** 2 - delta.view(n, -1).square().sum(1)).clamp_(min=0.0)   # (n,)
+        unused = (self.eps**2 - delta.view(n, -1).square().sum(1)).clamp_(min=0.0)  # (n,)
         old = flat.take(w1).view(n, c, s, s)
-        in_w2 = flat.take(w2).view(n, c, -1).square().sum(2)                             # (n, c)
+        in_w2 = flat.take(w2).view(n, c, -1).square().sum(2)  # (n, c)
         flat.index_fill_(0, w2, 0.0)
-        in_w1_only = flat.take(w1).view(n, c, -1).square().sum(2)                        # W1 minus W2
-        avail = (in_w2 + in_w1_only + unused[:, None] / c).sqrt_()[..., None, None]     # (n, c, 1, 1)
+        in_w1_only = flat.take(w1).view(n, c, -1).square().sum(2)  # W1 minus W2
+        avail = (in_w2 + in_w1_only + unused[:, None] / c).sqrt_()[..., None, None]  # (n, c, 1, 1)
         old = old / old.square().sum((2, 3), keepdim=True).sqrt_().add_(1e-12)
         turn = torch.randint(0, 2, (n, 1), generator=gen, device=dev)
         sign = torch.randint(0, 2, (n, c, 1, 1), generator=gen, device=dev, dtype=x.dtype).mul_(2).sub_(1)
@@ -244,8 +257,9 @@ class Square:
         if x.dim() != 4:
             raise UserError(f"Square Attack needs images of shape (n, C, H, W), got shape {tuple(x.shape)}")
         if y.shape != (len(x),):
-            raise UserError(f"Square Attack needs one label per image, got labels of shape {tuple(y.shape)} for "
-                            f"{len(x)} images")
+            raise UserError(
+                f"Square Attack needs one label per image, got labels of shape {tuple(y.shape)} for {len(x)} images"
+            )
         x = x.detach()
         if len(x) == 0 or self.eps == 0:
             return x.clone()

@@ -2,6 +2,7 @@
 adversarial attacks through variance tuning", CVPR), L-inf. Each step's gradient is corrected by the
 previous step's gradient variance: the mean gradient over n_samples points drawn uniformly from the
 beta*eps L-inf neighbourhood, minus the gradient at the point itself."""
+
 from __future__ import annotations
 
 import torch
@@ -9,8 +10,16 @@ from torch import nn
 
 from robustprune.attacks.base import ATTACKS, check_image_range, frozen_eval
 from robustprune.attacks.nifgsm import mean_abs_normalised
-from robustprune.attacks.pgd import (check_count, check_eps, check_nonneg, check_seed, input_grad, linf_box,
-                                     make_generator, uniform_like)
+from robustprune.attacks.pgd import (
+    check_count,
+    check_eps,
+    check_nonneg,
+    check_seed,
+    input_grad,
+    linf_box,
+    make_generator,
+    uniform_like,
+)
 
 CHUNK_IMAGES = 1024  # small batches: stack neighbour samples up to this many images per pass
 
@@ -19,8 +28,16 @@ CHUNK_IMAGES = 1024  # small batches: stack neighbour samples up to this many im
 class VMIFGSM:
     """VMI-FGSM L-inf (Wang & He 2021): momentum iterative FGSM with gradient-variance tuning."""
 
-    def __init__(self, eps: float, steps: int = 10, alpha: float | None = None, decay: float = 1.0,
-                 n_samples: int = 20, beta: float = 1.5, seed: int = 0):
+    def __init__(
+        self,
+        eps: float,
+        steps: int = 10,
+        alpha: float | None = None,
+        decay: float = 1.0,
+        n_samples: int = 20,
+        beta: float = 1.5,
+        seed: int = 0,
+    ):
         self.eps = check_eps("VMI-FGSM", eps)
         self.steps = check_count("VMI-FGSM", "steps", steps, 10)
         self.alpha = self.eps / self.steps if alpha is None else check_nonneg("VMI-FGSM", "alpha", alpha)

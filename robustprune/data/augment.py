@@ -12,6 +12,7 @@ a torch.Generator, so the same seed gives the same images on CPU and GPU.
   in `TrainConfig.mix`).
 
 Randomness is drawn on the CPU generator and moved to the batch's device."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """The in-memory dataset every part of robustprune works on: uint8 image tensors, int64 labels."""
+
 from __future__ import annotations
 
 import hashlib
@@ -42,8 +43,16 @@ class ImageDataset:
         """The first `train` / `test` examples (deterministic, used by small budgets)."""
         tr = slice(None) if not train else slice(0, train)
         te = slice(None) if not test else slice(0, test)
-        return ImageDataset(self.name, self.x_train[tr], self.y_train[tr], self.x_test[te],
-                            self.y_test[te], self.num_classes, self.mean, self.std)
+        return ImageDataset(
+            self.name,
+            self.x_train[tr],
+            self.y_train[tr],
+            self.x_test[te],
+            self.y_test[te],
+            self.num_classes,
+            self.mean,
+            self.std,
+        )
 
 
 DATASETS: Registry = Registry("dataset")
@@ -85,8 +94,10 @@ def fetch(urls: list[str], dest: Path, md5: str) -> None:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the data folder {dest.parent} ({e.strerror}); "
-                        f"pass a writable folder with --data-dir or ${DATA_ENV}") from None
+        raise UserError(
+            f"cannot create the data folder {dest.parent} ({e.strerror}); "
+            f"pass a writable folder with --data-dir or ${DATA_ENV}"
+        ) from None
     errors = []
     for url in urls:
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
@@ -105,8 +116,10 @@ def fetch(urls: list[str], dest: Path, md5: str) -> None:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-    raise UserError(f"could not download {dest.name} ({'; '.join(errors)}); put the file in "
-                    f"{dest.parent} yourself or point --data-dir / ${DATA_ENV} at a folder that has it")
+    raise UserError(
+        f"could not download {dest.name} ({'; '.join(errors)}); put the file in "
+        f"{dest.parent} yourself or point --data-dir / ${DATA_ENV} at a folder that has it"
+    )
 
 
 def ensure_file(folder: Path, filename: str, md5: str, urls: list[str], download: bool) -> Path:
@@ -114,12 +127,16 @@ def ensure_file(folder: Path, filename: str, md5: str, urls: list[str], download
     path = folder / filename
     if not path.exists():
         if not download:
-            raise UserError(f"{path} is missing and downloading is off; put the file there or point --data-dir "
-                            f"(or ${DATA_ENV}) at the folder that has it")
+            raise UserError(
+                f"{path} is missing and downloading is off; put the file there or point --data-dir "
+                f"(or ${DATA_ENV}) at the folder that has it"
+            )
         fetch(urls, path, md5)
         return path
     got = md5_of(path)
     if got != md5:
-        raise UserError(f"{path} is corrupt or not the official file (MD5 {got}, expected {md5}); "
-                        f"delete it so it is downloaded again, or replace it with the official file")
+        raise UserError(
+            f"{path} is corrupt or not the official file (MD5 {got}, expected {md5}); "
+            f"delete it so it is downloaded again, or replace it with the official file"
+        )
     return path

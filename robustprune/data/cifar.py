@@ -11,6 +11,7 @@ The archive's batches are pickles. They are read with an unpickler that can buil
 numpy arrays, so a tampered archive cannot run code; the archive is also MD5-checked. The .npz is
 read with allow_pickle=False; it has no official checksum, so its keys, shapes, dtypes and label
 range are checked instead."""
+
 from __future__ import annotations
 
 import io
@@ -56,8 +57,10 @@ CIFAR10 = CifarSpec(
     url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
     md5="c58f30108f718f92721af3b95e74349a",
     npz="cifar10.npz",
-    members={"train": tuple(f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)),
-             "test": ("cifar-10-batches-py/test_batch",)},
+    members={
+        "train": tuple(f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)),
+        "test": ("cifar-10-batches-py/test_batch",),
+    },
     label_key="labels",
     num_classes=10,
     counts={"train": 50000, "test": 10000},
@@ -108,8 +111,7 @@ class BatchUnpickler(pickle.Unpickler):
 
 
 def _fix(spec: CifarSpec, path: Path) -> str:
-    return (f"delete it and put the official {spec.archive} ({spec.url}) in {path.parent}, "
-            f"or a valid {spec.npz} there")
+    return f"delete it and put the official {spec.archive} ({spec.url}) in {path.parent}, or a valid {spec.npz} there"
 
 
 def unpickle_batch(raw: bytes, where: str) -> dict:
@@ -117,8 +119,10 @@ def unpickle_batch(raw: bytes, where: str) -> dict:
     try:
         obj = BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except ForbiddenGlobal as e:
-        raise UserError(f"{where} asks to load '{e}', which no CIFAR batch contains, so it was refused "
-                        "(the file is not the official one and may be malicious)") from None
+        raise UserError(
+            f"{where} asks to load '{e}', which no CIFAR batch contains, so it was refused "
+            "(the file is not the official one and may be malicious)"
+        ) from None
     except Exception as e:  # noqa: BLE001 - any failure to parse untrusted bytes means a corrupt file
         raise UserError(f"{where} is not a readable pickled batch ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
@@ -132,18 +136,23 @@ def _batch_arrays(batch: dict, spec: CifarSpec, where: str, fix: str) -> tuple[n
         raise UserError(f"{where} has no '{'data' if data is None else spec.label_key}' entry; {fix}")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != PIXELS:
         shape = getattr(data, "shape", None)
-        raise UserError(f"{where} holds 'data' of type {type(data).__name__} {getattr(data, 'dtype', '')} "
-                        f"shape {shape}, not uint8 (N, {PIXELS}); {fix}")
+        raise UserError(
+            f"{where} holds 'data' of type {type(data).__name__} {getattr(data, 'dtype', '')} "
+            f"shape {shape}, not uint8 (N, {PIXELS}); {fix}"
+        )
     labels = np.asarray(labels)
     if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
-        raise UserError(f"{where} holds {labels.dtype} '{spec.label_key}' of shape {labels.shape}, "
-                        f"not {len(data)} integers; {fix}")
+        raise UserError(
+            f"{where} holds {labels.dtype} '{spec.label_key}' of shape {labels.shape}, not {len(data)} integers; {fix}"
+        )
     return data, labels
 
 
 def _check_labels(labels: np.ndarray, spec: CifarSpec, where: str, fix: str) -> torch.Tensor:
     if labels.size and (labels.min() < 0 or labels.max() >= spec.num_classes):
-        raise UserError(f"{where} has labels from {labels.min()} to {labels.max()}, outside 0..{spec.num_classes - 1}; {fix}")
+        raise UserError(
+            f"{where} has labels from {labels.min()} to {labels.max()}, outside 0..{spec.num_classes - 1}; {fix}"
+        )
     return torch.from_numpy(labels.astype(np.int64))
 
 
@@ -176,15 +185,19 @@ def read_cifar_tar(path: Path, spec: CifarSpec) -> dict[str, tuple[torch.Tensor,
         y = np.concatenate([found[m][1] for m in members])
         if len(x) != spec.counts[split]:
             raise UserError(f"{path} holds {len(x)} {split} images, expected {spec.counts[split]}; {fix}")
-        out[split] = (torch.from_numpy(x.reshape(-1, 3, 32, 32)),
-                      _check_labels(y, spec, f"the {split} set of {path}", fix))
+        out[split] = (
+            torch.from_numpy(x.reshape(-1, 3, 32, 32)),
+            _check_labels(y, spec, f"the {split} set of {path}", fix),
+        )
     return out
 
 
 def read_cifar_npz(path: Path, spec: CifarSpec) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The compact .npz (HWC images) -> split -> (images uint8 (N, 3, 32, 32), labels int64)."""
-    fix = (f"replace {path} with a valid one (uint8 x_train, y_train, x_test, y_test), or delete it and "
-           f"put the official {spec.archive} ({spec.url}) in {path.parent}")
+    fix = (
+        f"replace {path} with a valid one (uint8 x_train, y_train, x_test, y_test), or delete it and "
+        f"put the official {spec.archive} ({spec.url}) in {path.parent}"
+    )
     keys = [f"{a}_{split}" for split in spec.counts for a in ("x", "y")]
     try:
         npz = np.load(path, allow_pickle=False)
@@ -201,11 +214,15 @@ def read_cifar_npz(path: Path, spec: CifarSpec) -> dict[str, tuple[torch.Tensor,
     for split, n in spec.counts.items():
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.dtype != np.uint8 or x.shape != (n, 32, 32, 3):
-            raise UserError(f"{path} holds x_{split} as {x.dtype} of shape {x.shape}, not uint8 of shape ({n}, 32, 32, 3); {fix}")
+            raise UserError(
+                f"{path} holds x_{split} as {x.dtype} of shape {x.shape}, not uint8 of shape ({n}, 32, 32, 3); {fix}"
+            )
         if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
             raise UserError(f"{path} holds y_{split} as {y.dtype} of shape {y.shape}, not {n} integer labels; {fix}")
-        out[split] = (torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(),
-                      _check_labels(y, spec, f"y_{split} in {path}", fix))
+        out[split] = (
+            torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(),
+            _check_labels(y, spec, f"y_{split} in {path}", fix),
+        )
     return out
 
 
@@ -224,15 +241,26 @@ def load_cifar(data_dir: Path, download: bool, spec: CifarSpec) -> ImageDataset:
     if path is None:
         folder = data_dir / spec.name
         if not download:
-            raise UserError(f"neither {spec.npz} nor {spec.archive} is in {folder} or {data_dir}; download "
-                            f"{spec.url} into {folder}, allow downloading, or point --data-dir / ${DATA_ENV} at a folder that has it")
+            raise UserError(
+                f"neither {spec.npz} nor {spec.archive} is in {folder} or {data_dir}; download "
+                f"{spec.url} into {folder}, allow downloading, or point --data-dir / ${DATA_ENV} at a folder "
+                f"that has it"
+            )
         path = ensure_file(folder, spec.archive, spec.md5, [spec.url], download=True)  # downloads, MD5-checks
     elif path.name == spec.archive:
         ensure_file(path.parent, spec.archive, spec.md5, [spec.url], download)  # MD5-checks
     splits = read_cifar_tar(path, spec) if path.name == spec.archive else read_cifar_npz(path, spec)
     (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
-    return ImageDataset(name=spec.name, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
-                        num_classes=spec.num_classes, mean=spec.mean, std=spec.std)
+    return ImageDataset(
+        name=spec.name,
+        x_train=x_train,
+        y_train=y_train,
+        x_test=x_test,
+        y_test=y_test,
+        num_classes=spec.num_classes,
+        mean=spec.mean,
+        std=spec.std,
+    )
 
 
 @DATASETS.register("cifar10")

@@ -9,6 +9,7 @@ Two layouts are read:
 Classes are the sorted names of the train sub-folders; label i is the i-th. Each split is put in
 a fixed pseudo-random order (the same on every machine), so `subset(n)` takes all classes rather
 than the first few. mean/std are those of the training images."""
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,10 @@ def _tiny_val(val: Path) -> list[tuple[Path, str]]:
             continue
         fields = line.split("\t")
         if len(fields) < 2:
-            raise UserError(f"line {n} of {ann} has no tab-separated class after the file name; "
-                            "replace the file with the official one")
+            raise UserError(
+                f"line {n} of {ann} has no tab-separated class after the file name; "
+                "replace the file with the official one"
+            )
         pairs.append((val / "images" / fields[0], fields[1]))
     return pairs
 
@@ -82,8 +85,10 @@ def _load_split(files: list[Path], labels: list[int], size: int | None) -> tuple
     def put(i: int) -> None:
         img = _decode(files[i], size)
         if img.shape != first.shape:
-            raise UserError(f"image {files[i]} is {img.shape[1]}x{img.shape[0]} but {files[0]} is "
-                            f"{first.shape[1]}x{first.shape[0]}; pass image_size to resize them all")
+            raise UserError(
+                f"image {files[i]} is {img.shape[1]}x{img.shape[0]} but {files[0]} is "
+                f"{first.shape[1]}x{first.shape[0]}; pass image_size to resize them all"
+            )
         out[i] = img
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
@@ -99,7 +104,7 @@ def channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...]
     s = torch.zeros(c, dtype=torch.float64)
     s2 = torch.zeros(c, dtype=torch.float64)
     for i in range(0, len(x), chunk):
-        xb = x[i:i + chunk].double().div_(255)
+        xb = x[i : i + chunk].double().div_(255)
         s += xb.sum((0, 2, 3))
         s2 += xb.square().sum((0, 2, 3))
     count = max(x.numel() // c, 1)
@@ -116,41 +121,64 @@ def load_image_folder(root: str | os.PathLike, image_size: int | None = None, na
     root = Path(root).expanduser()
     train_dir = root / "train"
     if not train_dir.is_dir():
-        raise UserError(f"{root} has no train/ folder; an image folder needs train/<class>/ images "
-                        "and test/<class>/ (or val/<class>/) images")
+        raise UserError(
+            f"{root} has no train/ folder; an image folder needs train/<class>/ images "
+            "and test/<class>/ (or val/<class>/) images"
+        )
     train = _class_folders(train_dir)
     classes = sorted(train)
     if not any(train.values()):
-        raise UserError(f"{train_dir} has no class folder with .png/.jpg/.jpeg images; "
-                        "put each class's images in train/<class>/")
+        raise UserError(
+            f"{train_dir} has no class folder with .png/.jpg/.jpeg images; put each class's images in train/<class>/"
+        )
     index = {c: i for i, c in enumerate(classes)}
 
     if (root / "val" / "val_annotations.txt").is_file():  # Tiny ImageNet
         test_dir = root / "val"
         pairs = _tiny_val(test_dir)
     else:
-        test_dir = next((root / s for s in ("test", "val") if (root / s).is_dir()
-                         and any(p.is_dir() for p in (root / s).iterdir())), None)
+        test_dir = next(
+            (
+                root / s
+                for s in ("test", "val")
+                if (root / s).is_dir() and any(p.is_dir() for p in (root / s).iterdir())
+            ),
+            None,
+        )
         if test_dir is None:
-            raise UserError(f"{root} has neither test/<class>/ nor val/<class>/ folders; add the test images "
-                            "one folder per class")
+            raise UserError(
+                f"{root} has neither test/<class>/ nor val/<class>/ folders; add the test images one folder per class"
+            )
         pairs = [(f, c) for c, files in _class_folders(test_dir).items() for f in files]
     unknown = sorted({c for _, c in pairs} - set(index))
     if unknown:
-        raise UserError(f"{test_dir} has images of class '{unknown[0]}', which has no folder in {train_dir}; "
-                        "add its training images or remove it")
+        raise UserError(
+            f"{test_dir} has images of class '{unknown[0]}', which has no folder in {train_dir}; "
+            "add its training images or remove it"
+        )
 
     if not pairs:
         raise UserError(f"{test_dir} has no test images; put each class's test images in {test_dir}/<class>/")
-    x_train, y_train = _load_split([f for c in classes for f in train[c]],
-                                   [index[c] for c in classes for _ in train[c]], image_size)
+    x_train, y_train = _load_split(
+        [f for c in classes for f in train[c]], [index[c] for c in classes for _ in train[c]], image_size
+    )
     x_test, y_test = _load_split([f for f, _ in pairs], [index[c] for _, c in pairs], image_size)
     if x_test.shape[1:] != x_train.shape[1:]:
-        raise UserError(f"test images in {test_dir} are {x_test.shape[-1]}x{x_test.shape[-2]} but training images are "
-                        f"{x_train.shape[-1]}x{x_train.shape[-2]}; pass image_size to resize them all")
+        raise UserError(
+            f"test images in {test_dir} are {x_test.shape[-1]}x{x_test.shape[-2]} but training images are "
+            f"{x_train.shape[-1]}x{x_train.shape[-2]}; pass image_size to resize them all"
+        )
     mean, std = channel_stats(x_train)
-    return ImageDataset(name=name or root.name, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
-                        num_classes=len(classes), mean=mean, std=std)
+    return ImageDataset(
+        name=name or root.name,
+        x_train=x_train,
+        y_train=y_train,
+        x_test=x_test,
+        y_test=y_test,
+        num_classes=len(classes),
+        mean=mean,
+        std=std,
+    )
 
 
 def _unzip(archive: Path, dest: Path) -> None:
@@ -162,15 +190,21 @@ def _unzip(archive: Path, dest: Path) -> None:
             for info in z.infolist():
                 parts = PurePosixPath(info.filename).parts
                 if info.filename.startswith(("/", "\\")) or ".." in parts or ":" in info.filename:
-                    raise UserError(f"{archive} has a member named {info.filename!r} outside its folder; "
-                                    f"delete it and download {TINY_IMAGENET_URL} again")
+                    raise UserError(
+                        f"{archive} has a member named {info.filename!r} outside its folder; "
+                        f"delete it and download {TINY_IMAGENET_URL} again"
+                    )
             z.extractall(tmp)
         if not (tmp / TINY_IMAGENET_DIR).is_dir():
-            raise UserError(f"{archive} has no {TINY_IMAGENET_DIR}/ folder; delete it and download {TINY_IMAGENET_URL} again")
+            raise UserError(
+                f"{archive} has no {TINY_IMAGENET_DIR}/ folder; delete it and download {TINY_IMAGENET_URL} again"
+            )
         os.replace(tmp / TINY_IMAGENET_DIR, dest)
     except (zipfile.BadZipFile, EOFError, zlib.error) as e:
-        raise UserError(f"{archive} is not a readable zip archive, it is truncated or corrupt ({e}); "
-                        f"delete it and download {TINY_IMAGENET_URL} again") from None
+        raise UserError(
+            f"{archive} is not a readable zip archive, it is truncated or corrupt ({e}); "
+            f"delete it and download {TINY_IMAGENET_URL} again"
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -184,7 +218,9 @@ def load_tiny_imagenet(data_dir: Path, download: bool = True) -> ImageDataset:
     if not root.is_dir():
         archive = data_dir / f"{TINY_IMAGENET_DIR}.zip"
         if not archive.is_file() and not download:
-            raise UserError(f"{root} is missing; download {TINY_IMAGENET_URL} and unzip it in {data_dir}, allow "
-                            f"downloading, or point --data-dir / ${DATA_ENV} at a folder that has it")
+            raise UserError(
+                f"{root} is missing; download {TINY_IMAGENET_URL} and unzip it in {data_dir}, allow "
+                f"downloading, or point --data-dir / ${DATA_ENV} at a folder that has it"
+            )
         _unzip(ensure_file(data_dir, archive.name, TINY_IMAGENET_MD5, [TINY_IMAGENET_URL], download), root)
     return load_image_folder(root, name="tiny_imagenet")

@@ -1,4 +1,5 @@
 """MNIST from the four canonical gzip IDX files (LeCun et al.), downloaded and MD5-checked."""
+
 from __future__ import annotations
 
 import gzip
@@ -36,15 +37,19 @@ def read_idx(path: Path) -> np.ndarray:
         raise UserError(f"{path} is too short to be an IDX file; replace it with the official file")
     magic = struct.unpack(">I", raw[:4])[0]
     if magic not in IDX_MAGIC:
-        raise UserError(f"{path} has IDX magic number {magic}, expected 2049 or 2051; replace it with the official file")
+        raise UserError(
+            f"{path} has IDX magic number {magic}, expected 2049 or 2051; replace it with the official file"
+        )
     ndim = IDX_MAGIC[magic]
     if len(raw) < 4 + 4 * ndim:
         raise UserError(f"{path} ends inside its IDX header; the file is truncated, replace it with the official file")
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    body = raw[4 + 4 * ndim:]
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    body = raw[4 + 4 * ndim :]
     if len(body) != int(np.prod(dims)):
-        raise UserError(f"{path} holds {len(body)} bytes of data but its header promises {int(np.prod(dims))}; "
-                        "the file is truncated, replace it with the official file")
+        raise UserError(
+            f"{path} holds {len(body)} bytes of data but its header promises {int(np.prod(dims))}; "
+            "the file is truncated, replace it with the official file"
+        )
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
@@ -58,8 +63,10 @@ def load_mnist(data_dir: Path, download: bool = True) -> ImageDataset:
         path = ensure_file(folder, filename, md5, [m + filename for m in MIRRORS], download)
         arr = read_idx(path)
         if arr.shape[0] != count or (key.endswith("images") and arr.shape[1:] != (28, 28)):
-            raise UserError(f"{path} has shape {arr.shape}, expected ({count}{', 28, 28' if key.endswith('images') else ''}); "
-                            "replace it with the official file")
+            raise UserError(
+                f"{path} has shape {arr.shape}, expected ({count}{', 28, 28' if key.endswith('images') else ''}); "
+                "replace it with the official file"
+            )
         arrays[key] = torch.from_numpy(arr.copy())
     return ImageDataset(
         name="mnist",

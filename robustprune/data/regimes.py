@@ -1,5 +1,6 @@
 """Training regimes (Liang et al. 2025, §4.3): each turns a clean dataset into the data one dense
 model is trained on, and adds the named test sets its robustness is measured on."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -26,8 +27,9 @@ class Regime(ABC):
     Params: ClassVar[type[RegimeParams]] = RegimeParams
 
     @abstractmethod
-    def apply(self, data: ImageDataset, params, seed: int,
-              source_model: Callable[[int], torch.nn.Module]) -> ImageDataset:
+    def apply(
+        self, data: ImageDataset, params, seed: int, source_model: Callable[[int], torch.nn.Module]
+    ) -> ImageDataset:
         """The training data (and extra test sets) of this regime."""
 
     def transfer_tests(self, params) -> dict[str, tuple[str, float]]:
@@ -45,8 +47,12 @@ class Clean(Regime):
 
 
 # Class -> (rows, cols) of the white 5x5 patch, exactly as listed in §4.3.4.
-SPURIOUS_PATCHES = {0: (slice(0, 5), slice(0, 5)), 1: (slice(0, 5), slice(23, 28)),
-                    2: (slice(23, 28), slice(0, 5)), 3: (slice(23, 28), slice(23, 28))}
+SPURIOUS_PATCHES = {
+    0: (slice(0, 5), slice(0, 5)),
+    1: (slice(0, 5), slice(23, 28)),
+    2: (slice(23, 28), slice(0, 5)),
+    3: (slice(23, 28), slice(23, 28)),
+}
 CENTER_PATCH = (slice(12, 17), slice(12, 17))
 
 

@@ -5,6 +5,7 @@ as a transfer attack or as a black-box one (AutoAttack's Square stage). A strong
 more images correct means the gradients mislead the attack, and the robust accuracy it reports is
 too high. An attack that searches the whole ball is swept over eps on the survivors, so its
 accuracy cannot rise with eps; for it the check is that it falls at all (eps_flat)."""
+
 from __future__ import annotations
 
 from robustprune.attacks.norms import check_norm
@@ -24,8 +25,7 @@ def _steps(entry, label: str) -> int | None:
     return getattr(entry.build(label, entry.eps[0]), "steps", None)
 
 
-def pairs(attacks: dict, transfer_metrics: list[str], regime_transfer: dict[str, tuple[str, float]],
-          security=None):
+def pairs(attacks: dict, transfer_metrics: list[str], regime_transfer: dict[str, tuple[str, float]], security=None):
     """(kind, stronger metric, weaker metric) for every check the evaluated metrics allow.
 
     attacks: the study's evaluation.attacks; transfer_metrics: acc_transfer:... names evaluated;

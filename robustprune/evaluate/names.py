@@ -27,6 +27,7 @@
                                           (named by its first layer) and the pruning ratio it was given
 
 Strengths are written with Python's :g format (0.1, 0.03137, 8)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -117,7 +118,7 @@ def check(kind: str, stronger: str, weaker: str) -> str:
 
 @dataclass(frozen=True)
 class Parsed:
-    family: str              # clean, test, adv, curve, occlusion, corruption, transfer, check, other
+    family: str  # clean, test, adv, curve, occlusion, corruption, transfer, check, other
     name: str | None = None  # attack label, corruption type, test name, check kind
     strength: str | None = None
     source: str | None = None
@@ -127,12 +128,12 @@ class Parsed:
 
 def parse(metric: str) -> Parsed:
     if metric.startswith("check:"):
-        kind, rest = metric[len("check:"):].split(":", 1)
+        kind, rest = metric[len("check:") :].split(":", 1)
         stronger, weaker = rest.split("|", 1)
         return Parsed("check", kind, stronger=stronger, weaker=weaker)
     if not metric.startswith("acc_"):
         return Parsed("other", metric)
-    body = metric[len("acc_"):]
+    body = metric[len("acc_") :]
     if body == "clean":
         return Parsed("clean")
     source = None

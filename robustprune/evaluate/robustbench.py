@@ -14,6 +14,7 @@ RobustBench keeps the threat model in the folder name and always evaluates its 1
 this file adds both, as "threat_model" ("Linf" / "L2") and "n_examples" (the name of RobustBench's
 own benchmark() argument), so that an entry evaluated on fewer points says so. The leaderboard
 tools read only the fields they know, so the two extra keys do no harm."""
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,16 @@ def eps_string(eps: float, norm: str) -> str:
     return repr(round(eps, 6))
 
 
-def robustbench_entry(clean_acc: float, autoattack_acc: float, eps: float, norm: str, n_points: int, dataset: str,
-                      model_name: str, extra: dict | None = None) -> dict:
+def robustbench_entry(
+    clean_acc: float,
+    autoattack_acc: float,
+    eps: float,
+    norm: str,
+    n_points: int,
+    dataset: str,
+    model_name: str,
+    extra: dict | None = None,
+) -> dict:
     """A RobustBench model-info entry. Accuracies are fractions in [0, 1]; model_name fills "name"
     (RobustBench's paper title field; extra can set it, and link, authors, venue, architecture,
     additional_data, number_forward_passes, reported, footnote, unreliable or any further key)."""
@@ -59,8 +68,10 @@ def robustbench_entry(clean_acc: float, autoattack_acc: float, eps: float, norm:
             raise UserError(f"RobustBench entry {what} must be a non-empty string, got {value!r}")
     clean, robust = percent(clean_acc, "clean_acc"), percent(autoattack_acc, "autoattack_acc")
     if autoattack_acc > clean_acc:
-        raise UserError(f"autoattack_acc ({autoattack_acc!r}) cannot exceed clean_acc ({clean_acc!r}): "
-                        f"a point the attack leaves correct is correct clean")
+        raise UserError(
+            f"autoattack_acc ({autoattack_acc!r}) cannot exceed clean_acc ({clean_acc!r}): "
+            f"a point the attack leaves correct is correct clean"
+        )
     extra = dict(extra or {})
     clash = sorted(set(extra) & set(MEASURED))
     if clash:
@@ -110,4 +121,3 @@ def write_robustbench_json(entry: dict, path) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-

@@ -7,6 +7,7 @@ minimum norm exceeds eps. One run gives the whole curve, for dense and pruned mo
     security_curve         FMN on a model, then the curve, the norms, their median and the clean accuracy
     plot_security_curves   several models' curves on one axes, with each model's AutoAttack-checked point
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,9 @@ def _as_norms(norms) -> torch.Tensor:
     if t.numel() == 0:
         raise UserError("a security curve needs at least one point's minimum norm, got none")
     if torch.isnan(t).any() or (t < 0).any():
-        raise UserError("minimum norms must be numbers >= 0 (inf where no adversarial point was found), "
-                        "got NaN or a negative value")
+        raise UserError(
+            "minimum norms must be numbers >= 0 (inf where no adversarial point was found), got NaN or a negative value"
+        )
     return t
 
 
@@ -71,8 +73,16 @@ def default_grid(norms, norm: str, points: int = GRID_POINTS) -> list[float]:
     return [top * i / (points - 1) for i in range(points)]
 
 
-def security_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "Linf", eps_grid=None,
-                   steps: int = 100, seed: int = 0, batch_size: int = 500) -> dict:
+def security_curve(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    norm: str = "Linf",
+    eps_grid=None,
+    steps: int = 100,
+    seed: int = 0,
+    batch_size: int = 500,
+) -> dict:
     """FMN once on (x, y), batch by batch, then robust accuracy at every eps of the grid.
 
     x: uint8 or float images in [0, 1]. eps_grid: radii (default: default_grid of the norms found).
@@ -90,7 +100,7 @@ def security_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str
     start = time.perf_counter()
     parts = []
     for i in range(0, len(x), batch_size):
-        xb, yb = to_float(x[i:i + batch_size].to(device)), y[i:i + batch_size].to(device)
+        xb, yb = to_float(x[i : i + batch_size].to(device)), y[i : i + batch_size].to(device)
         parts.append(attack.min_norms(model, xb, yb)[1].cpu())
     norms = torch.cat(parts)
     seconds = time.perf_counter() - start
@@ -109,8 +119,13 @@ def security_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str
     }
 
 
-def plot_security_curves(curves: dict[str, dict], path, norm: str,
-                         checked: dict[str, tuple[float, float]] | None = None, title: str | None = None) -> Path:
+def plot_security_curves(
+    curves: dict[str, dict],
+    path,
+    norm: str,
+    checked: dict[str, tuple[float, float]] | None = None,
+    title: str | None = None,
+) -> Path:
     """One PNG: robust accuracy against eps, one line per model (curves: {label: security_curve
     result, or any dict with "eps" and "robust_accuracy"}), and for each label in `checked` its
     (eps, robust accuracy) under AutoAttack as a star in the line's colour. Written under a
@@ -123,8 +138,13 @@ def plot_security_curves(curves: dict[str, dict], path, norm: str,
     if unknown:
         raise UserError(f"checked points for {', '.join(unknown)} have no curve; known: {', '.join(curves)}")
     for label, c in curves.items():
-        if not isinstance(c, dict) or "eps" not in c or "robust_accuracy" not in c \
-                or len(c["eps"]) != len(c["robust_accuracy"]) or not len(c["eps"]):
+        if (
+            not isinstance(c, dict)
+            or "eps" not in c
+            or "robust_accuracy" not in c
+            or len(c["eps"]) != len(c["robust_accuracy"])
+            or not len(c["eps"])
+        ):
             raise UserError(f"curve '{label}' must have equally long, non-empty 'eps' and 'robust_accuracy' lists")
     path = Path(path)
     if path.suffix.lower() != ".png":

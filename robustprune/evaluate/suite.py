@@ -1,6 +1,7 @@
 """Evaluate one model as the study's `evaluation` section says: white-box attacks at every eps,
 transfer attacks from other models, centre occlusion, common corruptions, and the gradient-masking
 checks. Attacks use the first `attack_subset` test images, shifts the first `shift_subset`."""
+
 from __future__ import annotations
 
 import statistics
@@ -24,8 +25,9 @@ def first(x: torch.Tensor, n: int | None) -> torch.Tensor:
     return x if n is None else x[:n]
 
 
-def attack_hits(model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                alive: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def attack_hits(
+    model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor, batch_size: int, alive: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per image whether it stayed correct under the attack, batch by batch; only the images marked
     `alive` are attacked (the others count as broken). For a cascade also the mask after its
     white-box stages alone (Square's breaks undone), for the black-box masking check."""
@@ -34,7 +36,7 @@ def attack_hits(model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor, batc
     hits = torch.zeros(len(x), dtype=torch.bool)
     white = torch.zeros(len(x), dtype=torch.bool) if isinstance(attack, AutoAttack) else None
     for i in range(0, len(idx), batch_size):
-        rows = idx[i:i + batch_size]
+        rows = idx[i : i + batch_size]
         xb, yb = to_float(x[rows].to(device)), y[rows].to(device)
         if white is not None:
             result = attack.run(model, xb, yb)
@@ -47,8 +49,9 @@ def attack_hits(model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor, batc
     return hits, white
 
 
-def attack_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ev, progress,
-                   record: dict | None = None) -> dict[str, float]:
+def attack_metrics(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, ev, progress, record: dict | None = None
+) -> dict[str, float]:
     """acc_adv:<label>@<eps> for every entry and eps. An attack that searches the whole eps-ball
     (searches_ball) sweeps its eps upwards on the survivors: a point broken inside a smaller ball
     is broken inside every larger one, so only the points that survived are attacked again."""
@@ -99,8 +102,9 @@ def curve_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ev, progre
     return out
 
 
-def corruption_metrics(model: nn.Module, ev, corrupted: CorruptedSets, progress,
-                       record: dict | None = None) -> dict[str, float]:
+def corruption_metrics(
+    model: nn.Module, ev, corrupted: CorruptedSets, progress, record: dict | None = None
+) -> dict[str, float]:
     out = {}
     severities = ev.corruptions.severities
     for kind in ev.corruption_types():
@@ -117,12 +121,18 @@ def corruption_metrics(model: nn.Module, ev, corrupted: CorruptedSets, progress,
     return out
 
 
-def evaluate_robustness(model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, ev, progress,
-                        corrupted: CorruptedSets | None = None,
-                        transfer_sets: dict[str, torch.Tensor] | None = None,
-                        regime_tests: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                        regime_transfer: dict[str, tuple[str, float]] | None = None,
-                        record: dict | None = None) -> dict[str, float]:
+def evaluate_robustness(
+    model: nn.Module,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    ev,
+    progress,
+    corrupted: CorruptedSets | None = None,
+    transfer_sets: dict[str, torch.Tensor] | None = None,
+    regime_tests: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    regime_transfer: dict[str, tuple[str, float]] | None = None,
+    record: dict | None = None,
+) -> dict[str, float]:
     """All robustness metrics of one model (see names.py for what each is called). With `record`,
     record[metric] keeps the per-image result of every accuracy over a set of images.
 
@@ -145,15 +155,24 @@ def evaluate_robustness(model: nn.Module, x_test: torch.Tensor, y_test: torch.Te
     if ev.occlusion or ev.corruptions:
         out["images:shifts"] = float(len(xs))
     for size in ev.occlusion:
-        out[names.occlusion(size)] = accuracy(model, occlude(xs, size), ys, ev.batch_size, record,
-                                              names.occlusion(size))
+        out[names.occlusion(size)] = accuracy(
+            model, occlude(xs, size), ys, ev.batch_size, record, names.occlusion(size)
+        )
     if ev.corruptions:
         out.update(corruption_metrics(model, ev, corrupted, progress, record))
     # regime test sets crafted on another model are compared on the attacked images only
-    on_subset = {f"acc_{t}": accuracy(model, first(regime_tests[t][0], ev.attack_subset),
-                                      first(regime_tests[t][1], ev.attack_subset), ev.batch_size)
-                 for t in (regime_transfer or {}) if t in (regime_tests or {})}
-    check_pairs = pairs(ev.attacks, transfer_names, {f"acc_{t}": v for t, v in (regime_transfer or {}).items()},
-                        ev.security)
+    on_subset = {
+        f"acc_{t}": accuracy(
+            model,
+            first(regime_tests[t][0], ev.attack_subset),
+            first(regime_tests[t][1], ev.attack_subset),
+            ev.batch_size,
+        )
+        for t in (regime_transfer or {})
+        if t in (regime_tests or {})
+    }
+    check_pairs = pairs(
+        ev.attacks, transfer_names, {f"acc_{t}": v for t, v in (regime_transfer or {}).items()}, ev.security
+    )
     out.update(masking_checks(out | on_subset, check_pairs, ev.masking_tolerance))
     return out

@@ -1,5 +1,6 @@
 """Pearson correlation between generalization and robustness over a study's settings (Jordão &
 Pedrini, Fig. 4: r between clean accuracy and accuracy under an attack of the pruned models)."""
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,7 @@ from scipy import stats
 class Correlation(NamedTuple):
     r: float
     p: float  # two-sided p-value of r = 0
-    n: int    # number of (x, y) pairs used
+    n: int  # number of (x, y) pairs used
 
 
 def _clean_pairs(xs: Sequence[float], ys: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -38,8 +39,9 @@ def pearson(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
     return float(res.statistic), float(res.pvalue)
 
 
-def generalization_vs_robustness(rows: Iterable[Mapping[str, float]], gen_metric: str = "acc_clean",
-                                 rob_metric: str = "acc_adv:fgsm@0.1") -> Correlation:
+def generalization_vs_robustness(
+    rows: Iterable[Mapping[str, float]], gen_metric: str = "acc_clean", rob_metric: str = "acc_adv:fgsm@0.1"
+) -> Correlation:
     """Pearson r between `gen_metric` and `rob_metric` over rows of metrics (one dict per pruned
     model or setting, e.g. rows of the result store or of single_element_study). Rows missing either
     metric, or holding NaN, are left out; n counts the rows used. r and p are NaN as in `pearson`."""

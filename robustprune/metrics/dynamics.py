@@ -16,6 +16,7 @@ and `EpochDynamics` records both forms, so either reading can be plotted from on
 Layer rotation (Carbonnelle & De Vleeschouwer 2019): the cosine distance 1 - cos(w, w0) between a
 layer's weights and their initial values, for the last convolution before the classifier
 (0 at init, 1 for orthogonal weights, 2 for negated weights)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
@@ -27,20 +28,23 @@ from torch import nn
 from robustprune.train import to_float
 
 
-def _batches(x: torch.Tensor, y: torch.Tensor, n_batches: int, batch_size: int,
-             seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(
+    x: torch.Tensor, y: torch.Tensor, n_batches: int, batch_size: int, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """n_batches batches drawn with a seeded generator: disjoint batches from one permutation when
     x holds at least n_batches * batch_size images, else each batch the first min(batch_size,
     len(x)) images of its own permutation (batches may then share images)."""
     if n_batches < 2:
         raise ValueError(f"gradient confusion compares pairs of batches; n_batches must be >= 2, got {n_batches}")
     if batch_size < 1 or len(x) == 0 or len(x) != len(y):
-        raise ValueError(f"need batch_size >= 1 and as many labels as images (at least one), got batch_size "
-                         f"{batch_size}, {len(x)} images and {len(y)} labels")
+        raise ValueError(
+            f"need batch_size >= 1 and as many labels as images (at least one), got batch_size "
+            f"{batch_size}, {len(x)} images and {len(y)} labels"
+        )
     g = torch.Generator(device="cpu").manual_seed(seed)
     if len(x) >= n_batches * batch_size:
         order = torch.randperm(len(x), generator=g)
-        idxs = [order[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
+        idxs = [order[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]
     else:
         idxs = [torch.randperm(len(x), generator=g)[:batch_size] for _ in range(n_batches)]
     return [(x[idx.to(x.device)], y[idx.to(y.device)]) for idx in idxs]
@@ -66,16 +70,20 @@ def gradient_cosines(model: nn.Module, batches: Iterable[tuple[torch.Tensor, tor
             with torch.enable_grad():
                 loss = F.cross_entropy(model(xb).float(), yb)
                 gs = torch.autograd.grad(loss, params, allow_unused=True)
-            grads.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
-                                    for g, p in zip(gs, params)]))
+            grads.append(
+                torch.cat(
+                    [(g if g is not None else torch.zeros_like(p)).reshape(-1).double() for g, p in zip(gs, params)]
+                )
+            )
     finally:
         model.train(was_training)
     gmat = torch.stack(grads)
     gram = gmat @ gmat.T
     norms = gram.diagonal().sqrt()
     denom = norms[:, None] * norms[None, :]
-    cos = torch.where(denom > 0, gram / denom.clamp_min(torch.finfo(torch.float64).tiny),
-                      torch.full_like(gram, float("nan")))
+    cos = torch.where(
+        denom > 0, gram / denom.clamp_min(torch.finfo(torch.float64).tiny), torch.full_like(gram, float("nan"))
+    )
     return cos.clamp(-1.0, 1.0).cpu()
 
 
@@ -97,8 +105,15 @@ def confusion_from_cosines(cos: torch.Tensor, measure: str = "distance") -> floa
     return float(pairs.min())
 
 
-def gradient_confusion(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_batches: int = 8,
-                       batch_size: int = 128, seed: int = 0, measure: str = "distance") -> float:
+def gradient_confusion(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n_batches: int = 8,
+    batch_size: int = 128,
+    seed: int = 0,
+    measure: str = "distance",
+) -> float:
     """Gradient confusion of `model` on n_batches batches of (x, y) drawn with `seed` (the same
     seed gives the same batches): by default the minimum over all pairs of batches of the cosine
     distance 1 - cos(g_i, g_j) between their loss gradients, as Jordão & Pedrini word it (range
@@ -123,13 +138,16 @@ def _init_weight(init_state, name: str) -> torch.Tensor:
         init_state = init_state.state_dict()
     key = f"{name}.weight" if name else "weight"
     if key not in init_state:
-        raise ValueError(f"the initial state has no '{key}'; pass the state_dict (or model) of the same "
-                         f"architecture taken at initialisation")
+        raise ValueError(
+            f"the initial state has no '{key}'; pass the state_dict (or model) of the same "
+            f"architecture taken at initialisation"
+        )
     return init_state[key]
 
 
-def layer_rotation(model: nn.Module, init_state: Mapping[str, torch.Tensor] | nn.Module,
-                   layer: str | None = None) -> float:
+def layer_rotation(
+    model: nn.Module, init_state: Mapping[str, torch.Tensor] | nn.Module, layer: str | None = None
+) -> float:
     """Cosine distance 1 - cos(w, w0) between the weight of `layer` (qualified module name; default:
     the last nn.Conv2d in module order) and its initial value in `init_state` (a state_dict or a
     model of the same architecture). 0 at init, 1 when orthogonal, 2 when negated; NaN if either
@@ -148,8 +166,10 @@ def layer_rotation(model: nn.Module, init_state: Mapping[str, torch.Tensor] | nn
     w = module.weight.detach()
     w0 = _init_weight(init_state, layer)
     if tuple(w.shape) != tuple(w0.shape):
-        raise ValueError(f"layer '{layer}' has weight shape {tuple(w.shape)} but the initial state has "
-                         f"{tuple(w0.shape)}; pass the initial weights of the same (pruned) architecture")
+        raise ValueError(
+            f"layer '{layer}' has weight shape {tuple(w.shape)} but the initial state has "
+            f"{tuple(w0.shape)}; pass the initial weights of the same (pruned) architecture"
+        )
     w, w0 = w.reshape(-1).double().cpu(), w0.detach().reshape(-1).double().cpu()
     denom = float(w.norm() * w0.norm())
     if denom == 0:
@@ -169,10 +189,19 @@ class EpochDynamics:
     Cost: n_batches forward + backward passes on batch_size images. Every result is also appended to
     `history`."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, init: nn.Module | Mapping[str, torch.Tensor], *,
-                 n_batches: int = 8, batch_size: int = 64, seed: int = 0, layer: str | None = None):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        init: nn.Module | Mapping[str, torch.Tensor],
+        *,
+        n_batches: int = 8,
+        batch_size: int = 64,
+        seed: int = 0,
+        layer: str | None = None,
+    ):
         g = torch.Generator(device="cpu").manual_seed(seed)
-        keep = torch.randperm(len(x), generator=g)[:n_batches * batch_size]
+        keep = torch.randperm(len(x), generator=g)[: n_batches * batch_size]
         self.x, self.y = x[keep.to(x.device)].clone(), y[keep.to(y.device)].clone()
         state = init.state_dict() if isinstance(init, nn.Module) else init
         self.init_state = {k: v.detach().clone() for k, v in state.items()}
@@ -182,9 +211,11 @@ class EpochDynamics:
 
     def __call__(self, epoch: int, model: nn.Module) -> dict[str, float]:
         cos = gradient_cosines(model, self._batches)
-        out = {"grad_confusion": confusion_from_cosines(cos, "distance"),
-               "grad_cos_min": confusion_from_cosines(cos, "similarity"),
-               "layer_rotation": layer_rotation(model, self.init_state, self.layer)}
+        out = {
+            "grad_confusion": confusion_from_cosines(cos, "distance"),
+            "grad_cos_min": confusion_from_cosines(cos, "similarity"),
+            "layer_rotation": layer_rotation(model, self.init_state, self.layer),
+        }
         self.history.append({"epoch": epoch, **out})
         return out
 

@@ -1,5 +1,6 @@
 """Wall-clock inference latency, to report the real speed-up of a pruned model over the dense one
 (FLOPs and parameters do not show whether the hardware runs the smaller tensors faster)."""
+
 from __future__ import annotations
 
 import time
@@ -30,8 +31,9 @@ def _num_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
-def measure_latency(model: nn.Module, example_input: torch.Tensor, warmup: int = 3, repeats: int = 20,
-                    threads: int | None = None) -> dict[str, float]:
+def measure_latency(
+    model: nn.Module, example_input: torch.Tensor, warmup: int = 3, repeats: int = 20, threads: int | None = None
+) -> dict[str, float]:
     """Milliseconds per forward pass of `example_input` (a whole batch) through `model`, in eval
     mode under torch.inference_mode, on the device the input is on: {'median_ms', 'p10_ms',
     'p90_ms'} over `repeats` timed runs after `warmup` untimed ones. On CUDA every run is

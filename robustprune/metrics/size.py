@@ -1,4 +1,5 @@
 """Model size: parameters, zeros, multiply-accumulates (dense and counting only non-zero weights)."""
+
 from __future__ import annotations
 
 import torch
@@ -44,8 +45,11 @@ def layer_widths(model: nn.Module) -> dict[str, float]:
     order: what structured pruning left of each layer (a removed residual block's layers are absent)."""
     from robustprune.evaluate.names import width
 
-    return {width(name): float(m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features)
-            for name, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
+    return {
+        width(name): float(m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+    }
 
 
 def size_metrics(model: nn.Module, example_input: torch.Tensor, dense_weight_count: int) -> dict[str, float]:
@@ -55,5 +59,10 @@ def size_metrics(model: nn.Module, example_input: torch.Tensor, dense_weight_cou
     total, nonzero = count_params(model)
     macs, macs_nz = count_macs(model, example_input)
     alive = sum(int((w != 0).sum()) for w in prunable_weights(model).values())
-    return {"params": total, "params_nonzero": nonzero, "flops": 2 * macs, "flops_nonzero": 2 * macs_nz,
-            "sparsity": 1.0 - alive / dense_weight_count}
+    return {
+        "params": total,
+        "params_nonzero": nonzero,
+        "flops": 2 * macs,
+        "flops_nonzero": 2 * macs_nz,
+        "sparsity": 1.0 - alive / dense_weight_count,
+    }

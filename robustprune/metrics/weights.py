@@ -15,6 +15,7 @@ output). A BatchNorm right after a layer is folded in (eval mode: |gamma| / sqrt
 channel). ReLU, max- and average-pooling are 1-Lipschitz, so for plain chains (the MNIST CNN, VGG)
 the product is a true bound; with skip connections it is the paper's product, not a bound.
 """
+
 from __future__ import annotations
 
 import math

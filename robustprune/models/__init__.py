@@ -1,5 +1,6 @@
 """Model registry. Every model takes images in [0, 1]; normalisation is its first layer so that
 attacks work in pixel space. Any nn.Module works through the Python API."""
+
 from __future__ import annotations
 
 import torch
@@ -31,6 +32,11 @@ def build_model(name: str, *, num_classes: int, image_shape, mean, std, **args) 
     return MODELS.get(name)(num_classes=num_classes, image_shape=image_shape, mean=mean, std=std, **args)
 
 
-from robustprune.models import mnist_cnn  # noqa: E402,F401  (registers)
-from robustprune.models import mobilenetv2, resnet_cifar, vgg  # noqa: E402,F401  (registers)
-from robustprune.models import mobilevit, resnet_imagenet  # noqa: E402,F401  (registers)
+from robustprune.models import (  # noqa: E402,F401  (registers)  # noqa: E402,F401  (registers)
+    mnist_cnn,  # noqa: E402,F401  (registers)
+    mobilenetv2,
+    mobilevit,
+    resnet_cifar,
+    resnet_imagenet,
+    vgg,
+)

@@ -2,6 +2,7 @@
 blocks that layer pruning can find and remove (every architecture with skip connections builds its
 blocks from ResidualBlock), a Linear layer whose width filter pruning may narrow (HiddenLinear) and
 a self-attention whose heads it may remove (MultiHeadSelfAttention)."""
+
 from __future__ import annotations
 
 import torch
@@ -69,8 +70,9 @@ class MultiHeadSelfAttention(nn.Module):
     values, head after head), `proj` merges the heads. Head pruning (prune_heads_) removes a head's
     q/k/v rows and its columns of `proj`; `num_heads` and `head_dim` always describe the weights."""
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int | None = None, bias: bool = True,
-                 attn_dropout: float = 0.0):
+    def __init__(
+        self, dim: int, num_heads: int, head_dim: int | None = None, bias: bool = True, attn_dropout: float = 0.0
+    ):
         super().__init__()
         if head_dim is None:
             if dim % num_heads:
@@ -108,8 +110,9 @@ class MultiHeadSelfAttention(nn.Module):
 
 def _keep_features_(layer: nn.Linear, idxs: torch.Tensor, dim: int) -> None:
     """Narrow a Linear layer to the given output (dim 0) or input (dim 1) features, in place."""
-    layer.weight = nn.Parameter(layer.weight.index_select(dim, idxs.to(layer.weight.device)),
-                                requires_grad=layer.weight.requires_grad)
+    layer.weight = nn.Parameter(
+        layer.weight.index_select(dim, idxs.to(layer.weight.device)), requires_grad=layer.weight.requires_grad
+    )
     if dim == 0:
         if layer.bias is not None:
             layer.bias = nn.Parameter(layer.bias[idxs.to(layer.bias.device)], requires_grad=layer.bias.requires_grad)

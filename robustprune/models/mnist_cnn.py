@@ -1,6 +1,7 @@
 """The small CNN of Liang et al. (2025) §4.1: two conv layers (ReLU, 2x2 max-pool) and two fully
 connected layers. The paper gives no widths or kernel sizes; the defaults are the LeNet-style
 5x5 'valid' convolutions, ~30 % faster on CPU than 3x3 'same' ones at equal accuracy."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -9,8 +10,18 @@ from robustprune.models import MODELS, Normalize
 
 
 class MnistCNN(nn.Module):
-    def __init__(self, num_classes=10, image_shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,),
-                 conv1: int = 8, conv2: int = 16, fc: int = 128, kernel_size: int = 5, padding: int = 0):
+    def __init__(
+        self,
+        num_classes=10,
+        image_shape=(1, 28, 28),
+        mean=(0.1307,),
+        std=(0.3081,),
+        conv1: int = 8,
+        conv2: int = 16,
+        fc: int = 128,
+        kernel_size: int = 5,
+        padding: int = 0,
+    ):
         super().__init__()
         c, h, w = image_shape
         self.normalize = Normalize(mean, std)

@@ -15,6 +15,7 @@ changes the shape and is a plain module.
 
 `width_mult` scales every width, rounded to a multiple of 8 (never down by more than 10 %); the
 1280-channel last conv is only ever scaled up, as in the paper."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -27,8 +28,15 @@ from robustprune.models.blocks import ResidualBlock
 from robustprune.models.resnet_cifar import CIFAR10_MEAN, CIFAR10_STD, init_weights
 
 # (expansion t, output channels c, blocks n, stride s of the first block), CIFAR strides.
-CIFAR_CONFIG = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
-                (6, 320, 1, 1))
+CIFAR_CONFIG = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 1),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 
 
 def round_channels(channels: float, divisor: int = 8) -> int:
@@ -37,10 +45,11 @@ def round_channels(channels: float, divisor: int = 8) -> int:
     return rounded + divisor if rounded < 0.9 * channels else rounded
 
 
-def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True,
-            activation=nn.ReLU6):
-    layers = [("conv", nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False)),
-              ("bn", nn.BatchNorm2d(cout))]
+def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True, activation=nn.ReLU6):
+    layers = [
+        ("conv", nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False)),
+        ("bn", nn.BatchNorm2d(cout)),
+    ]
     if act:
         layers.append(("act", activation(inplace=True)))
     return nn.Sequential(OrderedDict(layers))
@@ -51,8 +60,10 @@ def inverted_bottleneck(cin: int, cout: int, stride: int, expansion: int, activa
     (MobileViT uses the same block with SiLU)."""
     hidden = cin * expansion
     layers = [("expand", conv_bn(cin, hidden, 1, activation=activation))] if expansion != 1 else []
-    layers += [("depthwise", conv_bn(hidden, hidden, 3, stride, groups=hidden, activation=activation)),
-               ("project", conv_bn(hidden, cout, 1, act=False))]
+    layers += [
+        ("depthwise", conv_bn(hidden, hidden, 3, stride, groups=hidden, activation=activation)),
+        ("project", conv_bn(hidden, cout, 1, act=False)),
+    ]
     return nn.Sequential(OrderedDict(layers))
 
 
@@ -78,8 +89,17 @@ class InvertedBottleneck(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    def __init__(self, num_classes=10, image_shape=(3, 32, 32), mean=CIFAR10_MEAN, std=CIFAR10_STD,
-                 width_mult: float = 1.0, config=CIFAR_CONFIG, stem_stride: int = 1, last_channels: int = 1280):
+    def __init__(
+        self,
+        num_classes=10,
+        image_shape=(3, 32, 32),
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+        width_mult: float = 1.0,
+        config=CIFAR_CONFIG,
+        stem_stride: int = 1,
+        last_channels: int = 1280,
+    ):
         super().__init__()
         self.normalize = Normalize(mean, std)
         cin = round_channels(32 * width_mult)

@@ -29,6 +29,7 @@ heads prunable), the MLP's first layer a HiddenLinear (its width is filter-pruna
 stride-1 inverted residuals with equal widths are ResidualBlocks that layer pruning may remove.
 With 1000 classes and the ImageNet stem the network has 2,317,848 parameters ("2.3 M" in the paper).
 `width_mult` scales every conv width and d (rounded to multiples of 8)."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -38,16 +39,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustprune.models import MODELS, Normalize
-from robustprune.models import mobilenetv2
+from robustprune.models import MODELS, Normalize, mobilenetv2
 from robustprune.models.blocks import HiddenLinear, MultiHeadSelfAttention
 from robustprune.models.mobilenetv2 import round_channels
 from robustprune.models.resnet_cifar import CIFAR10_MEAN, CIFAR10_STD, init_weights
 from robustprune.models.resnet_imagenet import resolve_stem
 
 # (kind, channels, blocks or transformer layers L, stride (ImageNet), transformer width d)
-XS_CONFIG = (("mv2", 32, 1, 1, None), ("mv2", 48, 3, 2, None), ("vit", 64, 2, 2, 96), ("vit", 80, 4, 2, 120),
-             ("vit", 96, 3, 2, 144))
+XS_CONFIG = (
+    ("mv2", 32, 1, 1, None),
+    ("mv2", 48, 3, 2, None),
+    ("vit", 64, 2, 2, 96),
+    ("vit", 80, 4, 2, 120),
+    ("vit", 96, 3, 2, 144),
+)
 
 
 conv_bn = partial(mobilenetv2.conv_bn, activation=nn.SiLU)
@@ -69,8 +74,16 @@ class TransformerLayer(nn.Module):
         self.attn = MultiHeadSelfAttention(dim, num_heads)
         self.attn_drop = nn.Dropout(dropout)
         self.mlp_norm = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(OrderedDict([("fc1", HiddenLinear(dim, mlp_dim)), ("act", nn.SiLU()),
-                                              ("fc2", nn.Linear(mlp_dim, dim)), ("drop", nn.Dropout(dropout))]))
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                [
+                    ("fc1", HiddenLinear(dim, mlp_dim)),
+                    ("act", nn.SiLU()),
+                    ("fc2", nn.Linear(mlp_dim, dim)),
+                    ("drop", nn.Dropout(dropout)),
+                ]
+            )
+        )
 
     def forward(self, x):
         x = x + self.attn_drop(self.attn(self.attn_norm(x)))
@@ -95,16 +108,29 @@ class MobileViTBlock(nn.Module):
     """Local 3x3 conv and 1x1 conv to d, unfold, L transformer layers and LayerNorm, fold, 1x1 conv
     back to the channels, concatenation with the input and 3x3 fusion conv."""
 
-    def __init__(self, channels: int, dim: int, depth: int, num_heads: int = 4, mlp_ratio: int = 2,
-                 patch: int = 2, dropout: float = 0.1):
+    def __init__(
+        self,
+        channels: int,
+        dim: int,
+        depth: int,
+        num_heads: int = 4,
+        mlp_ratio: int = 2,
+        patch: int = 2,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.patch = patch
-        self.local = nn.Sequential(OrderedDict([
-            ("conv3x3", conv_bn(channels, channels, 3)),
-            ("conv1x1", nn.Conv2d(channels, dim, 1, bias=False)),
-        ]))
-        self.transformer = nn.Sequential(*[TransformerLayer(dim, num_heads, mlp_ratio * dim, dropout)
-                                           for _ in range(depth)])
+        self.local = nn.Sequential(
+            OrderedDict(
+                [
+                    ("conv3x3", conv_bn(channels, channels, 3)),
+                    ("conv1x1", nn.Conv2d(channels, dim, 1, bias=False)),
+                ]
+            )
+        )
+        self.transformer = nn.Sequential(
+            *[TransformerLayer(dim, num_heads, mlp_ratio * dim, dropout) for _ in range(depth)]
+        )
         self.norm = nn.LayerNorm(dim)
         self.project = conv_bn(dim, channels, 1)
         self.fuse = conv_bn(2 * channels, channels, 3)
@@ -123,10 +149,22 @@ class MobileViTBlock(nn.Module):
 
 
 class MobileViT(nn.Module):
-    def __init__(self, num_classes=10, image_shape=(3, 32, 32), mean=CIFAR10_MEAN, std=CIFAR10_STD,
-                 config=XS_CONFIG, stem: str = "auto", width_mult: float = 1.0, expansion: int = 4,
-                 num_heads: int = 4, patch: int = 2, last_expansion: int = 4, dropout: float = 0.1,
-                 classifier_dropout: float = 0.1):
+    def __init__(
+        self,
+        num_classes=10,
+        image_shape=(3, 32, 32),
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+        config=XS_CONFIG,
+        stem: str = "auto",
+        width_mult: float = 1.0,
+        expansion: int = 4,
+        num_heads: int = 4,
+        patch: int = 2,
+        last_expansion: int = 4,
+        dropout: float = 0.1,
+        classifier_dropout: float = 0.1,
+    ):
         super().__init__()
         self.stem_kind = resolve_stem(stem, image_shape)
         cifar = self.stem_kind == "cifar"
@@ -140,11 +178,14 @@ class MobileViT(nn.Module):
                 first_down = False
                 s = 1 if cifar else 2  # the CIFAR variant keeps the first stride-2 layer at stride 1
             if kind == "mv2":
-                blocks = [mv2_block(cin, cout, s, expansion)] + [mv2_block(cout, cout, 1, expansion)
-                                                                 for _ in range(n - 1)]
+                blocks = [mv2_block(cin, cout, s, expansion)] + [
+                    mv2_block(cout, cout, 1, expansion) for _ in range(n - 1)
+                ]
             else:
-                blocks = [mv2_block(cin, cout, s, expansion),
-                          MobileViTBlock(cout, round_channels(d * width_mult), n, num_heads, 2, patch, dropout)]
+                blocks = [
+                    mv2_block(cin, cout, s, expansion),
+                    MobileViTBlock(cout, round_channels(d * width_mult), n, num_heads, 2, patch, dropout),
+                ]
             layers.append(nn.Sequential(*blocks))
             cin = cout
         self.stages = nn.Sequential(*layers)  # blocks of one layer share a container (residual_stages)

@@ -8,6 +8,7 @@ Where a block changes the shape, its shortcut is the projection of §3.3 option 
 the block's stride, then BN) rather than option A (strided identity padded with zero channels):
 option A ties channels to fixed zero padding, which Torch-Pruning cannot prune, while option B
 is an ordinary conv that prunes like any other. It adds 2 752 parameters to ResNet-20/32/56."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -58,18 +59,26 @@ class BasicBlock(ResidualBlock):
 
     def __init__(self, cin: int, cout: int, stride: int = 1):
         super().__init__()
-        self.body = nn.Sequential(OrderedDict([
-            ("conv1", conv3x3(cin, cout, stride)),
-            ("bn1", nn.BatchNorm2d(cout)),
-            ("relu", nn.ReLU(inplace=True)),
-            ("conv2", conv3x3(cout, cout)),
-            ("bn2", nn.BatchNorm2d(cout)),
-        ]))
+        self.body = nn.Sequential(
+            OrderedDict(
+                [
+                    ("conv1", conv3x3(cin, cout, stride)),
+                    ("bn1", nn.BatchNorm2d(cout)),
+                    ("relu", nn.ReLU(inplace=True)),
+                    ("conv2", conv3x3(cout, cout)),
+                    ("bn2", nn.BatchNorm2d(cout)),
+                ]
+            )
+        )
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(OrderedDict([
-                ("conv", StridedPointwiseConv(cin, cout, stride)),
-                ("bn", nn.BatchNorm2d(cout)),
-            ]))
+            self.shortcut = nn.Sequential(
+                OrderedDict(
+                    [
+                        ("conv", StridedPointwiseConv(cin, cout, stride)),
+                        ("bn", nn.BatchNorm2d(cout)),
+                    ]
+                )
+            )
         else:
             self.shortcut = nn.Identity()
         self.act = nn.ReLU()
@@ -89,16 +98,29 @@ class CifarResNet(StagedResNet):
     """Stem conv-BN-ReLU, stages of BasicBlocks (attributes layer1, layer2, ...), adaptive average
     pooling (so any image size works) and a linear classifier."""
 
-    def __init__(self, blocks_per_stage, widths, strides, num_classes=10, image_shape=(3, 32, 32),
-                 mean=CIFAR10_MEAN, std=CIFAR10_STD, zero_init_residual: bool = False):
+    def __init__(
+        self,
+        blocks_per_stage,
+        widths,
+        strides,
+        num_classes=10,
+        image_shape=(3, 32, 32),
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+        zero_init_residual: bool = False,
+    ):
         super().__init__()
         c = image_shape[0]
         self.normalize = Normalize(mean, std)
-        self.stem = nn.Sequential(OrderedDict([
-            ("conv", conv3x3(c, widths[0])),
-            ("bn", nn.BatchNorm2d(widths[0])),
-            ("relu", nn.ReLU(inplace=True)),
-        ]))
+        self.stem = nn.Sequential(
+            OrderedDict(
+                [
+                    ("conv", conv3x3(c, widths[0])),
+                    ("bn", nn.BatchNorm2d(widths[0])),
+                    ("relu", nn.ReLU(inplace=True)),
+                ]
+            )
+        )
         cin = widths[0]
         for i, (n, w, s) in enumerate(zip(blocks_per_stage, widths, strides), start=1):
             stage = [BasicBlock(cin, w, s)] + [BasicBlock(w, w) for _ in range(n - 1)]

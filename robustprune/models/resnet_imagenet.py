@@ -17,6 +17,7 @@ Stems:
 With 1000 classes and the ImageNet stem the parameter counts are torchvision's: 21,797,672
 (ResNet-34) and 25,557,032 (ResNet-50). `width` (default 64) sets the stem and stage-1 filters,
 the later stages double it."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -26,8 +27,7 @@ from torch import nn
 from robustprune.errors import UserError
 from robustprune.models import MODELS, Normalize
 from robustprune.models.blocks import ResidualBlock, StridedPointwiseConv
-from robustprune.models.resnet_cifar import (CIFAR10_MEAN, CIFAR10_STD, BasicBlock, StagedResNet, add_head,
-                                            conv3x3)
+from robustprune.models.resnet_cifar import CIFAR10_MEAN, CIFAR10_STD, BasicBlock, StagedResNet, add_head, conv3x3
 
 STEMS = ("auto", "imagenet", "cifar")
 IMAGENET_STEM_MIN_SIDE = 128  # smaller images (CIFAR 32, Tiny-ImageNet 64) get the CIFAR stem
@@ -46,16 +46,20 @@ class Bottleneck(ResidualBlock):
     def __init__(self, cin: int, width: int, stride: int = 1):
         super().__init__()
         cout = width * self.expansion
-        self.body = nn.Sequential(OrderedDict([
-            ("conv1", nn.Conv2d(cin, width, 1, bias=False)),
-            ("bn1", nn.BatchNorm2d(width)),
-            ("relu1", nn.ReLU(inplace=True)),
-            ("conv2", conv3x3(width, width, stride)),
-            ("bn2", nn.BatchNorm2d(width)),
-            ("relu2", nn.ReLU(inplace=True)),
-            ("conv3", nn.Conv2d(width, cout, 1, bias=False)),
-            ("bn3", nn.BatchNorm2d(cout)),
-        ]))
+        self.body = nn.Sequential(
+            OrderedDict(
+                [
+                    ("conv1", nn.Conv2d(cin, width, 1, bias=False)),
+                    ("bn1", nn.BatchNorm2d(width)),
+                    ("relu1", nn.ReLU(inplace=True)),
+                    ("conv2", conv3x3(width, width, stride)),
+                    ("bn2", nn.BatchNorm2d(width)),
+                    ("relu2", nn.ReLU(inplace=True)),
+                    ("conv3", nn.Conv2d(width, cout, 1, bias=False)),
+                    ("bn3", nn.BatchNorm2d(cout)),
+                ]
+            )
+        )
         self.shortcut = projection(cin, cout, stride) if stride != 1 or cin != cout else nn.Identity()
         self.act = nn.ReLU()
 
@@ -70,24 +74,42 @@ def resolve_stem(stem: str, image_shape) -> str:
 
 def make_stem(kind: str, cin: int, cout: int) -> nn.Sequential:
     if kind == "imagenet":
-        return nn.Sequential(OrderedDict([
-            ("conv", nn.Conv2d(cin, cout, 7, stride=2, padding=3, bias=False)),
-            ("bn", nn.BatchNorm2d(cout)),
-            ("relu", nn.ReLU(inplace=True)),
-            ("pool", nn.MaxPool2d(3, stride=2, padding=1)),
-        ]))
-    return nn.Sequential(OrderedDict([
-        ("conv", conv3x3(cin, cout)),
-        ("bn", nn.BatchNorm2d(cout)),
-        ("relu", nn.ReLU(inplace=True)),
-    ]))
+        return nn.Sequential(
+            OrderedDict(
+                [
+                    ("conv", nn.Conv2d(cin, cout, 7, stride=2, padding=3, bias=False)),
+                    ("bn", nn.BatchNorm2d(cout)),
+                    ("relu", nn.ReLU(inplace=True)),
+                    ("pool", nn.MaxPool2d(3, stride=2, padding=1)),
+                ]
+            )
+        )
+    return nn.Sequential(
+        OrderedDict(
+            [
+                ("conv", conv3x3(cin, cout)),
+                ("bn", nn.BatchNorm2d(cout)),
+                ("relu", nn.ReLU(inplace=True)),
+            ]
+        )
+    )
 
 
 class ResNet(StagedResNet):
     """Stem, stages layer1..layer4 of `block`s, adaptive average pooling, linear classifier."""
 
-    def __init__(self, block: str, blocks_per_stage, num_classes=10, image_shape=(3, 32, 32), mean=CIFAR10_MEAN,
-                 std=CIFAR10_STD, width: int = 64, stem: str = "auto", zero_init_residual: bool = False):
+    def __init__(
+        self,
+        block: str,
+        blocks_per_stage,
+        num_classes=10,
+        image_shape=(3, 32, 32),
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+        width: int = 64,
+        stem: str = "auto",
+        zero_init_residual: bool = False,
+    ):
         super().__init__()
         self.stem_kind = resolve_stem(stem, image_shape)
         self.normalize = Normalize(mean, std)

@@ -7,6 +7,7 @@ and most CIFAR pruning work): on 32x32 inputs the features are already 1x1x512 a
 pool, and the ImageNet 4096-4096 head would hold most of the parameters for no accuracy gain.
 Convs carry no bias since BN follows each one. Average pooling makes larger images (e.g. 64x64)
 work unchanged. There are no residual blocks, so layer pruning has nothing to remove here."""
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,15 @@ VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "
 
 
 class VGG(nn.Module):
-    def __init__(self, config=VGG16_CONFIG, num_classes=10, image_shape=(3, 32, 32), mean=CIFAR10_MEAN,
-                 std=CIFAR10_STD, width_mult: float = 1.0):
+    def __init__(
+        self,
+        config=VGG16_CONFIG,
+        num_classes=10,
+        image_shape=(3, 32, 32),
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+        width_mult: float = 1.0,
+    ):
         super().__init__()
         self.normalize = Normalize(mean, std)
         layers: list[nn.Module] = []

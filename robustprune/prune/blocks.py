@@ -2,6 +2,7 @@
 residual networks tolerate it). A block is removable when its shortcut is the identity
 (ResidualBlock.removable); it is replaced by nn.Identity in its parent, so the network then passes
 the block's input straight on. Blocks that change the shape (projection shortcuts) always stay."""
+
 from __future__ import annotations
 
 import torch
@@ -34,8 +35,10 @@ def _check_stages(model: nn.Module, chosen: set[str]) -> None:
         if not left:
             where = f"stage '{stage}'" if stage else "the model"
             gone = sum(n in chosen for n, _ in blocks)
-            raise UserError(f"removing the {gone} lowest-scored blocks of {where} would leave it with no block; "
-                            f"remove fewer blocks (a smaller ratio or count)")
+            raise UserError(
+                f"removing the {gone} lowest-scored blocks of {where} would leave it with no block; "
+                f"remove fewer blocks (a smaller ratio or count)"
+            )
 
 
 def replace_with_identity_(model: nn.Module, name: str) -> None:
@@ -44,8 +47,15 @@ def replace_with_identity_(model: nn.Module, name: str) -> None:
     setattr(parent, child, nn.Identity())  # works for attributes, nn.Sequential and nn.ModuleList items
 
 
-def prune_blocks_(model: nn.Module, criterion, ratio: float | None = None, *, count: int | None = None,
-                  x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> list[str]:
+def prune_blocks_(
+    model: nn.Module,
+    criterion,
+    ratio: float | None = None,
+    *,
+    count: int | None = None,
+    x: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
+) -> list[str]:
     """Remove the lowest-scored removable residual blocks; returns their names, lowest score first.
 
     Give either `ratio`, the share of the removable blocks removed (round(ratio * n), half to
@@ -59,13 +69,17 @@ def prune_blocks_(model: nn.Module, criterion, ratio: float | None = None, *, co
         raise UserError(f"model {type(model).__name__} has no residual blocks to remove; prune filters instead")
     blocks = removable_blocks(model)
     if not blocks:
-        raise UserError(f"model {type(model).__name__} has no residual blocks with an identity shortcut "
-                        f"to remove; prune filters instead")
+        raise UserError(
+            f"model {type(model).__name__} has no residual blocks with an identity shortcut "
+            f"to remove; prune filters instead"
+        )
     if count is None:
         n = int(round(check_ratio(ratio, "block pruning ratio") * len(blocks)))
     elif isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= len(blocks):
-        raise UserError(f"the number of blocks to remove must be a whole number from 0 to {len(blocks)} "
-                        f"(the removable blocks), not {count!r}")
+        raise UserError(
+            f"the number of blocks to remove must be a whole number from 0 to {len(blocks)} "
+            f"(the removable blocks), not {count!r}"
+        )
     else:
         n = count
     if n == 0:

@@ -1,4 +1,5 @@
 """The registry of pruning methods a study file can name."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -9,8 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from robustprune.prune.criteria import build_criterion
-from robustprune.prune.structured import (StructuredParams, filters_to_remove, prune_filters_, prune_structured_,
-                                          remove_filters_)
+from robustprune.prune.structured import (
+    StructuredParams,
+    filters_to_remove,
+    prune_filters_,
+    prune_structured_,
+    remove_filters_,
+)
 from robustprune.prune.unstructured import apply_masks_, global_magnitude_masks, magnitude_masks
 from robustprune.registry import Registry
 
@@ -41,14 +47,21 @@ class PruningMethod(ABC):
         """Raise ValueError for a sparsity these parameters cannot reach (checked with the study file)."""
 
     @abstractmethod
-    def prune(self, model: nn.Module, sparsity: float, example_input: torch.Tensor, params,
-              data: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict | None:
+    def prune(
+        self,
+        model: nn.Module,
+        sparsity: float,
+        example_input: torch.Tensor,
+        params,
+        data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> dict | None:
         """Prune `model` in place to `sparsity`."""
 
 
 class MagnitudeParams(MethodParams):
-    scope: Literal["global", "layer"] = Field("global", description="rank all layers' weights together, or "
-                                                                    "remove the share s of every layer")
+    scope: Literal["global", "layer"] = Field(
+        "global", description="rank all layers' weights together, or remove the share s of every layer"
+    )
 
 
 @PRUNING_METHODS.register("global_magnitude")
@@ -121,16 +134,30 @@ class Structured(PruningMethod):
         try:
             self.criterion(params)
         except TypeError as e:
-            raise ValueError(f"criterion '{params.criterion}' does not accept {params.criterion_params} ({e})") from None
+            raise ValueError(
+                f"criterion '{params.criterion}' does not accept {params.criterion_params} ({e})"
+            ) from None
 
     def prune(self, model, sparsity, example_input, params, data=None, criterion=None):
         """`criterion` replaces the one in params (e.g. to record or replay its scores)."""
         criterion = criterion or self.criterion(params)
         x, y = data if data is not None else (None, None)
-        ratio = (params.block_ratio if params.block_ratio is not None else sparsity, sparsity) \
-            if params.target == "both" else sparsity
-        prune_structured_(model, criterion, ratio, example_input, target=params.target, scope=params.scope,
-                          layer_ratios=params.layer_ratios, x=x, y=y)
+        ratio = (
+            (params.block_ratio if params.block_ratio is not None else sparsity, sparsity)
+            if params.target == "both"
+            else sparsity
+        )
+        prune_structured_(
+            model,
+            criterion,
+            ratio,
+            example_input,
+            target=params.target,
+            scope=params.scope,
+            layer_ratios=params.layer_ratios,
+            x=x,
+            y=y,
+        )
         return None
 
 
@@ -171,16 +198,18 @@ class MRPF(Structured):
     def validate(self, params) -> None:
         super().validate(params)
         if params.target != "filters" or params.rounds != 1 or params.layer_ratios:
-            raise ValueError("mrpf sets per-group filter ratios itself: use target filters, rounds 1 and no "
-                             "layer_ratios")
+            raise ValueError(
+                "mrpf sets per-group filter ratios itself: use target filters, rounds 1 and no layer_ratios"
+            )
         if params.r_min > params.r_max:
             raise ValueError(f"r_min {params.r_min} is above r_max {params.r_max}")
         self.attack(params)
 
     def validate_sparsity(self, params, sparsity: float) -> None:
         if not params.r_min <= sparsity <= params.r_max:
-            raise ValueError(f"sparsity {sparsity} is outside [r_min, r_max] = [{params.r_min}, {params.r_max}]; "
-                             f"widen r_min / r_max")
+            raise ValueError(
+                f"sparsity {sparsity} is outside [r_min, r_max] = [{params.r_min}, {params.r_max}]; widen r_min / r_max"
+            )
 
     @staticmethod
     def attack(params):
@@ -195,9 +224,16 @@ class MRPF(Structured):
         mrs = self.mrs_cache.get(self.mrs_key(params)) if self.mrs_cache is not None else None
         if mrs is None:
             attack = self.attack(params)
-            x_adv = torch.cat([attack(model, x[i:i + 256], y[i:i + 256]) for i in range(0, len(x), 256)])
-            mrs = module_robust_sensitivity(model, filter_groups(model, example_input), x_adv, y, lr=params.mrs_lr,
-                                            epochs=params.mrs_epochs, eps=params.mrs_eps)
+            x_adv = torch.cat([attack(model, x[i : i + 256], y[i : i + 256]) for i in range(0, len(x), 256)])
+            mrs = module_robust_sensitivity(
+                model,
+                filter_groups(model, example_input),
+                x_adv,
+                y,
+                lr=params.mrs_lr,
+                epochs=params.mrs_epochs,
+                eps=params.mrs_eps,
+            )
             if self.mrs_cache is not None:
                 self.mrs_cache.put(self.mrs_key(params), mrs)
         if params.rule == "adaptive":
@@ -215,6 +251,7 @@ class MRPF(Structured):
                 raise UserError("mrpf needs training images to make adversarial examples from; pass data=(x, y)")
             plan = self.mrs_plan(model, sparsity, example_input, params, x, y)
         self.last_plan = plan
-        prune_filters_(model, criterion or self.criterion(params), 0.0, example_input, layer_ratios=plan["ratios"],
-                       x=x, y=y)
+        prune_filters_(
+            model, criterion or self.criterion(params), 0.0, example_input, layer_ratios=plan["ratios"], x=x, y=y
+        )
         return None

@@ -15,6 +15,7 @@ Two ways to turn MRS into ratios:
   (default) multiplies by L so the ratios average r_g, `scale="literal"` keeps Eq. 10 as printed.
 The ratios map layer names to shares of filters; they feed the structured-pruning engine's
 `layer_ratios` with any criterion."""
+
 from __future__ import annotations
 
 import copy
@@ -45,12 +46,23 @@ def adversarial_loss(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, bat
     model.eval()
     total = 0.0
     for i in range(0, len(x_adv), batch_size):
-        total += float(F.cross_entropy(model(x_adv[i:i + batch_size]).float(), y[i:i + batch_size], reduction="sum"))
+        total += float(
+            F.cross_entropy(model(x_adv[i : i + batch_size]).float(), y[i : i + batch_size], reduction="sum")
+        )
     return total / len(x_adv)
 
 
-def perturbed_copy(model: nn.Module, layer: str | Sequence[str], x_adv: torch.Tensor, y: torch.Tensor, *,
-                   lr: float, epochs: int, eps: float, batch_size: int = 128) -> nn.Module:
+def perturbed_copy(
+    model: nn.Module,
+    layer: str | Sequence[str],
+    x_adv: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lr: float,
+    epochs: int,
+    eps: float,
+    batch_size: int = 128,
+) -> nn.Module:
     """A copy of the model in which only the weight of `layer` (or of each of several layers that
     form one module, e.g. the convs sharing a residual stream's channels) took `epochs` passes of
     projected gradient ascent (step lr) on the adversarial loss over batches of AE (Algorithm,
@@ -71,7 +83,7 @@ def perturbed_copy(model: nn.Module, layer: str | Sequence[str], x_adv: torch.Te
         w.requires_grad_(True)
     for _ in range(epochs):
         for i in range(0, len(x_adv), batch_size):
-            loss = F.cross_entropy(clone(x_adv[i:i + batch_size]).float(), y[i:i + batch_size])
+            loss = F.cross_entropy(clone(x_adv[i : i + batch_size]).float(), y[i : i + batch_size])
             grads = torch.autograd.grad(loss, ws)
             with torch.no_grad():
                 for w, g, w0 in zip(ws, grads, origs):
@@ -82,8 +94,18 @@ def perturbed_copy(model: nn.Module, layer: str | Sequence[str], x_adv: torch.Te
     return clone
 
 
-def layer_sensitivity(model: nn.Module, layer: str | Sequence[str], x_adv: torch.Tensor, y: torch.Tensor, *, lr: float,
-                      epochs: int, eps: float, batch_size: int = 128, base_loss: float | None = None) -> float:
+def layer_sensitivity(
+    model: nn.Module,
+    layer: str | Sequence[str],
+    x_adv: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lr: float,
+    epochs: int,
+    eps: float,
+    batch_size: int = 128,
+    base_loss: float | None = None,
+) -> float:
     """MRS of one layer (Algorithm, lines 12-13): perturbed minus original adversarial loss."""
     if base_loss is None:
         base_loss = adversarial_loss(model, x_adv, y)
@@ -91,27 +113,41 @@ def layer_sensitivity(model: nn.Module, layer: str | Sequence[str], x_adv: torch
     return adversarial_loss(clone, x_adv, y) - base_loss
 
 
-def module_robust_sensitivity(model: nn.Module, modules: Sequence[str | Sequence[str]], x_adv: torch.Tensor,
-                              y: torch.Tensor, *, lr: float = 0.01, epochs: int = 1, eps: float = 8 / 255,
-                              batch_size: int = 128) -> dict[str, float]:
+def module_robust_sensitivity(
+    model: nn.Module,
+    modules: Sequence[str | Sequence[str]],
+    x_adv: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lr: float = 0.01,
+    epochs: int = 1,
+    eps: float = 8 / 255,
+    batch_size: int = 128,
+) -> dict[str, float]:
     """Raw MRS (perturbed - original adversarial loss) of every module: a layer name, or a list of
     layers perturbed together (keyed by the first, as filter_groups lists them). Non-positive values
     are kept here and replaced by δ where ratios are computed, so the stored numbers are the
     measured ones."""
     base = adversarial_loss(model, x_adv, y)
-    return {(m if isinstance(m, str) else m[0]): layer_sensitivity(model, m, x_adv, y, lr=lr, epochs=epochs, eps=eps,
-                                                                   batch_size=batch_size, base_loss=base)
-            for m in modules}
+    return {
+        (m if isinstance(m, str) else m[0]): layer_sensitivity(
+            model, m, x_adv, y, lr=lr, epochs=epochs, eps=eps, batch_size=batch_size, base_loss=base
+        )
+        for m in modules
+    }
 
 
 def _check_range(r_global: float, r_min: float, r_max: float) -> None:
     if not 0 <= r_min <= r_global <= r_max < 1:
-        raise UserError(f"MRPF ratios need 0 <= r_min <= r_global <= r_max < 1, got r_min {r_min}, r_global "
-                        f"{r_global}, r_max {r_max}; fix the values")
+        raise UserError(
+            f"MRPF ratios need 0 <= r_min <= r_global <= r_max < 1, got r_min {r_min}, r_global "
+            f"{r_global}, r_max {r_max}; fix the values"
+        )
 
 
-def adaptive_ratios(mrs: Mapping[str, float], r_global: float, r_min: float, r_max: float,
-                    delta: float = DELTA) -> dict[str, float]:
+def adaptive_ratios(
+    mrs: Mapping[str, float], r_global: float, r_min: float, r_max: float, delta: float = DELTA
+) -> dict[str, float]:
     """Appendix B.4.2: per-layer pruning ratios from MRS values (higher MRS -> lower ratio). As in
     the paper, the final rescaling to mean r_g can move a ratio slightly outside [r_min, r_max]."""
     _check_range(r_global, r_min, r_max)
@@ -129,8 +165,9 @@ def adaptive_ratios(mrs: Mapping[str, float], r_global: float, r_min: float, r_m
     return {n: float(v) for n, v in zip(names, p)}
 
 
-def inverse_mrs_ratios(mrs: Mapping[str, float], r_global: float, r_max: float, delta: float = DELTA,
-                       scale: str = "mean") -> dict[str, float]:
+def inverse_mrs_ratios(
+    mrs: Mapping[str, float], r_global: float, r_max: float, delta: float = DELTA, scale: str = "mean"
+) -> dict[str, float]:
     """Main text, Eq. 8-10: InvMRS = 1 / (MRS + δ), w_i = InvMRS_i / Σ InvMRS, p_i = min(w_i r_g, r_max);
     with scale="mean" w_i is multiplied by the number of layers first (see the module docstring)."""
     _check_range(r_global, 0.0, r_max)

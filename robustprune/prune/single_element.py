@@ -28,6 +28,7 @@ it is replaced by nn.Identity while it is measured. Blocks with a projection sho
 
 Elements whose removal would leave a layer without filters (a convolution with one filter) are
 skipped. The model is measured in place (hooks, a swapped block) and restored afterwards."""
+
 from __future__ import annotations
 
 import copy
@@ -53,11 +54,50 @@ Evaluate = Callable[[nn.Module], Mapping[str, float]]
 # Autograd names "x + y" and "x + 1" alike (AddBackward0); the second does not keep 0 at 0, and the
 # numerical check of `verify` is what catches it.
 _ZERO_PRESERVING = {
-    "relu", "hardtanh", "silu", "gelu", "hardswish", "elu", "selu", "celu", "leakyrelu", "tanh", "threshold",
-    "add", "sub", "mul", "neg", "maxpool2dwithindices", "maxpool2d", "avgpool2d", "adaptiveavgpool2d",
-    "adaptivemaxpool2d", "mean", "sum", "max", "amax", "view", "t", "unsafeview", "reshapealias", "flatten",
-    "permute", "transpose", "clone", "cat", "split", "splitwithsizes", "slice", "select", "squeeze", "unsqueeze",
-    "expand", "alias", "asstrided", "tocopy"}
+    "relu",
+    "hardtanh",
+    "silu",
+    "gelu",
+    "hardswish",
+    "elu",
+    "selu",
+    "celu",
+    "leakyrelu",
+    "tanh",
+    "threshold",
+    "add",
+    "sub",
+    "mul",
+    "neg",
+    "maxpool2dwithindices",
+    "maxpool2d",
+    "avgpool2d",
+    "adaptiveavgpool2d",
+    "adaptivemaxpool2d",
+    "mean",
+    "sum",
+    "max",
+    "amax",
+    "view",
+    "t",
+    "unsafeview",
+    "reshapealias",
+    "flatten",
+    "permute",
+    "transpose",
+    "clone",
+    "cat",
+    "split",
+    "splitwithsizes",
+    "slice",
+    "select",
+    "squeeze",
+    "unsqueeze",
+    "expand",
+    "alias",
+    "asstrided",
+    "tocopy",
+}
 _PASS_THROUGH_OPS = ("RESHAPE", "CONCAT", "SPLIT", "SLICE", "UNBIND", "EXPAND")
 
 
@@ -85,9 +125,9 @@ class _FilterGroup:
 
     name: str
     conv: nn.Conv2d
-    coupled: list[str]    # convolutions that lose a filter
-    method: str           # hook, physical or reference
-    reason: str           # why hooks would not be exact ('' when they are)
+    coupled: list[str]  # convolutions that lose a filter
+    method: str  # hook, physical or reference
+    reason: str  # why hooks would not be exact ('' when they are)
     terminals: list[str]  # modules whose output the hooks zero
 
 
@@ -125,8 +165,9 @@ def _analyse(graph: tp.DependencyGraph, group, names: dict) -> tuple[list[str], 
     for name, m in outs.items():
         node = graph.module2node[m]
         nxt = [o.module for o in node.outputs]
-        if isinstance(m, nn.Conv2d) and any(isinstance(o, nn.BatchNorm2d) and o in names and names[o] in outs
-                                            for o in nxt):
+        if isinstance(m, nn.Conv2d) and any(
+            isinstance(o, nn.BatchNorm2d) and o in names and names[o] in outs for o in nxt
+        ):
             if len(nxt) > 1:
                 reason = reason or f"the output of '{name}' feeds its BatchNorm and other layers"
             continue
@@ -134,8 +175,9 @@ def _analyse(graph: tp.DependencyGraph, group, names: dict) -> tuple[list[str], 
     return coupled, terminals, reason
 
 
-def _filter_groups(model: nn.Module, graph: tp.DependencyGraph, layers: Iterable[str] | None,
-                   method: str) -> list[_FilterGroup]:
+def _filter_groups(
+    model: nn.Module, graph: tp.DependencyGraph, layers: Iterable[str] | None, method: str
+) -> list[_FilterGroup]:
     names = {m: n for n, m in model.named_modules()}
     wanted = set(layers) if layers is not None else None
     covered: set[str] = set()
@@ -155,12 +197,15 @@ def _filter_groups(model: nn.Module, graph: tp.DependencyGraph, layers: Iterable
         else:
             chosen = method
         if chosen == "hook" and reason:
-            raise ValueError(f"filters of '{name}' cannot be removed with hooks: {reason}; use method='physical' "
-                             f"or 'auto'")
+            raise ValueError(
+                f"filters of '{name}' cannot be removed with hooks: {reason}; use method='physical' or 'auto'"
+            )
         groups.append(_FilterGroup(name, conv, coupled, chosen, reason, terminals))
     if wanted is not None and (missing := wanted - covered):
-        raise ValueError(f"no prunable convolution named {', '.join(sorted(missing))}; "
-                         f"known: {', '.join(n for n, _ in conv_layers(model))}")
+        raise ValueError(
+            f"no prunable convolution named {', '.join(sorted(missing))}; "
+            f"known: {', '.join(n for n, _ in conv_layers(model))}"
+        )
     return groups
 
 
@@ -204,10 +249,19 @@ def _pick(elements: list, max_elements: int | None, seed: int) -> list:
     return [elements[i] for i in keep]
 
 
-def single_element_study(model: nn.Module, kind: str, evaluate: Evaluate, example_input: torch.Tensor,
-                         layers: Iterable[str] | None = None, max_elements: int | None = None, *,
-                         method: str = "auto", verify: bool = True, seed: int = 0,
-                         on_element: Callable[[int, int, dict], None] | None = None) -> list[dict]:
+def single_element_study(
+    model: nn.Module,
+    kind: str,
+    evaluate: Evaluate,
+    example_input: torch.Tensor,
+    layers: Iterable[str] | None = None,
+    max_elements: int | None = None,
+    *,
+    method: str = "auto",
+    verify: bool = True,
+    seed: int = 0,
+    on_element: Callable[[int, int, dict], None] | None = None,
+) -> list[dict]:
     """Algorithm 2: for every element e (kind "filters" or "blocks"), evaluate(model without e) with
     no adjustment. Returns one row per element, in module order:
     {element, kind, layer, index, method, coupled (convolutions losing a filter; filters only),
@@ -250,10 +304,15 @@ def _filters(model, evaluate, example_input, layers, max_elements, method, verif
                     handles.append(modules[t].register_forward_hook(zeroers[t]))
             if verify and not _hook_matches_physical(model, graph, g, zeroers, example_input):
                 if method == "hook":
-                    raise ValueError(f"removing a filter of '{g.name}' with hooks does not give the network "
-                                     f"without it; use method='physical' or 'auto'")
-                warnings.warn(f"filters of '{g.name}': hooks differ from physical removal; removing them "
-                              f"physically", RuntimeWarning, stacklevel=3)
+                    raise ValueError(
+                        f"removing a filter of '{g.name}' with hooks does not give the network "
+                        f"without it; use method='physical' or 'auto'"
+                    )
+                warnings.warn(
+                    f"filters of '{g.name}': hooks differ from physical removal; removing them physically",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
                 g.method = "physical"
         elements = [(g, i) for g in groups for i in range(g.conv.out_channels)]
         elements = _pick(elements, max_elements, seed)
@@ -267,8 +326,15 @@ def _filters(model, evaluate, example_input, layers, max_elements, method, verif
                 metrics = evaluate(_physical_copy(model, graph, group))
             else:
                 metrics = evaluate(remove_filter_copy(model, g.name, i, example_input))
-            row = {"element": f"{g.name}:{i}", "kind": "filter", "layer": g.name, "index": i,
-                   "method": g.method, "coupled": len(g.coupled), **dict(metrics)}
+            row = {
+                "element": f"{g.name}:{i}",
+                "kind": "filter",
+                "layer": g.name,
+                "index": i,
+                "method": g.method,
+                "coupled": len(g.coupled),
+                **dict(metrics),
+            }
             rows.append(row)
             if on_element is not None:
                 on_element(k + 1, len(elements), row)
@@ -312,8 +378,10 @@ def _blocks(model, evaluate, layers, max_elements, seed, on_element):
     if layers is not None:
         wanted = set(layers)
         if missing := wanted - {n for _, n, _ in blocks}:
-            raise ValueError(f"no removable residual block named {', '.join(sorted(missing))}; "
-                             f"known: {', '.join(n for _, n, _ in blocks)}")
+            raise ValueError(
+                f"no removable residual block named {', '.join(sorted(missing))}; "
+                f"known: {', '.join(n for _, n, _ in blocks)}"
+            )
         blocks = [e for e in blocks if e[1] in wanted]
     blocks = _pick(blocks, max_elements, seed)
     modules = dict(model.named_modules())
@@ -336,10 +404,14 @@ def _blocks(model, evaluate, layers, max_elements, seed, on_element):
 _EPS = 1e-9  # accuracies are k / n with n far below 1e9: absorbs float noise, never a real image
 
 
-def improvement_fractions(rows: Sequence[Mapping[str, float]], baseline: Mapping[str, float],
-                          gen_metric: str = "acc_clean", rob_metrics: Sequence[str] | None = None,
-                          tolerances: Sequence[float] = (0, 1, 2, 3, 4, 5),
-                          strict: bool = False) -> dict[str, dict[float, float]]:
+def improvement_fractions(
+    rows: Sequence[Mapping[str, float]],
+    baseline: Mapping[str, float],
+    gen_metric: str = "acc_clean",
+    rob_metrics: Sequence[str] | None = None,
+    tolerances: Sequence[float] = (0, 1, 2, 3, 4, 5),
+    strict: bool = False,
+) -> dict[str, dict[float, float]]:
     """Fig. 5: for each robustness metric and tolerance t (percentage points), the fraction of
     elements e with rob(F \\ e) > rob(F) and gen(F \\ e) >= gen(F) - t/100 (accuracies are fractions
     in [0, 1]). This follows the text ("a loss in generalization of up to t p.p."); the pseudo-code
@@ -356,9 +428,14 @@ def improvement_fractions(rows: Sequence[Mapping[str, float]], baseline: Mapping
         if rob not in baseline:
             raise ValueError(f"the baseline has no '{rob}'")
         base_rob = float(baseline[rob])
-        valid = [(float(r[gen_metric]), float(r[rob])) for r in rows
-                 if r.get(gen_metric) is not None and r.get(rob) is not None
-                 and math.isfinite(float(r[gen_metric])) and math.isfinite(float(r[rob]))]
+        valid = [
+            (float(r[gen_metric]), float(r[rob]))
+            for r in rows
+            if r.get(gen_metric) is not None
+            and r.get(rob) is not None
+            and math.isfinite(float(r[gen_metric]))
+            and math.isfinite(float(r[rob]))
+        ]
         out[rob] = {}
         for t in tolerances:
             floor = base_gen - t / 100.0
@@ -370,8 +447,9 @@ def improvement_fractions(rows: Sequence[Mapping[str, float]], baseline: Mapping
     return out
 
 
-def make_evaluator(x: torch.Tensor, y: torch.Tensor, attacks: Mapping[str, Callable] | None = None,
-                   batch_size: int = 1000) -> Evaluate:
+def make_evaluator(
+    x: torch.Tensor, y: torch.Tensor, attacks: Mapping[str, Callable] | None = None, batch_size: int = 1000
+) -> Evaluate:
     """evaluate(model) -> {'acc_clean': ..., <name>: adversarial accuracy, ...} on (x, y), one
     entry per attack keyed by its metric name, e.g.
     {"acc_adv:fgsm@0.1": ATTACKS.get("fgsm")(0.1)}."""

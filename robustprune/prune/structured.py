@@ -21,6 +21,7 @@ A criterion is a Torch-Pruning importance callable, `criterion(group) -> one sco
 (Python's round, half to even), ties broken by channel position, so the same model and criterion
 always give the same pruned model.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,6 +43,7 @@ SCOPES = ("uniform", "global")
 
 # ---- per-layer L1 (the MNIST study's channel_l1) -------------------------------------------------
 
+
 def l1_filter_scores(conv: nn.Conv2d) -> torch.Tensor:
     return conv.weight.detach().abs().flatten(1).sum(1)
 
@@ -58,8 +60,10 @@ def filters_to_remove(model: nn.Module, fraction: float, score=l1_filter_scores)
     for name, conv in conv_layers(model):
         n = int(round(fraction * conv.out_channels))
         if n >= conv.out_channels:
-            raise UserError(f"pruning {fraction:.0%} of the {conv.out_channels} filters of layer '{name}' "
-                            f"would remove all of them; use a smaller ratio")
+            raise UserError(
+                f"pruning {fraction:.0%} of the {conv.out_channels} filters of layer '{name}' "
+                f"would remove all of them; use a smaller ratio"
+            )
         plan[name] = torch.argsort(score(conv), stable=True)[:n].tolist()
     return plan
 
@@ -80,12 +84,14 @@ def channel_widths(model: nn.Module) -> dict[str, int]:
 
 # ---- validation ------------------------------------------------------------------------------------
 
+
 def check_ratio(value: Any, what: str = "pruning ratio") -> float:
     """A share of structures to remove: a number in [0, 1). Returns it as a float."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or not 0 <= value < 1:
-        raise UserError(f"{what} must be a number in [0, 1), the share of structures removed, "
-                        f"not {value!r}; use e.g. 0.3")
+        raise UserError(
+            f"{what} must be a number in [0, 1), the share of structures removed, not {value!r}; use e.g. 0.3"
+        )
     return float(value)
 
 
@@ -111,12 +117,15 @@ def _resolve_modules(model: nn.Module, names, what: str) -> list[nn.Module]:
         elif item in modules and item != "":
             out.append(modules[item])
         else:
-            raise UserError(f"{what} '{item}' is not a layer of the model; use names as in "
-                            f"model.named_modules(), e.g. {_names_hint(convs)}")
+            raise UserError(
+                f"{what} '{item}' is not a layer of the model; use names as in "
+                f"model.named_modules(), e.g. {_names_hint(convs)}"
+            )
     return out
 
 
 # ---- filter pruning on the dependency graph -----------------------------------------------------------
+
 
 def output_layer(model: nn.Module, example_input: torch.Tensor) -> nn.Module | None:
     """The final classifier: the last nn.Linear whose out_features is the model's output width
@@ -220,9 +229,13 @@ def _channel_units(model, graph, criterion, ignored) -> list[_Unit]:
         if imp.numel() % ch_groups:
             raise ValueError(f"criterion returned {imp.numel()} scores for a group of {ch_groups} channel groups")
         scores = imp.view(ch_groups, -1).mean(0)  # as Torch-Pruning: one score per position of a channel group
-        layers = [names[dep.target.module] for dep, _ in group
-                  if graph.is_out_channel_pruning_fn(dep.handler) and isinstance(dep.target.module, nn.Module)
-                  and dep.target.module in names]
+        layers = [
+            names[dep.target.module]
+            for dep, _ in group
+            if graph.is_out_channel_pruning_fn(dep.handler)
+            and isinstance(dep.target.module, nn.Module)
+            and dep.target.module in names
+        ]
         units.append(_Unit(group[0].dep.target.module, group[0].dep.handler, layers, scores, ch_groups))
     return units
 
@@ -248,8 +261,11 @@ def _head_units(model, graph, criterion, ignored) -> list[_Unit]:
     its query, key and value rows' scores."""
     units = []
     for name, attn in model.named_modules():
-        if (not isinstance(attn, MultiHeadSelfAttention) or attn.num_heads < 2
-                or any(m in ignored for m in (attn, attn.qkv, attn.proj))):
+        if (
+            not isinstance(attn, MultiHeadSelfAttention)
+            or attn.num_heads < 2
+            or any(m in ignored for m in (attn, attn.qkv, attn.proj))
+        ):
             continue
         imp = _scores(criterion, _head_group(graph, attn))
         if imp is None:
@@ -265,8 +281,10 @@ def _plan_local(unit: _Unit, ratio: float, why: str) -> None:
     if n >= unit.size and unit.keeps_one:
         n = unit.size - 1
     if n >= unit.size:
-        raise UserError(f"pruning {ratio:.0%} of the {unit.size} filters of layer '{unit.layers[0]}' ({why}) "
-                        f"would remove all of them; use a smaller ratio")
+        raise UserError(
+            f"pruning {ratio:.0%} of the {unit.size} filters of layer '{unit.layers[0]}' ({why}) "
+            f"would remove all of them; use a smaller ratio"
+        )
     unit.remove = torch.argsort(unit.scores, stable=True)[:n].tolist()
 
 
@@ -305,10 +323,19 @@ def _prepare(criterion, model, x, y) -> None:
         criterion.prepare(model, x, y)
 
 
-def prune_filters_(model: nn.Module, criterion, ratio: float, example_input: torch.Tensor, *,
-                   scope: str = "uniform", layer_ratios: dict[str, float] | None = None,
-                   x: torch.Tensor | None = None, y: torch.Tensor | None = None,
-                   ignored_layers=None, normalize: bool | None = None) -> nn.Module:
+def prune_filters_(
+    model: nn.Module,
+    criterion,
+    ratio: float,
+    example_input: torch.Tensor,
+    *,
+    scope: str = "uniform",
+    layer_ratios: dict[str, float] | None = None,
+    x: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
+    ignored_layers=None,
+    normalize: bool | None = None,
+) -> nn.Module:
     """Physically remove filters from any model, residual connections and concatenations included.
 
     Filters are grouped as Torch-Pruning couples them (a conv, its BN and the next layers' input
@@ -342,8 +369,10 @@ def prune_filters_(model: nn.Module, criterion, ratio: float, example_input: tor
     check_choice(scope, SCOPES, "pruning scope")
     layer_ratios = {k: check_ratio(v, f"pruning ratio of layer '{k}'") for k, v in (layer_ratios or {}).items()}
     if not any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()):
-        raise UserError(f"model {type(model).__name__} has no convolution filters to prune; "
-                        f"pick a model with conv layers or use unstructured pruning")
+        raise UserError(
+            f"model {type(model).__name__} has no convolution filters to prune; "
+            f"pick a model with conv layers or use unstructured pruning"
+        )
     param = next(model.parameters(), None)
     if param is not None:  # tracing runs the model: the example goes where the model is
         example_input = example_input.to(param.device)
@@ -357,19 +386,25 @@ def prune_filters_(model: nn.Module, criterion, ratio: float, example_input: tor
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
         units = _units(model, graph, criterion, ignored)
         if not units:
-            raise UserError(f"model {type(model).__name__} has no filters that can be pruned "
-                            f"(every conv is ignored or feeds the output); check ignored_layers")
+            raise UserError(
+                f"model {type(model).__name__} has no filters that can be pruned "
+                f"(every conv is ignored or feeds the output); check ignored_layers"
+            )
         own: dict[int, tuple[str, float]] = {}
         for name in by_name:
             hits = [k for k, u in enumerate(units) if name in u.layers]
             if not hits:
                 valid = [n for u in units for n in u.layers]
-                raise UserError(f"layer '{name}' has no prunable filters (not a conv, ignored, or coupled "
-                                f"to the output); name a conv layer, e.g. {_names_hint(valid)}")
+                raise UserError(
+                    f"layer '{name}' has no prunable filters (not a conv, ignored, or coupled "
+                    f"to the output); name a conv layer, e.g. {_names_hint(valid)}"
+                )
             k = hits[0]
             if k in own and own[k][1] != layer_ratios[name]:
-                raise UserError(f"layers '{own[k][0]}' and '{name}' share their channels (one residual group) "
-                                f"and must be pruned together; give them the same ratio")
+                raise UserError(
+                    f"layers '{own[k][0]}' and '{name}' share their channels (one residual group) "
+                    f"and must be pruned together; give them the same ratio"
+                )
             own[k] = (name, layer_ratios[name])
         for k, (name, r) in own.items():
             _plan_local(units[k], r, f"ratio of '{name}'")
@@ -419,16 +454,29 @@ def filter_groups(model: nn.Module, example_input: torch.Tensor, ignored_layers=
 
 def filter_count(model: nn.Module) -> int:
     """Total output channels of the (non-depthwise) convolutions: what filter pruning removes."""
-    return sum(m.out_channels for m in model.modules()
-               if isinstance(m, nn.modules.conv._ConvNd) and not (m.groups == m.out_channels > 1))
+    return sum(
+        m.out_channels
+        for m in model.modules()
+        if isinstance(m, nn.modules.conv._ConvNd) and not (m.groups == m.out_channels > 1)
+    )
 
 
 # ---- filters, blocks or both; iterative -------------------------------------------------------------
 
-def prune_structured_(model: nn.Module, criterion, ratio: float | tuple[float, float], example_input: torch.Tensor,
-                      *, target: str = "filters", scope: str = "uniform",
-                      layer_ratios: dict[str, float] | None = None, x: torch.Tensor | None = None,
-                      y: torch.Tensor | None = None, ignored_layers=None) -> list[str]:
+
+def prune_structured_(
+    model: nn.Module,
+    criterion,
+    ratio: float | tuple[float, float],
+    example_input: torch.Tensor,
+    *,
+    target: str = "filters",
+    scope: str = "uniform",
+    layer_ratios: dict[str, float] | None = None,
+    x: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
+    ignored_layers=None,
+) -> list[str]:
     """Prune filters, residual blocks or both; returns the names of the removed blocks.
 
     target="both" removes blocks first, then filters of what is left (the filter scores then
@@ -438,8 +486,10 @@ def prune_structured_(model: nn.Module, criterion, ratio: float | tuple[float, f
     check_choice(target, TARGETS, "pruning target")
     if isinstance(ratio, (tuple, list)):
         if target != "both" or len(ratio) != 2:
-            raise UserError(f"a pair of ratios (blocks, filters) needs target 'both' and two numbers, "
-                            f"not {ratio!r} with target '{target}'; give one ratio")
+            raise UserError(
+                f"a pair of ratios (blocks, filters) needs target 'both' and two numbers, "
+                f"not {ratio!r} with target '{target}'; give one ratio"
+            )
         block_ratio, filter_ratio = (check_ratio(r) for r in ratio)
     else:
         block_ratio = filter_ratio = check_ratio(ratio)
@@ -453,13 +503,27 @@ def prune_structured_(model: nn.Module, criterion, ratio: float | tuple[float, f
     if target in ("filters", "both"):
         alive = dict(model.named_modules())
         kept = {k: v for k, v in (layer_ratios or {}).items() if k in alive}
-        prune_filters_(model, criterion, filter_ratio, example_input, scope=scope, layer_ratios=kept,
-                       x=x, y=y, ignored_layers=ignored_layers)
+        prune_filters_(
+            model,
+            criterion,
+            filter_ratio,
+            example_input,
+            scope=scope,
+            layer_ratios=kept,
+            x=x,
+            y=y,
+            ignored_layers=ignored_layers,
+        )
     return removed
 
 
-def iterative_prune(model: nn.Module, rounds: int, ratio: float, prune_fn: Callable[[nn.Module, float], Any],
-                    adjust_fn: Callable[[nn.Module, int], Any] | None = None) -> nn.Module:
+def iterative_prune(
+    model: nn.Module,
+    rounds: int,
+    ratio: float,
+    prune_fn: Callable[[nn.Module, float], Any],
+    adjust_fn: Callable[[nn.Module, int], Any] | None = None,
+) -> nn.Module:
     """Algorithm 1 of Jordão & Pedrini: for k = 1..K, prune the share `ratio` of the structures that
     remain (`prune_fn(model, ratio)`, e.g. a prune_structured_ call), then adjust the pruned model
     (`adjust_fn(model, k)`, e.g. fine-tune on clean images; also the place to evaluate each round).

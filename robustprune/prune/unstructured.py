@@ -1,4 +1,5 @@
 """Unstructured pruning as masks (shrinkbench's shape: a method returns {parameter name: mask})."""
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,9 @@ def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def global_magnitude_masks(model: nn.Module, fraction: float, masks: dict[str, torch.Tensor] | None = None,
-                           largest: bool = False) -> dict[str, torch.Tensor]:
+def global_magnitude_masks(
+    model: nn.Module, fraction: float, masks: dict[str, torch.Tensor] | None = None, largest: bool = False
+) -> dict[str, torch.Tensor]:
     """Masks that remove round(fraction * n) of the n still-unmasked weights with the smallest
     magnitude over all layers at once (largest=True removes the biggest instead). Ties are broken
     by position, so the count is exact."""
@@ -31,7 +33,7 @@ def global_magnitude_masks(model: nn.Module, fraction: float, masks: dict[str, t
         keep[alive_idx[order[:n_remove]]] = False
     out, start = {}, 0
     for n, w in weights.items():
-        out[n] = keep[start:start + w.numel()].view_as(w).clone()
+        out[n] = keep[start : start + w.numel()].view_as(w).clone()
         start += w.numel()
     return out
 

@@ -1,6 +1,7 @@
 """A self-contained report of one or more study folders: report.md with every table and figure,
 each table also as CSV and LaTeX (tables/), the figures as PNG (figures/), and the long-format
 CSV of every stored number (results.csv)."""
+
 from __future__ import annotations
 
 import csv
@@ -11,10 +12,31 @@ from pathlib import Path
 from robustprune.report.tables import Table, all_tables, long_csv, to_markdown
 from robustprune.study.schema import StudyConfig
 
-LATEX_SPECIALS = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
-                  "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
-LATEX_SYMBOLS = {"±": r"$\pm$", "ε": r"$\varepsilon$", "↓": r"$\downarrow$", "−": "-", "—": "--", "⚠": r"$^\dagger$",
-                 "∏": r"$\prod$", "≤": r"$\leq$", "✓": r"\checkmark{}", "′": "'", "Δ": r"$\Delta$"}
+LATEX_SPECIALS = {
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "\\": r"\textbackslash{}",
+}
+LATEX_SYMBOLS = {
+    "±": r"$\pm$",
+    "ε": r"$\varepsilon$",
+    "↓": r"$\downarrow$",
+    "−": "-",
+    "—": "--",
+    "⚠": r"$^\dagger$",
+    "∏": r"$\prod$",
+    "≤": r"$\leq$",
+    "✓": r"\checkmark{}",
+    "′": "'",
+    "Δ": r"$\Delta$",
+}
 
 
 def slug(text: str) -> str:
@@ -31,12 +53,22 @@ def latex_escape(text: str) -> str:
 def to_latex(t: Table) -> str:
     """A booktabs table: label column left, numbers right, caption under it."""
     spec = "l" + "r" * (len(t.headers) - 1)
-    lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
-             " & ".join(latex_escape(h) for h in t.headers) + r" \\", r"\midrule"]
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\small",
+        rf"\begin{{tabular}}{{{spec}}}",
+        r"\toprule",
+        " & ".join(latex_escape(h) for h in t.headers) + r" \\",
+        r"\midrule",
+    ]
     lines += [" & ".join(latex_escape(v) for v in r) + r" \\" for r in t.rows]
-    lines += [r"\bottomrule", r"\end{tabular}",
-              rf"\caption{{{latex_escape(t.title)}. {latex_escape(' '.join([t.caption, *t.notes]))}}}",
-              r"\end{table}"]
+    lines += [
+        r"\bottomrule",
+        r"\end{tabular}",
+        rf"\caption{{{latex_escape(t.title)}. {latex_escape(' '.join([t.caption, *t.notes]))}}}",
+        r"\end{table}",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -56,16 +88,25 @@ def write_study(study: StudyConfig, cells: list[dict], folder: Path, source: str
     tables_dir, figures_dir = folder / "tables", folder / "figures"
     tables_dir.mkdir(parents=True, exist_ok=True)
     done = [c for c in cells if c["status"] == "done"]
-    lines = [f"{heading} {study.name}", "", study.description, "",
-             f"Results of `{source}`: {len(done)} cells done, {len(cells) - len(done)} failed; "
-             f"seeds {sorted({c['axes']['seed'] for c in done})}. Every table is also in `tables/` as CSV and "
-             f"LaTeX; `results.csv` holds every stored number with its cell's config hash.", ""]
+    lines = [
+        f"{heading} {study.name}",
+        "",
+        study.description,
+        "",
+        f"Results of `{source}`: {len(done)} cells done, {len(cells) - len(done)} failed; "
+        f"seeds {sorted({c['axes']['seed'] for c in done})}. Every table is also in `tables/` as CSV and "
+        f"LaTeX; `results.csv` holds every stored number with its cell's config hash.",
+        "",
+    ]
     for i, t in enumerate(all_tables(study, cells), start=1):
         name = f"{i:02d}_{slug(t.title)}"
         (tables_dir / f"{name}.csv").write_text(to_csv(t))
         (tables_dir / f"{name}.tex").write_text(to_latex(t))
-        lines += [to_markdown(t).replace("### ", heading + "## ", 1),
-                  f"[CSV](tables/{name}.csv) · [LaTeX](tables/{name}.tex)", ""]
+        lines += [
+            to_markdown(t).replace("### ", heading + "## ", 1),
+            f"[CSV](tables/{name}.csv) · [LaTeX](tables/{name}.tex)",
+            "",
+        ]
     figures = all_figures(study, cells, figures_dir)
     if figures:
         lines += [f"{heading}## Figures", ""]

@@ -16,6 +16,7 @@ Error bars are the standard deviation over seeds.
                          group of coupled filters (top) and the share of its filters each MRPF setting
                          removed (bottom), in network order
 """
+
 from __future__ import annotations
 
 import statistics
@@ -64,8 +65,10 @@ def _distinct(series: dict[str, list[tuple[float, float]]]) -> dict[str, list[tu
     for label, points in series.items():
         key = tuple(round(m, 9) for m, _ in points)
         out.setdefault(key, ([], points))[0].append(label)
-    return {(labels[0] if len(labels) == 1 else f"{labels[0]} and {len(labels) - 1} more alike"): pts
-            for labels, pts in out.values()}
+    return {
+        (labels[0] if len(labels) == 1 else f"{labels[0]} and {len(labels) - 1} more alike"): pts
+        for labels, pts in out.values()
+    }
 
 
 def mrs_figures(study: StudyConfig, cells: list[dict], folder: str | Path, regime: str = "clean") -> list[Path]:
@@ -75,8 +78,9 @@ def mrs_figures(study: StudyConfig, cells: list[dict], folder: str | Path, regim
     written = []
     for model in dict.fromkeys(k.model for k in keys):
         mine = sorted((k for k in keys if k.model == model), key=lambda k: (k.sparsity or 0.0, k.pruning))
-        names = list(dict.fromkeys(m[4:] for k in mine for c in groups_by_key[k] for m in c["metrics"]
-                                   if m.startswith("mrs:")))
+        names = list(
+            dict.fromkeys(m[4:] for k in mine for c in groups_by_key[k] for m in c["metrics"] if m.startswith("mrs:"))
+        )
         names = network_order(study, model, names)
         mrs, ratios, seeds = {}, {}, set()
         for k in mine:
@@ -90,14 +94,21 @@ def mrs_figures(study: StudyConfig, cells: list[dict], folder: str | Path, regim
         mrs = _distinct(mrs)
         width = 0.8 / len(mrs)
         for i, (label, pts) in enumerate(mrs.items()):
-            top.bar([xi + (i - (len(mrs) - 1) / 2) * width for xi in x], [m for m, _ in pts], width,
-                    yerr=[s for _, s in pts], capsize=2, label=label)
+            top.bar(
+                [xi + (i - (len(mrs) - 1) / 2) * width for xi in x],
+                [m for m, _ in pts],
+                width,
+                yerr=[s for _, s in pts],
+                capsize=2,
+                label=label,
+            )
         top.set_ylabel("MRS (rise of the adversarial loss)")
         top.set_yscale("log")
         top.legend(fontsize=8)
         for label, pts in _distinct(ratios).items():
-            line = bottom.errorbar(list(x), [m for m, _ in pts], yerr=[s for _, s in pts], marker="o", ms=4,
-                                   capsize=2, label=label)
+            line = bottom.errorbar(
+                list(x), [m for m, _ in pts], yerr=[s for _, s in pts], marker="o", ms=4, capsize=2, label=label
+            )
             target = float(label.split("s=")[1].split()[0])
             bottom.axhline(target, color=line[0].get_color(), ls=":", lw=1)
         bottom.set_ylabel("share of filters removed")
@@ -106,8 +117,11 @@ def mrs_figures(study: StudyConfig, cells: list[dict], folder: str | Path, regim
         bottom.set_xlabel("group of coupled filters (first layer), input to output")
         bottom.legend(fontsize=8, title="dotted: the global ratio r_g", title_fontsize=8)
         n = len(seeds)
-        fig.suptitle(f"MRPF: sensitivity and per-group pruning ratios ({model or study.name}, "
-                     f"mean ± std over {n} seed{'s' if n != 1 else ''})", fontsize=10)
+        fig.suptitle(
+            f"MRPF: sensitivity and per-group pruning ratios ({model or study.name}, "
+            f"mean ± std over {n} seed{'s' if n != 1 else ''})",
+            fontsize=10,
+        )
         fig.tight_layout()
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -178,7 +192,9 @@ def _seeds_title(view) -> str:
 
 
 def _series_label(k) -> str:
-    label = k.pruning + (f" {k.adjust}" if k.adjust else "") + (f" FT {k.finetune_epochs} ep" if k.finetune_epochs else "")
+    label = (
+        k.pruning + (f" {k.adjust}" if k.adjust else "") + (f" FT {k.finetune_epochs} ep" if k.finetune_epochs else "")
+    )
     return label + (f" it{k.iteration}" if k.iteration else "")
 
 
@@ -207,14 +223,27 @@ def sparsity_figures(study: StudyConfig, cells: list[dict], folder, regime: str 
                 ax.axhline(m, color="black", ls="--", lw=1, label="dense")
                 ax.axhspan(m - sd, m + sd, color="black", alpha=0.08)
             for label, ks in list(series.items())[:MAX_LINES]:
-                pts = sorted((100 * _mean_std([c["metrics"].get("sparsity") for c in view.groups[k]])[0],
-                              *_pct(view.groups[k], metrics)) for k in ks)
-                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=4,
-                            capsize=2, label=label)
+                pts = sorted(
+                    (
+                        100 * _mean_std([c["metrics"].get("sparsity") for c in view.groups[k]])[0],
+                        *_pct(view.groups[k], metrics),
+                    )
+                    for k in ks
+                )
+                ax.errorbar(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    yerr=[p[2] for p in pts],
+                    marker="o",
+                    ms=4,
+                    capsize=2,
+                    label=label,
+                )
             _decorate(ax, name, "weights removed (%)", "accuracy (%)")
         axes[0].legend(fontsize=7)
-        fig.suptitle(f"Robustness vs sparsity ({model or study.name}, regime '{regime}', {_seeds_title(view)})",
-                     fontsize=10)
+        fig.suptitle(
+            f"Robustness vs sparsity ({model or study.name}, regime '{regime}', {_seeds_title(view)})", fontsize=10
+        )
         written.append(_save(fig, folder, f"robustness_vs_sparsity{_suffix(model, regime)}.png"))
     return written
 
@@ -227,8 +256,11 @@ def strength_figures(study: StudyConfig, cells: list[dict], folder, regime: str 
     view = _view(study, cells, regime)
     if view is None:
         return []
-    attacks = {label: eps for label, e in study.evaluation.attacks.items()
-               if len(eps := [x for x in e.eps if view.has(names.adv(label, x))]) > 1}
+    attacks = {
+        label: eps
+        for label, e in study.evaluation.attacks.items()
+        if len(eps := [x for x in e.eps if view.has(names.adv(label, x))]) > 1
+    }
     if not attacks:
         return []
     written = []
@@ -242,14 +274,23 @@ def strength_figures(study: StudyConfig, cells: list[dict], folder, regime: str 
                 pts = [(e * scale, *_pct(view.groups[k], [names.adv(label, e)])) for e in eps]
                 pts = [p for p in pts if p[1] == p[1]]  # settings without this attack are skipped
                 if pts:
-                    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                                ms=3, capsize=2, label=setting_label(k),
-                                **({"color": "black", "ls": "--"} if k.pruning == "dense" else {}))
-            _decorate(ax, attack_title(label), "L∞ ε (× 1/255)" if per255 else "L∞ ε (pixel scale [0, 1])",
-                      "accuracy (%)")
+                    ax.errorbar(
+                        [p[0] for p in pts],
+                        [p[1] for p in pts],
+                        yerr=[p[2] for p in pts],
+                        marker="o",
+                        ms=3,
+                        capsize=2,
+                        label=setting_label(k),
+                        **({"color": "black", "ls": "--"} if k.pruning == "dense" else {}),
+                    )
+            _decorate(
+                ax, attack_title(label), "L∞ ε (× 1/255)" if per255 else "L∞ ε (pixel scale [0, 1])", "accuracy (%)"
+            )
         axes[0].legend(fontsize=7)
-        fig.suptitle(f"Accuracy vs attack strength ({model or study.name}, regime '{regime}', {_seeds_title(view)})",
-                     fontsize=10)
+        fig.suptitle(
+            f"Accuracy vs attack strength ({model or study.name}, regime '{regime}', {_seeds_title(view)})", fontsize=10
+        )
         written.append(_save(fig, folder, f"robustness_vs_strength{_suffix(model, regime)}.png"))
     return written
 
@@ -276,8 +317,9 @@ def correlation_figures(study: StudyConfig, cells: list[dict], folder, regime: s
         ax.set_xlabel("clean accuracy (%)")
         ax.set_ylabel(f"{name} accuracy (%)")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"Generalization vs robustness (regime '{regime}', each point a setting's mean over seeds)",
-                 fontsize=10)
+    fig.suptitle(
+        f"Generalization vs robustness (regime '{regime}', each point a setting's mean over seeds)", fontsize=10
+    )
     return [_save(fig, folder, f"generalization_vs_robustness{_suffix(None, regime)}.png")]
 
 
@@ -287,8 +329,11 @@ def dynamics_figures(study: StudyConfig, cells: list[dict], folder, regime: str 
     view = _view(study, cells, regime)
     if view is None:
         return []
-    shown = [m for m in ("grad_confusion", "layer_rotation", "loss")
-             if any(c.get("history") and any("grad_confusion" in e for e in c["history"]) for c in view.cells)]
+    shown = [
+        m
+        for m in ("grad_confusion", "layer_rotation", "loss")
+        if any(c.get("history") and any("grad_confusion" in e for e in c["history"]) for c in view.cells)
+    ]
     if not shown:
         return []
     fig, axes = _panels(len(shown))
@@ -299,8 +344,15 @@ def dynamics_figures(study: StudyConfig, cells: list[dict], folder, regime: str 
                 continue
             n = max(len(h) for h in hs)
             pts = [_mean_std([h[e].get(metric) for h in hs if len(h) > e]) for e in range(n)]
-            ax.errorbar(range(1, n + 1), [p[0] for p in pts], yerr=[p[1] for p in pts], marker="o", ms=3, capsize=2,
-                        label="dense" if k.pruning == "dense" else f"{k.pruning} s={k.sparsity:g}")
+            ax.errorbar(
+                range(1, n + 1),
+                [p[0] for p in pts],
+                yerr=[p[1] for p in pts],
+                marker="o",
+                ms=3,
+                capsize=2,
+                label="dense" if k.pruning == "dense" else f"{k.pruning} s={k.sparsity:g}",
+            )
         _decorate(ax, DYNAMICS[metric][0], "epoch of that model's training", DYNAMICS[metric][0].lower())
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Training dynamics (regime '{regime}', {_seeds_title(view)})", fontsize=10)
@@ -313,15 +365,24 @@ def weight_figures(study: StudyConfig, cells: list[dict], folder, regime: str = 
     view = _view(study, cells, regime)
     if view is None:
         return []
-    keys = [k for k in view.keys if any("weights:q0" in c["metrics"] for c in view.groups[k])][:2 * MAX_LINES]
+    keys = [k for k in view.keys if any("weights:q0" in c["metrics"] for c in view.groups[k])][: 2 * MAX_LINES]
     if not keys:
         return []
     plt = _pyplot()
     stats = []
     for k in keys:
         q = {p: _mean_std([c["metrics"].get(f"weights:q{p}") for c in view.groups[k]])[0] for p in (0, 25, 50, 75, 100)}
-        stats.append({"label": setting_label(k), "whislo": q[0], "q1": q[25], "med": q[50], "q3": q[75],
-                      "whishi": q[100], "fliers": []})
+        stats.append(
+            {
+                "label": setting_label(k),
+                "whislo": q[0],
+                "q1": q[25],
+                "med": q[50],
+                "q3": q[75],
+                "whishi": q[100],
+                "fliers": [],
+            }
+        )
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(keys) + 2), 4.5))
     ax.bxp(stats, showfliers=False)
     ax.set_ylabel("weight value")
@@ -329,8 +390,11 @@ def weight_figures(study: StudyConfig, cells: list[dict], folder, regime: str = 
     ax.tick_params(axis="x", labelrotation=60, labelsize=7)
     for tick in ax.get_xticklabels():
         tick.set_ha("right")
-    ax.set_title(f"Conv and linear weights: whiskers at min / max, box at the quartiles, line at the median "
-                 f"(regime '{regime}', mean over seeds)", fontsize=9)
+    ax.set_title(
+        f"Conv and linear weights: whiskers at min / max, box at the quartiles, line at the median "
+        f"(regime '{regime}', mean over seeds)",
+        fontsize=9,
+    )
     return [_save(fig, folder, f"weights{_suffix(None, regime)}.png")]
 
 
@@ -347,15 +411,22 @@ def security_figures(study: StudyConfig, cells: list[dict], folder, regime: str 
     if sec is None or view is None:
         return []
     grid = [e for e in sec.eps if view.has(names.curve(sec.norm, e))]
-    checks = [(label, e) for label, entry in study.evaluation.attacks.items()
-              if entry.name(label) == "autoattack" and entry.params.get("norm", "Linf") == sec.norm
-              and entry.subset == sec.subset for e in entry.eps]
+    checks = [
+        (label, e)
+        for label, entry in study.evaluation.attacks.items()
+        if entry.name(label) == "autoattack"
+        and entry.params.get("norm", "Linf") == sec.norm
+        and entry.subset == sec.subset
+        for e in entry.eps
+    ]
     written = []
     for model in _models(view):
         keys = [k for k in view.keys if k.model == model][:MAX_LINES]
         curves, checked = {}, {}
         for k in keys:
-            pts = [(e, _mean_std([c["metrics"].get(names.curve(sec.norm, e)) for c in view.groups[k]])[0]) for e in grid]
+            pts = [
+                (e, _mean_std([c["metrics"].get(names.curve(sec.norm, e)) for c in view.groups[k]])[0]) for e in grid
+            ]
             pts = [p for p in pts if p[1] == p[1]]
             if not pts:
                 continue
@@ -373,8 +444,15 @@ def security_figures(study: StudyConfig, cells: list[dict], folder, regime: str 
     return written
 
 
-FIGURES = [sparsity_figures, strength_figures, correlation_figures, dynamics_figures, weight_figures, mrs_figures,
-           security_figures]
+FIGURES = [
+    sparsity_figures,
+    strength_figures,
+    correlation_figures,
+    dynamics_figures,
+    weight_figures,
+    mrs_figures,
+    security_figures,
+]
 
 
 def all_figures(study: StudyConfig, cells: list[dict], folder: str | Path) -> list[Path]:

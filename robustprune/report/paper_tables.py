@@ -5,13 +5,24 @@ FLOPs(dense), mean ± std over seeds. Two layouts:
     methods   one row per (entry, sparsity) with its own FLOPs reduction (Tables 2-5)
     flops     one row per sparsity, one group of columns per entry (Table 1: Magnitude-Step | ...)
 """
+
 from __future__ import annotations
 
 import statistics
 
 from robustprune.evaluate import names
-from robustprune.report.tables import (MARK_NOTE, Setting, Table, fmt, group, marked, n_seeds, seeds_text, show,
-                                       study_flags)
+from robustprune.report.tables import (
+    MARK_NOTE,
+    Setting,
+    Table,
+    fmt,
+    group,
+    marked,
+    n_seeds,
+    seeds_text,
+    show,
+    study_flags,
+)
 from robustprune.study.schema import PaperTable, StudyConfig
 
 FLOPS_AGREE = 0.005  # entries whose mean FLOPs reductions differ by less share one FLOPs column (flops layout)
@@ -23,7 +34,7 @@ def column_metric(study: StudyConfig, source: str) -> str:
     if source == "clean":
         return "acc_clean"
     if source.startswith("metric:"):
-        return source[len("metric:"):]
+        return source[len("metric:") :]
     attack, _, at = source.partition("@")
     return names.adv(attack, float(at) if at else study.evaluation.shown_eps(attack))
 
@@ -60,9 +71,17 @@ class _Context:
         if entry == "dense":
             return [self.dense_key] if self.dense_key in self.groups else []
         wanted = [float(at)] if at else self.spec.sparsities
-        found = [k for k in self.groups if k.regime == self.spec.regime and k.pruning == entry
-                 and k.model == self.model and k.round is None and k.adjust is None and k.iteration is None
-                 and (wanted is None or any(abs(k.sparsity - s) < 1e-9 for s in wanted))]
+        found = [
+            k
+            for k in self.groups
+            if k.regime == self.spec.regime
+            and k.pruning == entry
+            and k.model == self.model
+            and k.round is None
+            and k.adjust is None
+            and k.iteration is None
+            and (wanted is None or any(abs(k.sparsity - s) < 1e-9 for s in wanted))
+        ]
         return sorted(found, key=lambda k: (k.sparsity or 0.0, k.finetune_epochs))
 
     def accuracies(self, key: Setting) -> list[str]:
@@ -81,8 +100,11 @@ class _Context:
         return out
 
     def flops(self, key: Setting) -> list[float]:
-        return [0.0] * len(self.groups[key]) if key.pruning == "dense" else \
-            flops_reductions(self.groups[key], self.dense_by_seed)
+        return (
+            [0.0] * len(self.groups[key])
+            if key.pruning == "dense"
+            else flops_reductions(self.groups[key], self.dense_by_seed)
+        )
 
 
 def _models(study: StudyConfig, spec: PaperTable, cells: list[dict]) -> list[str | None]:
@@ -110,7 +132,7 @@ def transposed(rows: list[list[str]], headers: list[str], first_column: bool) ->
     lead = 1 if first_column else 0
     methods = [r[lead] for r in rows]
     out = []
-    for j, name in enumerate(headers[lead + 1:], start=lead + 1):
+    for j, name in enumerate(headers[lead + 1 :], start=lead + 1):
         model = rows[0][0] if first_column and not out else ""
         out.append([*([model] if first_column else []), name, *[r[j] for r in rows]])
     return [*headers[:lead], headers[lead], *methods], out
@@ -121,10 +143,14 @@ def flops_rows(ctx: _Context, first_column: bool) -> tuple[list[str], list[list[
     entries = list(ctx.spec.rows.items())
     by_entry = {entry: {k.sparsity: k for k in ctx.keys(entry)} for _, entry in entries}
     sparsities = sorted({s for ks in by_entry.values() for s in ks})
-    mean_flops = {(e, s): statistics.fmean(v) for e, ks in by_entry.items() for s, k in ks.items()
-                  if (v := ctx.flops(k))}
-    shared = all(max(vs) - min(vs) < FLOPS_AGREE for s in sparsities
-                 if (vs := [f for (e, s2), f in mean_flops.items() if s2 == s]))
+    mean_flops = {
+        (e, s): statistics.fmean(v) for e, ks in by_entry.items() for s, k in ks.items() if (v := ctx.flops(k))
+    }
+    shared = all(
+        max(vs) - min(vs) < FLOPS_AGREE
+        for s in sparsities
+        if (vs := [f for (e, s2), f in mean_flops.items() if s2 == s])
+    )
     headers = ["Pruning ratio", *(["FLOPs↓ (%)"] if shared else [])]
     for label, _ in entries:
         headers += ([] if shared else [f"{label} FLOPs↓ (%)"]) + [f"{label} {c}" for c in ctx.spec.columns]
@@ -157,8 +183,11 @@ def paper_table(study: StudyConfig, cells: list[dict], name: str, flags: set | N
     for model in models:
         ctx = _Context(study, spec, [c for c in cells if c["axes"].get("model") == model], model, flags)
         if spec.layout == "methods":
-            heads = ["Architecture"] * first_column + [spec.row_header, *["FLOPs↓ (%)"] * spec.show_flops,
-                                                        *spec.columns]
+            heads = ["Architecture"] * first_column + [
+                spec.row_header,
+                *["FLOPs↓ (%)"] * spec.show_flops,
+                *spec.columns,
+            ]
             block = methods_rows(ctx, first_column)
             if spec.transpose and block:
                 heads, block = transposed(block, heads, first_column)
@@ -189,7 +218,7 @@ def caption(study: StudyConfig, spec: PaperTable, n: int) -> str:
         if src == "clean":
             parts.append(f"{label} = clean accuracy on all test images")
         elif src.startswith("metric:"):
-            parts.append(f"{label} = {src[len('metric:'):]}")
+            parts.append(f"{label} = {src[len('metric:') :]}")
         else:
             src, _, at = src.partition("@")
             entry = ev.attacks[src]
@@ -197,13 +226,18 @@ def caption(study: StudyConfig, spec: PaperTable, n: int) -> str:
             attack = (entry.attack or src) + (f"-{steps}" if steps else "")
             images = f"the first {ev.attack_subset}" if ev.attack_subset else "all"
             eps = float(at) if at else ev.shown_eps(src)
-            parts.append(f"{label} = accuracy under white-box {attack} at ε = {names.eps_text(eps)} "
-                         f"on {images} test images")
-    flops = ("FLOPs↓ = 1 − FLOPs(pruned) / FLOPs(dense) of the same seed, counting non-zero weights. "
-             if spec.show_flops or spec.layout == "flops" else "")
+            parts.append(
+                f"{label} = accuracy under white-box {attack} at ε = {names.eps_text(eps)} on {images} test images"
+            )
+    flops = (
+        "FLOPs↓ = 1 − FLOPs(pruned) / FLOPs(dense) of the same seed, counting non-zero weights. "
+        if spec.show_flops or spec.layout == "flops"
+        else ""
+    )
     accuracies = any(not src.startswith("metric:") for src in spec.columns.values())
-    return (f"{'Accuracy in %, m' if accuracies else 'M'}ean ± std over {seeds_text(n)}. {flops}"
-            + "; ".join(parts) + ".")
+    return (
+        f"{'Accuracy in %, m' if accuracies else 'M'}ean ± std over {seeds_text(n)}. {flops}" + "; ".join(parts) + "."
+    )
 
 
 def paper_tables(study: StudyConfig, cells: list[dict], flags: set | None = None) -> list[Table]:

@@ -1,4 +1,5 @@
 """Print stored results: rich tables in the terminal, markdown, or long-format CSV."""
+
 from __future__ import annotations
 
 import re
@@ -14,7 +15,6 @@ from robustprune.errors import UserError
 from robustprune.report.tables import Table, all_tables, long_csv, to_markdown
 from robustprune.study.schema import StudyConfig
 from robustprune.study.store import Store
-
 
 # Numbers, "—", "✓" and "⚠ n" right-align; any other text (labels, settings) left-aligns.
 NUMERIC = re.compile(r"^([-−+]?[\d.,]+|—|✓|⚠ \d+)( |$)")
@@ -35,9 +35,15 @@ def to_rich(t: Table, width: int | None = None) -> RichTable:
     rules and puts '± std' under the mean, so that rich need not wrap every cell at random."""
     compact = width is not None and natural_width(t) > width
     caption = escape("\n".join(x for x in [t.caption, *t.notes] if x))  # '[low, high]' is text, not markup
-    rt = RichTable(title=escape(t.title), title_justify="left", caption=caption, caption_justify="left",
-                   box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD, show_edge=not compact,
-                   padding=(0, 0, 0, 1) if compact else (0, 1))
+    rt = RichTable(
+        title=escape(t.title),
+        title_justify="left",
+        caption=caption,
+        caption_justify="left",
+        box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD,
+        show_edge=not compact,
+        padding=(0, 0, 0, 1) if compact else (0, 1),
+    )
     for i, h in enumerate(t.headers):
         column = [r[i] for r in t.rows]
         if i and is_numeric(column):
@@ -85,8 +91,9 @@ def side_by_side(loaded: list[tuple[str, StudyConfig, list[dict]]]) -> Table | N
     column per measure any of them has ('—' where a study lacks it)."""
     from robustprune.report.robustness import summary_table
 
-    parts = [(folder, t) for folder, study, cells in loaded for r in study.regimes
-             if (t := summary_table(study, cells, r))]
+    parts = [
+        (folder, t) for folder, study, cells in loaded for r in study.regimes if (t := summary_table(study, cells, r))
+    ]
     if len(parts) < 2:
         return None
     headers = list(dict.fromkeys(h for _, t in parts for h in t.headers[1:]))
@@ -96,9 +103,13 @@ def side_by_side(loaded: list[tuple[str, StudyConfig, list[dict]]]) -> Table | N
         for r in t.rows:
             values = dict(zip(t.headers[1:], r[1:]))
             rows.append([Path(folder).name, regime, r[0], *[values.get(h, "—") for h in headers]])
-    return Table("Studies side by side: robustness summaries", ["Study", "Regime", "Setting", *headers], rows,
-                 "Each study's robustness summary (accuracy %, mean ± std over that study's seeds); the studies' own "
-                 "sections below give the ε, image counts and seeds of each column.")
+    return Table(
+        "Studies side by side: robustness summaries",
+        ["Study", "Regime", "Setting", *headers],
+        rows,
+        "Each study's robustness summary (accuracy %, mean ± std over that study's seeds); the studies' own "
+        "sections below give the ε, image counts and seeds of each column.",
+    )
 
 
 def report(folders: list[str], fmt: str, console: Console, figures: str | None = None) -> None:

@@ -2,6 +2,7 @@
 model-info JSON file, so a pruned model's numbers can be set beside the leaderboard's. One file per
 cell (regime, setting, seed) and AutoAttack eps; clean accuracy is on the same images as AutoAttack
 (the stored robust accuracy at eps 0)."""
+
 from __future__ import annotations
 
 import re
@@ -36,11 +37,20 @@ def robustbench_entries(study: StudyConfig, cells: list[dict]) -> list[tuple[str
             for eps in entry.eps:
                 if names.adv(label, eps) not in m:
                     continue
-                e = robustbench_entry(m[names.adv(label, 0.0)], m[names.adv(label, eps)], eps, norm, n,
-                                      study.dataset, f"{study.name}: {setting}",
-                                      {"architecture": a.get("model") or study.model.name,
-                                       "footnote": f"robustprune AutoAttack ({entry.params.get('version', 'standard')})"
-                                                   f" on the first {n} test images; cell {c['hash'][:12]}"})
+                e = robustbench_entry(
+                    m[names.adv(label, 0.0)],
+                    m[names.adv(label, eps)],
+                    eps,
+                    norm,
+                    n,
+                    study.dataset,
+                    f"{study.name}: {setting}",
+                    {
+                        "architecture": a.get("model") or study.model.name,
+                        "footnote": f"robustprune AutoAttack ({entry.params.get('version', 'standard')})"
+                        f" on the first {n} test images; cell {c['hash'][:12]}",
+                    },
+                )
                 out.append((f"{_slug(setting)}_{_slug(label)}_eps={names.strength(eps)}.json", e))
     return out
 
@@ -48,8 +58,10 @@ def robustbench_entries(study: StudyConfig, cells: list[dict]) -> list[tuple[str
 def export_robustbench(study: StudyConfig, cells: list[dict], folder: str | Path) -> list[Path]:
     entries = robustbench_entries(study, cells)
     if not entries:
-        raise UserError("the study stores no AutoAttack result to export; add an autoattack entry to "
-                        "evaluation.attacks (e.g. autoattack: {eps: [0.0313725], subset: 1000})")
+        raise UserError(
+            "the study stores no AutoAttack result to export; add an autoattack entry to "
+            "evaluation.attacks (e.g. autoattack: {eps: [0.0313725], subset: 1000})"
+        )
     paths = []
     for name, entry in entries:
         path = Path(folder) / name

@@ -3,6 +3,7 @@ accuracy, each attack at the report eps, occlusion, corruptions, masking checks)
 occlusion sweeps, corruptions by type and by severity, and the transfer matrix (source x target);
 then, for the whole study, the gradient-masking checks that failed. Numbers that a failed check puts
 in doubt carry a ⚠ wherever they are shown (see masking_flags). Metric names: evaluate/names.py."""
+
 from __future__ import annotations
 
 import math
@@ -13,19 +14,42 @@ from typing import Callable
 
 from robustprune.evaluate import checks, names
 from robustprune.metrics.correlation import pearson
-from robustprune.report.tables import (MARK_NOTE, Table, fmt, group, key_of, marked, metric_label, n_seeds,
-                                       regime_keys, seeds_text, setting_label, show, study_flags, values)
+from robustprune.report.tables import (
+    MARK_NOTE,
+    Table,
+    fmt,
+    group,
+    key_of,
+    marked,
+    metric_label,
+    n_seeds,
+    regime_keys,
+    seeds_text,
+    setting_label,
+    show,
+    study_flags,
+    values,
+)
 from robustprune.study.schema import StudyConfig
 
 # Short column headers for the 16-column corruptions-by-type table.
 CORRUPTION_ABBREV = {
-    "gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impulse", "defocus_blur": "defocus",
-    "glass_blur": "glass", "motion_blur": "motion", "zoom_blur": "zoom", "brightness": "bright",
-    "elastic_transform": "elastic", "pixelate": "pixel", "jpeg_compression": "jpeg",
+    "gaussian_noise": "gauss",
+    "shot_noise": "shot",
+    "impulse_noise": "impulse",
+    "defocus_blur": "defocus",
+    "glass_blur": "glass",
+    "motion_blur": "motion",
+    "zoom_blur": "zoom",
+    "brightness": "bright",
+    "elastic_transform": "elastic",
+    "pixelate": "pixel",
+    "jpeg_compression": "jpeg",
 }
 
 
 # ---- gradient-masking checks ------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Violation:
@@ -52,8 +76,11 @@ def check_metrics(cells: list[dict]):
 
 def violations(study: StudyConfig, cells: list[dict]) -> list[Violation]:
     tol = study.evaluation.masking_tolerance
-    return [Violation(c, p.name, p.stronger, p.weaker, gap) for c, p, gap in check_metrics(cells)
-            if gap is not None and checks.violated(gap, tol, p.name, c["metrics"].get(p.weaker))]
+    return [
+        Violation(c, p.name, p.stronger, p.weaker, gap)
+        for c, p, gap in check_metrics(cells)
+        if gap is not None and checks.violated(gap, tol, p.name, c["metrics"].get(p.weaker))
+    ]
 
 
 def masking_flags(study: StudyConfig, cells: list[dict]) -> set[tuple[tuple, str]]:
@@ -97,11 +124,13 @@ def masking_table(study: StudyConfig, cells: list[dict]) -> Table | None:
     tol = study.evaluation.masking_tolerance
     found = violations(study, cells)
     title = "Gradient-masking checks"
-    rule = (f"On the same images a stronger attack (iterative vs FGSM, more steps, larger ε, white-box vs "
-            f"transfer, white-box vs black-box Square) must leave no more images correct than a weaker one "
-            f"(Carlini et al. 2019); a check fails when acc(stronger) − acc(weaker) exceeds "
-            f"evaluation.masking_tolerance = {100 * tol:g} p.p. An attack swept over ε on its survivors fails "
-            f"its check when its accuracy does not fall at all from its smallest to its largest ε.")
+    rule = (
+        f"On the same images a stronger attack (iterative vs FGSM, more steps, larger ε, white-box vs "
+        f"transfer, white-box vs black-box Square) must leave no more images correct than a weaker one "
+        f"(Carlini et al. 2019); a check fails when acc(stronger) − acc(weaker) exceeds "
+        f"evaluation.masking_tolerance = {100 * tol:g} p.p. An attack swept over ε on its survivors fails "
+        f"its check when its accuracy does not fall at all from its smallest to its largest ε."
+    )
     if not found:
         return Table(title, ["Result"], [[f"All {n_checks} checks passed in every regime, setting and seed."]], rule)
     rank = _setting_rank(study, cells)
@@ -109,14 +138,27 @@ def masking_table(study: StudyConfig, cells: list[dict]) -> Table | None:
     rows = []
     for v in found:
         acc = v.cell["metrics"].get(v.stronger)
-        rows.append([v.key.regime, setting_label(v.key), str(v.cell["axes"]["seed"]), names.CHECK_KINDS[v.kind],
-                     describe(v.stronger), pct(acc), describe(v.weaker), pct(None if acc is None else acc - v.gap),
-                     f"{100 * v.gap:.2f}"])
-    caption = (f"{len(found)} of {n_checks} checks failed. {rule} Accuracies in %; the weaker accuracy is the "
-               "stronger one minus the gap (a regime's transfer test set is compared on the attacked images only, "
-               "so it can differ from the sweep table).")
-    return Table(title, ["Regime", "Setting", "Seed", "Check", "Stronger", "Acc.", "Weaker", "Acc.", "Gap (p.p.)"],
-                 rows, caption)
+        rows.append(
+            [
+                v.key.regime,
+                setting_label(v.key),
+                str(v.cell["axes"]["seed"]),
+                names.CHECK_KINDS[v.kind],
+                describe(v.stronger),
+                pct(acc),
+                describe(v.weaker),
+                pct(None if acc is None else acc - v.gap),
+                f"{100 * v.gap:.2f}",
+            ]
+        )
+    caption = (
+        f"{len(found)} of {n_checks} checks failed. {rule} Accuracies in %; the weaker accuracy is the "
+        "stronger one minus the gap (a regime's transfer test set is compared on the attacked images only, "
+        "so it can differ from the sweep table)."
+    )
+    return Table(
+        title, ["Regime", "Setting", "Seed", "Check", "Stronger", "Acc.", "Weaker", "Acc.", "Gap (p.p.)"], rows, caption
+    )
 
 
 def _setting_rank(study: StudyConfig, cells: list[dict]) -> dict[tuple, tuple[int, int]]:
@@ -126,6 +168,7 @@ def _setting_rank(study: StudyConfig, cells: list[dict]) -> dict[tuple, tuple[in
 
 
 # ---- one regime's tables ----------------------------------------------------------------------------
+
 
 @dataclass
 class Regime:
@@ -185,15 +228,21 @@ def metric_column(view: Regime, metric: str) -> Column:
             diff = paired_difference(view.groups[k], {c["axes"]["seed"]: c for m, c in dense if m == k.model}, parts)
             text += SIGNIFICANT if diff is not None and diff.significant else ""
         return text
+
     return col
 
 
 def mean_column(view: Regime, metrics: list[str], fmt_as: str) -> Column:
     """Per seed the mean of `metrics`, then mean ± std over seeds."""
+
     def col(k: tuple) -> str:
-        per_seed = [statistics.fmean(vs) for c in view.groups[k]
-                    if (vs := [c["metrics"][m] for m in metrics if m in c["metrics"]])]
+        per_seed = [
+            statistics.fmean(vs)
+            for c in view.groups[k]
+            if (vs := [c["metrics"][m] for m in metrics if m in c["metrics"]])
+        ]
         return fmt(per_seed, fmt_as)
+
     return col
 
 
@@ -206,8 +255,10 @@ def settings_table(view: Regime, title: str, columns: dict[str, Column], caption
 
 
 SIGNIFICANT = " *"
-DENSE_NOTE = ("* = differs significantly from the dense model of the same architecture: the 95 % interval of a "
-              "paired bootstrap over seeds and test images (2000 resamples; both on the same images) excludes 0.")
+DENSE_NOTE = (
+    "* = differs significantly from the dense model of the same architecture: the 95 % interval of a "
+    "paired bootstrap over seeds and test images (2000 resamples; both on the same images) excludes 0."
+)
 
 
 def table_notes(rows: list[list[str]]) -> list[str]:
@@ -250,13 +301,15 @@ def robustness_measures(view: Regime) -> dict[str, Callable[[dict], float | None
         measures["Semantic"] = lambda c: c["metrics"].get(names.corruption())
     sizes = [names.occlusion(s) for s in ev.occlusion if view.has(names.occlusion(s))]
     if sizes:
-        measures["Occlusion"] = lambda c: (statistics.fmean(v) if (v := [c["metrics"][m] for m in sizes
-                                                                       if m in c["metrics"]]) else None)
+        measures["Occlusion"] = lambda c: (
+            statistics.fmean(v) if (v := [c["metrics"][m] for m in sizes if m in c["metrics"]]) else None
+        )
     for label in ev.attacks:
         m = names.adv(label, study.evaluation.shown_eps(label))
         if view.has(m):
-            measures[f"{attack_title(label)} ε={names.eps_text(study.evaluation.shown_eps(label))}"] = \
-                lambda c, m=m: c["metrics"].get(m)
+            measures[f"{attack_title(label)} ε={names.eps_text(study.evaluation.shown_eps(label))}"] = lambda c, m=m: c[
+                "metrics"
+            ].get(m)
     return measures
 
 
@@ -278,9 +331,11 @@ def measure_metrics(view: Regime) -> dict[str, list[str]]:
     return out
 
 
-SIGNIFICANCE_NOTE = ("* = significant: the 95 % interval of a paired bootstrap over seeds and test images "
-                     "(2000 resamples; both models on the same images) excludes 0; [low, high] is that interval "
-                     "in p.p.")
+SIGNIFICANCE_NOTE = (
+    "* = significant: the 95 % interval of a paired bootstrap over seeds and test images "
+    "(2000 resamples; both models on the same images) excludes 0; [low, high] is that interval "
+    "in p.p."
+)
 
 
 def paired_difference(pruned: list[dict], dense: dict, metrics: list[str]):
@@ -340,11 +395,18 @@ def gains_table(study: StudyConfig, cells: list[dict], regime: str, flags: set |
         rows.append([setting_label(k), *texts])
     if not rows or len(measures) < 2:
         return None
-    caption = (f"Difference in accuracy (p.p.) between each pruned network and the unpruned one of the same "
-               f"architecture, regime and seed (Jordão & Pedrini 2021, Tables 1-3); (+) = gain, (-) = loss; "
-               f"Average = mean of the columns, clean included; mean ± std over {view.seeds()}.")
-    return Table(f"Gain over the unpruned network (regime '{regime}')", ["Setting", *measures, "Average"],
-                 rows, caption, [SIGNIFICANCE_NOTE] if tested else [])
+    caption = (
+        f"Difference in accuracy (p.p.) between each pruned network and the unpruned one of the same "
+        f"architecture, regime and seed (Jordão & Pedrini 2021, Tables 1-3); (+) = gain, (-) = loss; "
+        f"Average = mean of the columns, clean included; mean ± std over {view.seeds()}."
+    )
+    return Table(
+        f"Gain over the unpruned network (regime '{regime}')",
+        ["Setting", *measures, "Average"],
+        rows,
+        caption,
+        [SIGNIFICANCE_NOTE] if tested else [],
+    )
 
 
 def correlation_table(study: StudyConfig, cells: list[dict], regime: str) -> Table | None:
@@ -357,6 +419,7 @@ def correlation_table(study: StudyConfig, cells: list[dict], regime: str) -> Tab
     def mean_of(k, measure) -> float:
         vs = [v for c in view.groups[k] if (v := measure(c)) is not None]
         return statistics.fmean(vs) if vs else math.nan
+
     clean = [mean_of(k, lambda c: c["metrics"].get("acc_clean")) for k in view.keys]
     rows = []
     for name, measure in robustness_measures(view).items():
@@ -365,11 +428,17 @@ def correlation_table(study: StudyConfig, cells: list[dict], regime: str) -> Tab
         rows.append([name, "—" if math.isnan(r) else f"{r:+.2f}", "—" if math.isnan(p) else f"{p:.3g}", str(n)])
     if not rows:
         return None
-    caption = ("Pearson correlation between clean accuracy and each robustness measure over the regime's "
-               "settings (dense, every pruning setting and round; means over seeds), as Jordão & Pedrini's "
-               "Fig. 4; p: two-sided test of r = 0; n: settings.")
-    return Table(f"Generalization vs robustness (regime '{regime}')", ["Robustness measure", "Pearson r", "p", "n"],
-                 rows, caption)
+    caption = (
+        "Pearson correlation between clean accuracy and each robustness measure over the regime's "
+        "settings (dense, every pruning setting and round; means over seeds), as Jordão & Pedrini's "
+        "Fig. 4; p: two-sided test of r = 0; n: settings."
+    )
+    return Table(
+        f"Generalization vs robustness (regime '{regime}')",
+        ["Robustness measure", "Pearson r", "p", "n"],
+        rows,
+        caption,
+    )
 
 
 def single_element_table(study: StudyConfig, cells: list[dict], regime: str) -> Table | None:
@@ -388,18 +457,29 @@ def single_element_table(study: StudyConfig, cells: list[dict], regime: str) -> 
             rob = names.adv(label, study.evaluation.shown_eps(label))
             metrics = [names.single(se.kind, rob, t) for t in se.tolerances]
             if view.has(metrics[0]):
-                rows.append([setting_label(k), f"{attack_title(label)} ε={names.eps_text(study.evaluation.shown_eps(label))}",
-                             *[fmt(values(view.groups[k], m), "acc_") for m in metrics]])
+                rows.append(
+                    [
+                        setting_label(k),
+                        f"{attack_title(label)} ε={names.eps_text(study.evaluation.shown_eps(label))}",
+                        *[fmt(values(view.groups[k], m), "acc_") for m in metrics],
+                    ]
+                )
     if not rows:
         return None
     count = view.groups[view.keys[0]][0]["metrics"].get(names.single(se.kind, "", None))
-    caption = (f"Algorithm 2 (Jordão & Pedrini 2021, Fig. 5): share (%) of single {se.kind} whose removal, with no "
-               f"adjustment, raises accuracy under the attack while clean accuracy falls by at most t p.p.; "
-               f"{'%d' % count if count is not None else '?'} {se.kind} "
-               f"({'a seeded sample' if se.max_elements else 'all'}) on the first {se.images} test images; "
-               f"mean ± std over {view.seeds()}.")
-    return Table(f"Single-element removal (regime '{regime}')",
-                 ["Model", "Attack", *[f"t={t:g}" for t in se.tolerances]], rows, caption)
+    caption = (
+        f"Algorithm 2 (Jordão & Pedrini 2021, Fig. 5): share (%) of single {se.kind} whose removal, with no "
+        f"adjustment, raises accuracy under the attack while clean accuracy falls by at most t p.p.; "
+        f"{'%d' % count if count is not None else '?'} {se.kind} "
+        f"({'a seeded sample' if se.max_elements else 'all'}) on the first {se.images} test images; "
+        f"mean ± std over {view.seeds()}."
+    )
+    return Table(
+        f"Single-element removal (regime '{regime}')",
+        ["Model", "Attack", *[f"t={t:g}" for t in se.tolerances]],
+        rows,
+        caption,
+    )
 
 
 def signed(gains: list[float]) -> str:
@@ -418,17 +498,23 @@ def attack_columns(view: Regime, columns: dict[str, Column]) -> list[str]:
         eps = view.study.evaluation.shown_eps(label)
         if view.has(names.adv(label, eps)):
             norm = entry.params.get("norm", "Linf")
-            columns[f"{attack_title(label)} ε={names.eps_text(eps)}{'' if norm == 'Linf' else ' (L2)'}"] = \
+            columns[f"{attack_title(label)} ε={names.eps_text(eps)}{'' if norm == 'Linf' else ' (L2)'}"] = (
                 metric_column(view, names.adv(label, eps))
+            )
             if entry.subset is not None:
                 subsets.append(f"{attack_title(label)} on the first {view.images(names.images(label))} of them")
     eps = view.study.evaluation.report_eps
     if eps is not None and view.has(names.adv(names.WORST, eps)):
         columns[f"Worst case ε={names.eps_text(eps)}"] = metric_column(view, names.adv(names.WORST, eps))
         subsets.append("worst case: per image, broken by any L∞ attack run on all of them")
-    return [f"white-box attacks (L∞ unless marked) at the ε in the header (pixel scale [0, 1]) on the first "
+    return (
+        [
+            f"white-box attacks (L∞ unless marked) at the ε in the header (pixel scale [0, 1]) on the first "
             f"{view.images('images:attacks')} test images" + (f" ({'; '.join(subsets)})" if subsets else "")
-            ] if columns else []
+        ]
+        if columns
+        else []
+    )
 
 
 def shift_columns(view: Regime, columns: dict[str, Column]) -> list[str]:
@@ -451,8 +537,7 @@ def masking_columns(view: Regime, columns: dict[str, Column]) -> list[str]:
     if next(check_metrics(view.cells), None) is None:
         return []
     columns["Masking"] = masking_column(view)
-    return ["masking: ✓ = every gradient-masking check passed in every seed, ⚠ n = n failed checks summed "
-            "over seeds"]
+    return ["masking: ✓ = every gradient-masking check passed in every seed, ⚠ n = n failed checks summed over seeds"]
 
 
 def masking_column(view: Regime) -> Column:
@@ -472,8 +557,10 @@ def attack_sweep_tables(view: Regime) -> list[Table]:
         params = ", ".join(f"{k}={v}" for k, v in entry.params.items())
         name = attack_title(entry.attack or label) + (f" ({params})" if params else "")
         columns = {f"ε={names.eps_text(e)}": metric_column(view, names.adv(label, e)) for e in eps}
-        caption = (f"Accuracy (%) under white-box {name}, L∞ radius ε in pixel scale [0, 1], on the first "
-                   f"{view.images('images:attacks')} test images; mean ± std over {view.seeds()}.")
+        caption = (
+            f"Accuracy (%) under white-box {name}, L∞ radius ε in pixel scale [0, 1], on the first "
+            f"{view.images('images:attacks')} test images; mean ± std over {view.seeds()}."
+        )
         out.append(settings_table(view, f"Attack strength: {attack_title(label)}", columns, caption))
     return out
 
@@ -481,8 +568,10 @@ def attack_sweep_tables(view: Regime) -> list[Table]:
 def occlusion_table(view: Regime) -> Table | None:
     sizes = [s for s in sorted(view.study.evaluation.occlusion) if view.has(names.occlusion(s))]
     columns = {f"δ={s}": metric_column(view, names.occlusion(s)) for s in sizes}
-    caption = (f"Accuracy (%) with a centre square of δ × δ pixels set to zero, on the first "
-               f"{view.images('images:shifts')} test images; mean ± std over {view.seeds()}.")
+    caption = (
+        f"Accuracy (%) with a centre square of δ × δ pixels set to zero, on the first "
+        f"{view.images('images:shifts')} test images; mean ± std over {view.seeds()}."
+    )
     return settings_table(view, "Occlusion", columns, caption)
 
 
@@ -492,17 +581,27 @@ def corruption_tables(view: Regime) -> list[Table]:
         return []
     types = [t for t in ev.corruption_types() if view.has(names.corruption(t))]
     sevs = [s for s in ev.corruptions.severities if view.has(names.corruption(None, s))]
-    where = (f"on the first {view.images('images:shifts')} test images ({ev.corruptions.source}); "
-             f"mean ± std over {view.seeds()}.")
+    where = (
+        f"on the first {view.images('images:shifts')} test images ({ev.corruptions.source}); "
+        f"mean ± std over {view.seeds()}."
+    )
     by_type = {CORRUPTION_ABBREV.get(t, t): metric_column(view, names.corruption(t)) for t in types}
     abbrev = ", ".join(f"{CORRUPTION_ABBREV[t]} = {t}" for t in types if t in CORRUPTION_ABBREV)
-    by_type_caption = (f"Accuracy (%) under each common corruption, mean over severities "
-                       f"{', '.join(map(str, sevs))}, {where}" + (f" Abbreviations: {abbrev}." if abbrev else ""))
+    by_type_caption = (
+        f"Accuracy (%) under each common corruption, mean over severities "
+        f"{', '.join(map(str, sevs))}, {where}" + (f" Abbreviations: {abbrev}." if abbrev else "")
+    )
     by_sev = {f"Sev. {s}": metric_column(view, names.corruption(None, s)) for s in sevs}
     by_sev_caption = f"Accuracy (%) at each corruption severity, mean over the {len(types)} types, {where}"
     mean = {"Mean": metric_column(view, names.corruption())}
-    return [t for t in (settings_table(view, "Corruptions by type", by_type | mean, by_type_caption),
-                        settings_table(view, "Corruptions by severity", by_sev | mean, by_sev_caption)) if t]
+    return [
+        t
+        for t in (
+            settings_table(view, "Corruptions by type", by_type | mean, by_type_caption),
+            settings_table(view, "Corruptions by severity", by_sev | mean, by_sev_caption),
+        )
+        if t
+    ]
 
 
 def transfer_table(view: Regime) -> Table | None:
@@ -524,12 +623,19 @@ def transfer_table(view: Regime) -> Table | None:
             metric = names.adv(tr.attack, eps) if source == target else names.transfer(tr.attack, eps, source)
             row.append("—" if k is None else show(view.groups[k], metric, k, view.flags))
         rows.append(row)
-    caption = (f"Accuracy (%) of the target model (column) on {attack_title(tr.attack)} ε={names.eps_text(eps)} "
-               f"examples crafted on the source model (row), same regime and seed, on the first "
-               f"{view.images('images:attacks')} test images; the diagonal is the target's white-box accuracy. "
-               f"Mean ± std over {view.seeds()}.")
-    return Table(f"Transfer attacks (regime '{view.name}')", ["Source ↓ / target →", *models], rows, caption,
-                 [MARK_NOTE] if marked(rows) else [])
+    caption = (
+        f"Accuracy (%) of the target model (column) on {attack_title(tr.attack)} ε={names.eps_text(eps)} "
+        f"examples crafted on the source model (row), same regime and seed, on the first "
+        f"{view.images('images:attacks')} test images; the diagonal is the target's white-box accuracy. "
+        f"Mean ± std over {view.seeds()}."
+    )
+    return Table(
+        f"Transfer attacks (regime '{view.name}')",
+        ["Source ↓ / target →", *models],
+        rows,
+        caption,
+        [MARK_NOTE] if marked(rows) else [],
+    )
 
 
 def detail_tables(study: StudyConfig, cells: list[dict], regime: str, flags: set | None = None) -> list[Table]:

@@ -1,5 +1,6 @@
 """Statistics behind the tables: a 95 % confidence interval over seeds, and a paired bootstrap over
 seeds and images for the difference between two models evaluated on the same test images."""
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,9 @@ class Difference:
         return self.low > 0 or self.high < 0
 
 
-def paired_bootstrap(pairs: list[tuple[np.ndarray, np.ndarray]], resamples: int = RESAMPLES,
-                     seed: int = 0) -> Difference | None:
+def paired_bootstrap(
+    pairs: list[tuple[np.ndarray, np.ndarray]], resamples: int = RESAMPLES, seed: int = 0
+) -> Difference | None:
     """pairs: per seed, which images model a and model b got right (bool arrays over the same images).
     Each resample draws the seeds with replacement and, within each seed, the images with
     replacement (the same images for both models), and averages the per-seed differences.

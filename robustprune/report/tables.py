@@ -1,6 +1,7 @@
 """Tables from stored cells: the paper's Table 1 layout and the per-regime sweeps, mean ± std over
 seeds; the robustness tables are in robustness.py. A Table is plain data; renderers turn it into
 markdown, CSV or a rich table."""
+
 from __future__ import annotations
 
 import csv
@@ -30,7 +31,12 @@ PERCENT_METRICS = ("acc_", "sparsity")
 DECIMAL_METRICS = ("latency_ms",)
 # number formats by metric (or by its family, the part before ':'); the rest are counts
 SPECS = {"weights": ".3f", "weights:l1": ",.1f", "weights:l2": ",.2f", "weights:log10_bound": ".2f"}
-CORE_METRICS = ("sparsity", "params_nonzero", "flops_nonzero", "latency_ms")  # after acc_clean and the regime's test sets
+CORE_METRICS = (
+    "sparsity",
+    "params_nonzero",
+    "flops_nonzero",
+    "latency_ms",
+)  # after acc_clean and the regime's test sets
 ADJUST_LABELS = {"scratch_e": "Scratch-E", "scratch_b": "Scratch-B", "winning_ticket": "W-ticket"}
 ADJUST_ORDER = {None: 0, "scratch_e": 1, "scratch_b": 2, "winning_ticket": 3}  # Jordão & Pedrini Table 3
 MARK = " ⚠"
@@ -57,8 +63,13 @@ def fmt(values: list[float], metric: str) -> str:
     if not values:
         return "—"
     pct = metric.startswith(PERCENT_METRICS)
-    scale, spec = (100.0, ".2f") if pct else (1.0, ".2f") if metric in DECIMAL_METRICS else \
-        (1.0, SPECS.get(metric, SPECS.get(metric.split(":")[0], ",.0f")))
+    scale, spec = (
+        (100.0, ".2f")
+        if pct
+        else (1.0, ".2f")
+        if metric in DECIMAL_METRICS
+        else (1.0, SPECS.get(metric, SPECS.get(metric.split(":")[0], ",.0f")))
+    )
     text = f"{statistics.fmean(values) * scale:{spec}}"
     if len(values) > 1 and max(values) != min(values):  # no "± 0" on counts that cannot vary
         text += f" ± {statistics.stdev(values) * scale:{spec}}"
@@ -82,8 +93,16 @@ def key_of(cell: dict) -> Setting:
     a = cell["axes"]
     # An iterative method's round fixes its sparsity; keying by round alone keeps float noise out.
     sparsity = a["sparsity"] if a["round"] is None else None
-    return Setting(a["regime"], a["pruning"], sparsity, a["finetune_epochs"], a["round"], a.get("model"),
-                   a.get("adjust"), a.get("iteration"))
+    return Setting(
+        a["regime"],
+        a["pruning"],
+        sparsity,
+        a["finetune_epochs"],
+        a["round"],
+        a.get("model"),
+        a.get("adjust"),
+        a.get("iteration"),
+    )
 
 
 def group(cells: list[dict]) -> dict[tuple, list[dict]]:
@@ -101,9 +120,18 @@ def regime_keys(study: StudyConfig, groups: dict[tuple, list[dict]], regime: str
     order = {name: i for i, name in enumerate(["dense", *study.pruning])}
     models = {label: i for i, label in enumerate(study.models)}
     keys = [k for k in groups if k.regime == regime]
-    return sorted(keys, key=lambda k: (models.get(k.model, -1), order.get(k.pruning, 99), k.round or 0,
-                                       k.sparsity or 0.0, ADJUST_ORDER.get(k.adjust, 0), k.finetune_epochs,
-                                       k.iteration or 0))
+    return sorted(
+        keys,
+        key=lambda k: (
+            models.get(k.model, -1),
+            order.get(k.pruning, 99),
+            k.round or 0,
+            k.sparsity or 0.0,
+            ADJUST_ORDER.get(k.adjust, 0),
+            k.finetune_epochs,
+            k.iteration or 0,
+        ),
+    )
 
 
 def setting_label(key: Setting) -> str:
@@ -114,7 +142,9 @@ def setting_label(key: Setting) -> str:
         return f"{model}{key.pruning} round {key.round}"
     if key.adjust:
         return f"{model}{key.pruning} s={key.sparsity:g}, {ADJUST_LABELS.get(key.adjust, key.adjust)}"
-    text = f"{model}{key.pruning} s={key.sparsity:g}" + (f", FT {key.finetune_epochs} ep" if key.finetune_epochs else ", no FT")
+    text = f"{model}{key.pruning} s={key.sparsity:g}" + (
+        f", FT {key.finetune_epochs} ep" if key.finetune_epochs else ", no FT"
+    )
     return text + (f", iteration {key.iteration}" if key.iteration else "")
 
 
@@ -166,9 +196,12 @@ def table1(study: StudyConfig, cells: list[dict], flags: set | None = None) -> T
     headers = ["Pruning method", "Fine-tune", *spec.columns]
 
     def row_values(key_for) -> list[str]:
-        return [against_dense(groups, key_for(regime), metric, show(groups.get(key_for(regime), []), metric,
-                                                                     key_for(regime), flags))
-                for regime, metric in spec.columns.values()]
+        return [
+            against_dense(
+                groups, key_for(regime), metric, show(groups.get(key_for(regime), []), metric, key_for(regime), flags)
+            )
+            for regime, metric in spec.columns.values()
+        ]
 
     rows = [["Baseline (no pruning)", "—", *row_values(lambda r: Setting(r, "dense", 0.0, 0, None))]]
     for row in spec.rows:
@@ -182,22 +215,37 @@ def table1(study: StudyConfig, cells: list[dict], flags: set | None = None) -> T
                         vs = values(cs, metric)
                         if vs and statistics.fmean(vs) > best_mean:
                             best, best_mean = key, statistics.fmean(vs)
-                cells_out.append(f"{against_dense(groups, best, metric, show(groups[best], metric, best, flags))} "
-                                 f"(r{best.round})" if best else "—")
+                cells_out.append(
+                    f"{against_dense(groups, best, metric, show(groups[best], metric, best, flags))} (r{best.round})"
+                    if best
+                    else "—"
+                )
             rows.append([row.label, "—", *cells_out])
             continue
         for ft in p.finetune_epochs:
             label = row.label if ft == p.finetune_epochs[0] else ""
             ft_label = "No FT" if ft == 0 else f"With FT ({ft} ep)"
-            rows.append([label, ft_label, *row_values(
-                lambda r, row=row, ft=ft: Setting(r, row.pruning, row.sparsity, ft, None))])
-    caption = (f"Test accuracy (%) of each regime's model, mean ± std over {seeds_text(n_seeds(cells))}. "
-               + "; ".join(f"{col}: {metric} of the '{regime}' model" for col, (regime, metric) in spec.columns.items())
-               + ". Lottery ticket: best round per column (round in brackets).")
+            rows.append(
+                [
+                    label,
+                    ft_label,
+                    *row_values(lambda r, row=row, ft=ft: Setting(r, row.pruning, row.sparsity, ft, None)),
+                ]
+            )
+    caption = (
+        f"Test accuracy (%) of each regime's model, mean ± std over {seeds_text(n_seeds(cells))}. "
+        + "; ".join(f"{col}: {metric} of the '{regime}' model" for col, (regime, metric) in spec.columns.items())
+        + ". Lottery ticket: best round per column (round in brackets)."
+    )
     from robustprune.report.robustness import table_notes
 
-    return Table("Table 1: robustness under different pruning methods", headers, rows, caption,
-                 table_notes([[v.split(" (r")[0] for v in r] for r in rows]))
+    return Table(
+        "Table 1: robustness under different pruning methods",
+        headers,
+        rows,
+        caption,
+        table_notes([[v.split(" (r")[0] for v in r] for r in rows]),
+    )
 
 
 def against_dense(groups: dict, key: Setting, metric: str, text: str) -> str:
@@ -230,10 +278,14 @@ def sweep_table(study: StudyConfig, cells: list[dict], regime: str, flags: set |
     shown = core_metrics([c for k in keys for c in groups[k]])
     rows = [[setting_label(k), *[show(groups[k], m, k, flags) for m in shown]] for k in keys]
     n = n_seeds([c for k in keys for c in groups[k]])
-    return Table(f"Sweep: regime '{regime}'", ["Setting", *map(metric_label, shown)], rows,
-                 f"Accuracies and sparsity in %, mean ± std over {seeds_text(n)}; "
-                 "sparsity = share of the dense model's conv/linear weights removed.",
-                 [MARK_NOTE] if marked(rows) else [])
+    return Table(
+        f"Sweep: regime '{regime}'",
+        ["Setting", *map(metric_label, shown)],
+        rows,
+        f"Accuracies and sparsity in %, mean ± std over {seeds_text(n)}; "
+        "sparsity = share of the dense model's conv/linear weights removed.",
+        [MARK_NOTE] if marked(rows) else [],
+    )
 
 
 def sweep_tables(study: StudyConfig, cells: list[dict], flags: set | None = None) -> list[Table]:
@@ -247,15 +299,20 @@ def failed_cells_table(cells: list[dict]) -> Table | None:
     if not failed:
         return None
     rows = [[c["axes"]["regime"], setting_label(key_of(c)), str(c["axes"]["seed"]), c["error"] or ""] for c in failed]
-    return Table("Failed cells", ["Regime", "Setting", "Seed", "Reason"], rows,
-                 caption="Cells stored as failed (a diverging loss, or NaN/inf weights) with the reason; the "
-                         "study went on without them, and they are left out of every other table. A new setting "
-                         "(e.g. a lower learning rate) gives new cells.")
+    return Table(
+        "Failed cells",
+        ["Regime", "Setting", "Seed", "Reason"],
+        rows,
+        caption="Cells stored as failed (a diverging loss, or NaN/inf weights) with the reason; the "
+        "study went on without them, and they are left out of every other table. A new setting "
+        "(e.g. a lower learning rate) gives new cells.",
+    )
 
 
 def all_tables(study: StudyConfig, cells: list[dict]) -> list[Table]:
-    """Table 1 and the study's paper-layout tables; per regime the robustness summary, the core sweep, the detailed robustness
-    tables, the training dynamics and the per-layer widths; then the gradient-masking checks and the failed cells."""
+    """Table 1 and the study's paper-layout tables; per regime the robustness summary, the core sweep,
+    the detailed robustness tables, the training dynamics and the per-layer widths; then the
+    gradient-masking checks and the failed cells."""
     from robustprune.report import robustness as rb  # robustness.py builds on this module
     from robustprune.report import training
     from robustprune.report.paper_tables import paper_tables
@@ -263,12 +320,17 @@ def all_tables(study: StudyConfig, cells: list[dict]) -> list[Table]:
     flags = rb.masking_flags(study, cells)
     tables = [table1(study, cells, flags), *paper_tables(study, cells, flags)]
     for regime in study.regimes:
-        tables += [rb.summary_table(study, cells, regime, flags), rb.gains_table(study, cells, regime, flags),
-                   rb.correlation_table(study, cells, regime), rb.single_element_table(study, cells, regime),
-                   sweep_table(study, cells, regime, flags),
-                   *rb.detail_tables(study, cells, regime, flags),
-                   *training.dynamics_tables(study, cells, regime), *training.widths_tables(study, cells, regime),
-                   *training.plan_tables(study, cells, regime)]
+        tables += [
+            rb.summary_table(study, cells, regime, flags),
+            rb.gains_table(study, cells, regime, flags),
+            rb.correlation_table(study, cells, regime),
+            rb.single_element_table(study, cells, regime),
+            sweep_table(study, cells, regime, flags),
+            *rb.detail_tables(study, cells, regime, flags),
+            *training.dynamics_tables(study, cells, regime),
+            *training.widths_tables(study, cells, regime),
+            *training.plan_tables(study, cells, regime),
+        ]
     tables += [rb.masking_table(study, cells), failed_cells_table(cells)]
     return [t for t in tables if t]
 
@@ -278,8 +340,12 @@ def _md_cell(text: str) -> str:
 
 
 def to_markdown(t: Table) -> str:
-    lines = [f"### {t.title}", "", "| " + " | ".join(map(_md_cell, t.headers)) + " |",
-             "|" + "|".join(" --- " for _ in t.headers) + "|"]
+    lines = [
+        f"### {t.title}",
+        "",
+        "| " + " | ".join(map(_md_cell, t.headers)) + " |",
+        "|" + "|".join(" --- " for _ in t.headers) + "|",
+    ]
     lines += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in t.rows]
     if t.caption:
         lines += ["", t.caption]

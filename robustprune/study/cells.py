@@ -1,6 +1,7 @@
 """A study expands into cells: one (regime, pruning setting, seed) each. A cell's config holds
 everything needed to reproduce it; a hash of its non-default settings names its rows and
 checkpoints (as open_lth does), so adding a new setting later does not invalidate old results."""
+
 from __future__ import annotations
 
 import hashlib
@@ -28,10 +29,10 @@ def dump(model: BaseModel, full: bool) -> dict:
 @dataclass(frozen=True)
 class Cell:
     study: str
-    axes: dict[str, Any]            # what tables group by: [model,] regime, pruning, sparsity, finetune_epochs, round,
-                                    # seed [, adjust] [, iteration]
-    config: dict[str, Any]          # every setting, defaults included (stored with each row)
-    hash: str                       # hash of the non-default settings
+    axes: dict[str, Any]  # what tables group by: [model,] regime, pruning, sparsity, finetune_epochs, round,
+    # seed [, adjust] [, iteration]
+    config: dict[str, Any]  # every setting, defaults included (stored with each row)
+    hash: str  # hash of the non-default settings
     dense_key: dict[str, Any] = field(repr=False)  # what the dense model depends on
 
     @property
@@ -77,8 +78,7 @@ def model_key(model: ModelConfig) -> dict:
     return out
 
 
-def dense_key(study: StudyConfig, regime: str, seed: int, full: bool = False,
-              model: ModelConfig | None = None) -> dict:
+def dense_key(study: StudyConfig, regime: str, seed: int, full: bool = False, model: ModelConfig | None = None) -> dict:
     return {
         "dataset": study.dataset,
         "data": dump(study.data, full),
@@ -101,14 +101,22 @@ def expand(study: StudyConfig) -> list[Cell]:
     return cells
 
 
-def _setting_cells(study: StudyConfig, seed: int, regime: str, model_label: str | None,
-                   model: ModelConfig) -> list[Cell]:
+def _setting_cells(
+    study: StudyConfig, seed: int, regime: str, model_label: str | None, model: ModelConfig
+) -> list[Cell]:
     cells = []
     # one (seed, regime, model): the dense model and every pruning setting of it
     base_full = dense_key(study, regime, seed, True, model) | {"evaluation": dump(study.evaluation, True)}
     base_key = dense_key(study, regime, seed, False, model) | {"evaluation": dump(study.evaluation, False)}
-    axes0 = {"regime": regime, "pruning": "dense", "method": None, "sparsity": 0.0,
-             "finetune_epochs": 0, "round": None, "seed": seed}
+    axes0 = {
+        "regime": regime,
+        "pruning": "dense",
+        "method": None,
+        "sparsity": 0.0,
+        "finetune_epochs": 0,
+        "round": None,
+        "seed": seed,
+    }
     if model_label is not None:
         axes0 = {"model": model_label} | axes0
     settings = [(axes0, None, None)]
@@ -119,8 +127,12 @@ def _setting_cells(study: StudyConfig, seed: int, regime: str, model_label: str 
         params = method.Params(**p.params)
         if method.iterative:
             for r in range(1, params.rounds + 1):
-                axes = axes0 | {"pruning": label, "method": p.method, "sparsity": round(1 - (1 - params.rate) ** r, 6),
-                                "round": r}
+                axes = axes0 | {
+                    "pruning": label,
+                    "method": p.method,
+                    "sparsity": round(1 - (1 - params.rate) ** r, 6),
+                    "round": r,
+                }
                 pr = {"method": p.method, "round": r}
                 settings.append((axes, pr | {"params": dump(params, True)}, pr | {"params": dump(params, False)}))
             continue
@@ -134,17 +146,22 @@ def _setting_cells(study: StudyConfig, seed: int, regime: str, model_label: str 
                     pr["rewind_epoch"] = p.rewind_epoch
                 settings.append((axes, pr | {"params": dump(params, True)}, pr | {"params": dump(params, False)}))
             rounds = getattr(params, "rounds", 1)  # Algorithm 1: every iteration's model is a cell
-            for ft in (p.finetune_epochs if "finetune" in p.adjust else []):
+            for ft in p.finetune_epochs if "finetune" in p.adjust else []:
                 entry_ft = study.entry_finetune(label).model_copy(update={"epochs": ft})
                 ft_full = dump(entry_ft, True) if ft else None
                 ft_key = dump(entry_ft, False) if ft else None
-                for it in (range(1, rounds + 1) if rounds > 1 else [None]):
+                for it in range(1, rounds + 1) if rounds > 1 else [None]:
                     axes = axes0 | {"pruning": label, "method": p.method, "sparsity": s, "finetune_epochs": ft}
                     pr = {"method": p.method, "sparsity": s}
                     if it is not None:
                         axes, pr = axes | {"iteration": it}, pr | {"iteration": it}
-                    settings.append((axes, pr | {"params": dump(params, True), "finetune": ft_full},
-                                     pr | {"params": dump(params, False), "finetune": ft_key}))
+                    settings.append(
+                        (
+                            axes,
+                            pr | {"params": dump(params, True), "finetune": ft_full},
+                            pr | {"params": dump(params, False), "finetune": ft_key},
+                        )
+                    )
     for axes, pr_full, pr_key in settings:
         config = base_full | {"pruning": pr_full}
         key = base_key | {"pruning": pr_key}

@@ -6,6 +6,7 @@ lottery-ticket chain (round r needs round r-1), or one one-shot pruning cell. Ev
 cache. Workers write each finished cell to the store themselves (one transaction per cell), so a
 killed study loses at most the cells being computed. Small CPU models use cores better as several
 single-threaded processes than as one multi-threaded one (1.5-1.9x for the MNIST CNNs here)."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -13,16 +14,15 @@ import os
 import queue as queue_mod
 import signal
 import time
-from collections import defaultdict
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from multiprocessing.managers import SyncManager
 from dataclasses import dataclass, field
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 
 import torch
 
 from robustprune.study.cells import Cell, training_epochs
-from robustprune.study.runner import Progress, compute_and_store, Workspace
+from robustprune.study.runner import Progress, Workspace, compute_and_store
 from robustprune.study.schema import StudyConfig
 from robustprune.study.store import Store
 
@@ -73,14 +73,18 @@ def plan_jobs(cells: list[Cell], transfer_models=None) -> list[Job]:
             epochs = pr["params"].get("epochs") if a["round"] is not None else a["finetune_epochs"]
             chains[key].cost += (epochs or 3) + 0.3
         else:
-            jobs.append(Job(len(jobs), [cell], [], training_epochs(cell) * (1.0 - 0.5 * pr["sparsity"]) + 0.3, group=group))
+            jobs.append(
+                Job(len(jobs), [cell], [], training_epochs(cell) * (1.0 - 0.5 * pr["sparsity"]) + 0.3, group=group)
+            )
     if transfer_models:
         jobs = _merge_transfer_jobs(jobs, transfer_models)
     dense_job = {_group(c): job.id for job in jobs for c in job.cells if c.config["pruning"] is None}
     for job in jobs:
         needs = {dense_job.get(_group(c)) for c in job.cells if c.config["pruning"] is not None}
         job.after = sorted(needs - {None, job.id})
-        job.cells.sort(key=lambda c: (c.config["pruning"] is not None, c.axes["round"] or 0, c.axes.get("iteration") or 0))
+        job.cells.sort(
+            key=lambda c: (c.config["pruning"] is not None, c.axes["round"] or 0, c.axes.get("iteration") or 0)
+        )
     return jobs
 
 
@@ -167,8 +171,15 @@ def _init_worker(threads: int, q, parent: int) -> None:
     _STATE["queue"] = q
 
 
-def _run_job(study_dump: dict, cells: list[Cell], out_dir: str, data_dir, device: str,
-             threads: int, checkpoints: str | None = None) -> list[tuple[str, str, float]]:
+def _run_job(
+    study_dump: dict,
+    cells: list[Cell],
+    out_dir: str,
+    data_dir,
+    device: str,
+    threads: int,
+    checkpoints: str | None = None,
+) -> list[tuple[str, str, float]]:
     from robustprune.device import pick_device
 
     torch.set_num_threads(threads)
@@ -176,9 +187,12 @@ def _run_job(study_dump: dict, cells: list[Cell], out_dir: str, data_dir, device
     if _STATE.get("key") != key:  # one workspace per worker: the data set is loaded once
         progress = QueueProgress(_STATE["queue"])
         study = StudyConfig(**study_dump)
-        _STATE.update(key=key, progress=progress,
-                      ws=Workspace(study, Path(out_dir), data_dir, pick_device(device), progress, checkpoints),
-                      store=Store(Path(out_dir) / "results.sqlite"))
+        _STATE.update(
+            key=key,
+            progress=progress,
+            ws=Workspace(study, Path(out_dir), data_dir, pick_device(device), progress, checkpoints),
+            store=Store(Path(out_dir) / "results.sqlite"),
+        )
     ws, store, progress = _STATE["ws"], _STATE["store"], _STATE["progress"]
     out = []
     for cell in cells:
@@ -193,6 +207,7 @@ def _run_job(study_dump: dict, cells: list[Cell], out_dir: str, data_dir, device
 
 # ---- main side -------------------------------------------------------------------------------------
 
+
 def pending_jobs(study: StudyConfig, cells: list[Cell], store: Store, progress: Progress):
     """Report the cells the store already has, and plan jobs for the others (local and Ray
     executors alike). Returns (jobs, {hash: (index, cell)}, counts)."""
@@ -202,13 +217,25 @@ def pending_jobs(study: StudyConfig, cells: list[Cell], store: Store, progress: 
         if c.hash in done:
             counts["skipped"] += 1
             progress.cell_finished(c, i, len(cells), 0.0, "stored")
-    jobs = plan_jobs([c for c in cells if c.hash not in done],
-                     study.evaluation.transfer.models if study.evaluation.transfer else None)
+    jobs = plan_jobs(
+        [c for c in cells if c.hash not in done],
+        study.evaluation.transfer.models if study.evaluation.transfer else None,
+    )
     return jobs, {c.hash: (i, c) for i, c in enumerate(cells)}, counts
 
 
-def run_parallel(study: StudyConfig, cells: list[Cell], store: Store, out_dir: Path, data_dir, device: str,
-                 progress: Progress, workers: int, threads: int, checkpoints: Path | None = None) -> dict[str, int]:
+def run_parallel(
+    study: StudyConfig,
+    cells: list[Cell],
+    store: Store,
+    out_dir: Path,
+    data_dir,
+    device: str,
+    progress: Progress,
+    workers: int,
+    threads: int,
+    checkpoints: Path | None = None,
+) -> dict[str, int]:
     jobs, by_hash, counts = pending_jobs(study, cells, store, progress)
     finished_count = counts["skipped"]
     # Every other job waits for the dense models: when there are fewer of them than workers, their
@@ -221,8 +248,9 @@ def run_parallel(study: StudyConfig, cells: list[Cell], store: Store, out_dir: P
     manager.start(_die_with_parent, (os.getpid(),))  # the queue's server process, too, dies with the study
     with manager:
         q = manager.Queue()
-        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                   initargs=(threads, q, os.getpid()))
+        pool = ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, q, os.getpid())
+        )
         running: dict = {}
         study_dump = study.model_dump(mode="json")
 
@@ -248,14 +276,24 @@ def run_parallel(study: StudyConfig, cells: list[Cell], store: Store, out_dir: P
 
         try:
             while True:
-                ready = [j for j in jobs if not j.done and j.id not in running.values()
-                         and all(jobs[d].done for d in j.after)]
+                ready = [
+                    j
+                    for j in jobs
+                    if not j.done and j.id not in running.values() and all(jobs[d].done for d in j.after)
+                ]
                 ready.sort(key=lambda j: -j.cost)
                 for job in ready[: max(0, workers - len(running))]:
                     dense_job = all(c.config["pruning"] is None for c in job.cells)
-                    fut = pool.submit(_run_job, study_dump, job.cells, str(out_dir), data_dir, device,
-                                      dense_threads if dense_job else threads,
-                                      str(checkpoints) if checkpoints else None)
+                    fut = pool.submit(
+                        _run_job,
+                        study_dump,
+                        job.cells,
+                        str(out_dir),
+                        data_dir,
+                        device,
+                        dense_threads if dense_job else threads,
+                        str(checkpoints) if checkpoints else None,
+                    )
                     running[fut] = job.id
                 if not running:
                     break

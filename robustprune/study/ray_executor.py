@@ -8,6 +8,7 @@ are the same: no cell is computed twice, and a task whose worker dies is retried
 the cells that were stored before it died. On a cluster, the output folder, the checkpoints and
 the data folder must be on a file system every node sees.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,9 @@ def _ray():
     return ray
 
 
-def ray_job(study_dump: dict, cells: list[Cell], out_dir: str, data_dir, device: str, threads: int,
-            checkpoints: str | None) -> list[tuple[str, str, float]]:
+def ray_job(
+    study_dump: dict, cells: list[Cell], out_dir: str, data_dir, device: str, threads: int, checkpoints: str | None
+) -> list[tuple[str, str, float]]:
     """One job's cells, in order, on a Ray worker: [(hash, status, wall seconds)] of those it computed."""
     from robustprune.device import pick_device
 
@@ -43,9 +45,11 @@ def ray_job(study_dump: dict, cells: list[Cell], out_dir: str, data_dir, device:
     key = (str(study_dump), out_dir, str(data_dir), device, checkpoints)
     if _STATE.get("key") != key:  # a worker that runs several jobs of a study loads the data once
         study = StudyConfig(**study_dump)
-        _STATE.update(key=key, ws=Workspace(study, Path(out_dir), data_dir, pick_device(device), Progress(),
-                                            checkpoints),
-                      store=Store(Path(out_dir) / "results.sqlite"))
+        _STATE.update(
+            key=key,
+            ws=Workspace(study, Path(out_dir), data_dir, pick_device(device), Progress(), checkpoints),
+            store=Store(Path(out_dir) / "results.sqlite"),
+        )
     ws, store = _STATE["ws"], _STATE["store"]
     out = []
     for cell in cells:
@@ -56,20 +60,37 @@ def ray_job(study_dump: dict, cells: list[Cell], out_dir: str, data_dir, device:
     return out
 
 
-def run_ray(study: StudyConfig, cells: list[Cell], store: Store, out_dir: Path, data_dir, device: str,
-            progress: Progress, address: str | None = None, checkpoints: Path | None = None,
-            threads: int = 1, num_cpus: int | None = None) -> dict[str, int]:
+def run_ray(
+    study: StudyConfig,
+    cells: list[Cell],
+    store: Store,
+    out_dir: Path,
+    data_dir,
+    device: str,
+    progress: Progress,
+    address: str | None = None,
+    checkpoints: Path | None = None,
+    threads: int = 1,
+    num_cpus: int | None = None,
+) -> dict[str, int]:
     """Compute every cell the store lacks on a Ray cluster (`address`), or on a local Ray instance
     with `num_cpus` CPUs (default: all cores). Returns counts of computed/skipped/failed."""
     ray = _ray()
     started_here = not ray.is_initialized()
     if started_here:
         try:
-            ray.init(address=address, num_cpus=None if address else (num_cpus or os.cpu_count()),
-                     include_dashboard=False, log_to_driver=False, configure_logging=False)
+            ray.init(
+                address=address,
+                num_cpus=None if address else (num_cpus or os.cpu_count()),
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
         except (ConnectionError, ValueError, RuntimeError) as e:
-            raise UserError(f"cannot reach the Ray cluster at {address} ({e}); start it with 'ray start "
-                            f"--head' or leave out --address for a local instance") from None
+            raise UserError(
+                f"cannot reach the Ray cluster at {address} ({e}); start it with 'ray start "
+                f"--head' or leave out --address for a local instance"
+            ) from None
     try:
         return _schedule(ray, study, cells, store, out_dir, data_dir, device, progress, checkpoints, threads)
     finally:
@@ -85,13 +106,22 @@ def _schedule(ray, study, cells, store, out_dir, data_dir, device, progress, che
     study_dump = study.model_dump(mode="json")
     running: dict = {}  # object ref -> job id
     while True:
-        ready = sorted((j for j in jobs if not j.done and j.id not in running.values()
-                        and all(jobs[d].done for d in j.after)), key=lambda j: -j.cost)
+        ready = sorted(
+            (j for j in jobs if not j.done and j.id not in running.values() and all(jobs[d].done for d in j.after)),
+            key=lambda j: -j.cost,
+        )
         for job in ready:  # Ray queues what the cluster cannot run yet
             for c in job.cells:
                 progress.cell_started(c, by_hash[c.hash][0], len(cells))
-            ref = task.remote(study_dump, job.cells, str(out_dir), data_dir, device, threads,
-                              str(checkpoints) if checkpoints else None)
+            ref = task.remote(
+                study_dump,
+                job.cells,
+                str(out_dir),
+                data_dir,
+                device,
+                threads,
+                str(checkpoints) if checkpoints else None,
+            )
             running[ref] = job.id
         if not running:
             return counts

@@ -1,5 +1,6 @@
 """Runs a study's cells in order, reusing every dense model, regime data set and lottery-ticket
 round through an on-disk cache, and writes each finished cell to the store at once."""
+
 from __future__ import annotations
 
 import copy
@@ -15,6 +16,10 @@ from robustprune.attacks.cifar10c import load_cifar10c
 from robustprune.attacks.corruptions import corrupt
 from robustprune.data import REGIMES, ImageDataset, load_dataset
 from robustprune.device import pick_device
+from robustprune.errors import UserError
+from robustprune.evaluate import names
+from robustprune.evaluate.names import setting_key
+from robustprune.evaluate.suite import evaluate_robustness, first
 from robustprune.metrics.latency import measure_latency
 from robustprune.metrics.size import layer_widths, size_metrics
 from robustprune.metrics.weights import weight_statistics
@@ -23,12 +28,13 @@ from robustprune.prune import PRUNING_METHODS
 from robustprune.prune.criteria.replay import Recording, Replay
 from robustprune.prune.methods import Structured
 from robustprune.prune.single_element import improvement_fractions, make_evaluator, single_element_study
-from robustprune.evaluate import names
-from robustprune.prune.unstructured import (apply_masks_, global_magnitude_masks, prunable_weights,
-                                           reverse_threshold, rewind_)
-from robustprune.errors import UserError
-from robustprune.evaluate.names import setting_key
-from robustprune.evaluate.suite import evaluate_robustness, first
+from robustprune.prune.unstructured import (
+    apply_masks_,
+    global_magnitude_masks,
+    prunable_weights,
+    reverse_threshold,
+    rewind_,
+)
 from robustprune.study.cells import Cell, config_hash, dump, expand
 from robustprune.study.schema import StudyConfig
 from robustprune.study.store import Store
@@ -72,8 +78,15 @@ class DenseModel:
 class Workspace:
     """Caches shared by cells: datasets and regime data in memory, trained models on disk."""
 
-    def __init__(self, study: StudyConfig, out_dir: Path, data_dir, device: torch.device, progress: Progress,
-                 checkpoints: Path | None = None):
+    def __init__(
+        self,
+        study: StudyConfig,
+        out_dir: Path,
+        data_dir,
+        device: torch.device,
+        progress: Progress,
+        checkpoints: Path | None = None,
+    ):
         self.study, self.out_dir, self.data_dir = study, Path(out_dir), data_dir
         self.device, self.progress = device, progress
         # named by the hash of what they depend on, so studies may share one folder (--checkpoints)
@@ -102,21 +115,33 @@ class Workspace:
             cached = checkpoint.load(path) if path.exists() else None
             base = self.base_data()
             if cached is not None:
-                data = ImageDataset(base.name, cached["x_train"], cached["y_train"], base.x_test, base.y_test,
-                                    base.num_classes, base.mean, base.std, cached["extra_tests"])
+                data = ImageDataset(
+                    base.name,
+                    cached["x_train"],
+                    cached["y_train"],
+                    base.x_test,
+                    base.y_test,
+                    base.num_classes,
+                    base.mean,
+                    base.std,
+                    cached["extra_tests"],
+                )
             else:
                 data = regime().apply(base, params, key["seed"] + REGIME_SEED_OFFSET, self.source_model(key))
                 if data is not base:  # only derived data sets are worth a file
-                    checkpoint.save({"x_train": data.x_train, "y_train": data.y_train,
-                                     "extra_tests": data.extra_tests}, path)
+                    checkpoint.save(
+                        {"x_train": data.x_train, "y_train": data.y_train, "extra_tests": data.extra_tests}, path
+                    )
             self._regime_data[h] = data
         return self._regime_data[h]
 
     def source_model(self, key: dict) -> Callable[[int], torch.nn.Module]:
         """A separately trained clean model on the same data (what the FGSM data set is crafted on)."""
+
         def make(seed: int) -> torch.nn.Module:
             clean = {**key, "regime": {"name": "clean", "params": {}}, "seed": seed}
             return self.dense(clean).model
+
         return make
 
     # ---- models -------------------------------------------------------------------------------
@@ -124,14 +149,21 @@ class Workspace:
         """A freshly initialised model of the architecture in a dense key (the global torch seed
         decides the weights)."""
         base = self.base_data()
-        return build_model(key["model"]["name"], num_classes=base.num_classes, image_shape=base.image_shape,
-                           mean=base.mean, std=base.std, **key["model"]["args"])
+        return build_model(
+            key["model"]["name"],
+            num_classes=base.num_classes,
+            image_shape=base.image_shape,
+            mean=base.mean,
+            std=base.std,
+            **key["model"]["args"],
+        )
 
     def example_input(self) -> torch.Tensor:
         return torch.zeros((1, *self.base_data().image_shape), device=self.device)
 
-    def _train(self, model, data: ImageDataset, cfg: TrainConfig, seed: int, what: str, masks=None,
-               on_epoch_end=None) -> list:
+    def _train(
+        self, model, data: ImageDataset, cfg: TrainConfig, seed: int, what: str, masks=None, on_epoch_end=None
+    ) -> list:
         steps = cfg.epochs
         self.progress.stage(what, max(steps, 1))
 
@@ -177,13 +209,27 @@ class Workspace:
                     rewind[epoch] = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
 
             try:
-                history = self._train(model, data, dense_training(key), key["seed"],
-                                      f"train dense ({key['regime']['name']})", on_epoch_end=keep if wanted else None)
+                history = self._train(
+                    model,
+                    data,
+                    dense_training(key),
+                    key["seed"],
+                    f"train dense ({key['regime']['name']})",
+                    on_epoch_end=keep if wanted else None,
+                )
             except TrainingDiverged as e:  # remembered, so the pruned cells of this model do not retrain it
                 checkpoint.save({"diverged": str(e), "key": key}, path)
                 raise
-            checkpoint.save({"state": model.state_dict(), "init_state": init_state, "history": history,
-                             "key": key, "rewind": rewind}, path)
+            checkpoint.save(
+                {
+                    "state": model.state_dict(),
+                    "init_state": init_state,
+                    "history": history,
+                    "key": key,
+                    "rewind": rewind,
+                },
+                path,
+            )
             out = DenseModel(model, init_state, history, rewind)
         out.model.eval()
         if len(self._dense) >= 4:
@@ -221,9 +267,14 @@ class Workspace:
         self.progress.stage(f"prune {pr['method']} s={pr['sparsity']:g}" + (f" iteration {it}" if it > 1 else ""), 1)
         self._share_mrs(method, key)
         recording = Recording(method.criterion(params)) if isinstance(method, Structured) else None
-        masks = method.prune(model, pr["sparsity"], self.example_input(), params,
-                             self.criterion_batch(key) if method.needs_data(params) else None,
-                             **({"criterion": recording} if recording else {}))
+        masks = method.prune(
+            model,
+            pr["sparsity"],
+            self.example_input(),
+            params,
+            self.criterion_batch(key) if method.needs_data(params) else None,
+            **({"criterion": recording} if recording else {}),
+        )
         model = to_device(model, self.device)  # pruning makes new, plain-layout tensors
         if recording is not None:
             recordings.append(self._recorded(method, recording))
@@ -275,8 +326,11 @@ class Workspace:
         plan = self._plans.get(config_hash({"dense": cell.dense_key, "pruning": pr})) if pr else None
         if plan is None:
             return {}
-        return {plan_metric(kind, group): float(v) for kind, values in (("mrs", plan["mrs"]), ("ratio", plan["ratios"]))
-                for group, v in values.items()}
+        return {
+            plan_metric(kind, group): float(v)
+            for kind, values in (("mrs", plan["mrs"]), ("ratio", plan["ratios"]))
+            for group, v in values.items()
+        }
 
     def _cache_path(self, kind: str, key: dict, pr: dict) -> Path:
         return self.ckpt_dir / f"{kind}-{config_hash({'dense': key, 'pruning': pr})}.pt"
@@ -333,8 +387,15 @@ class Workspace:
         elif scheme == "winning_ticket":
             epochs = max(0, epochs - pr["rewind_epoch"])
         cfg = dense_training(key).model_copy(update={"epochs": epochs})
-        return self._trained_or_cached("adjusted", key, pr, model, lambda: self._train(
-            model, self.regime_data(key), cfg, key["seed"] + ADJUST_SEED_OFFSET, f"{scheme} {epochs} epochs", masks))
+        return self._trained_or_cached(
+            "adjusted",
+            key,
+            pr,
+            model,
+            lambda: self._train(
+                model, self.regime_data(key), cfg, key["seed"] + ADJUST_SEED_OFFSET, f"{scheme} {epochs} epochs", masks
+            ),
+        )
 
     def criterion_batch(self, key: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The training images a data-driven criterion scores with: the first CRITERION_IMAGES of
@@ -392,8 +453,9 @@ class Workspace:
         for _, model_cfg in self.study.model_items():
             if model_cfg.weights:
                 model = self.new_model({"model": {"name": model_cfg.name, "args": model_cfg.args}})
-                checkpoint.load_state_into(model, checkpoint.load_weights(model_cfg.weights),
-                                           f"weights file {model_cfg.weights}")
+                checkpoint.load_state_into(
+                    model, checkpoint.load_weights(model_cfg.weights), f"weights file {model_cfg.weights}"
+                )
         self.check_evaluation_inputs()
 
     def check_evaluation_inputs(self) -> None:
@@ -402,14 +464,18 @@ class Workspace:
         shape = self.base_data().image_shape
         for size in ev.occlusion:
             if size > min(shape[1:]):
-                raise UserError(f"evaluation.occlusion size {size} is larger than the {shape[1]}x{shape[2]} "
-                                f"images of '{self.study.dataset}'; use sizes up to {min(shape[1:])}")
+                raise UserError(
+                    f"evaluation.occlusion size {size} is larger than the {shape[1]}x{shape[2]} "
+                    f"images of '{self.study.dataset}'; use sizes up to {min(shape[1:])}"
+                )
         c = ev.corruptions
         if c is not None and c.source == "cifar10c":
             x, _ = load_cifar10c(c.cifar10c_dir, ev.corruption_types()[0], c.severities[0])
             if tuple(x.shape[1:]) != tuple(shape):
-                raise UserError(f"CIFAR-10-C images are {tuple(x.shape[1:])} but the study's dataset "
-                                f"'{self.study.dataset}' has {tuple(shape)}; use corruptions.source: generated")
+                raise UserError(
+                    f"CIFAR-10-C images are {tuple(x.shape[1:])} but the study's dataset "
+                    f"'{self.study.dataset}' has {tuple(shape)}; use corruptions.source: generated"
+                )
 
     def corrupted(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One corruption at every listed severity of the shift subset, as uint8 images (like the
@@ -422,8 +488,16 @@ class Workspace:
             xs = torch.stack([first(x, ev.shift_subset) for x, _ in parts])
             ys = torch.stack([first(y, ev.shift_subset) for _, y in parts])
             return xs.to(self.device), ys
-        h = config_hash({"dataset": self.study.dataset, "data": dump(self.study.data, False), "kind": kind,
-                         "severities": c.severities, "seed": c.seed, "n": ev.shift_subset})
+        h = config_hash(
+            {
+                "dataset": self.study.dataset,
+                "data": dump(self.study.data, False),
+                "kind": kind,
+                "severities": c.severities,
+                "seed": c.seed,
+                "n": ev.shift_subset,
+            }
+        )
         path = self.ckpt_dir / f"corrupt-{h}.pt"
         y = first(base.y_test, ev.shift_subset)
         if path.exists():
@@ -446,8 +520,11 @@ class Workspace:
         t = ev.transfer
         if t is None:
             return {}
-        group = [c for c in self._cells() if c.axes["regime"] == cell.axes["regime"]
-                 and c.axes["seed"] == cell.axes["seed"] and selected(c, t.models)]
+        group = [
+            c
+            for c in self._cells()
+            if c.axes["regime"] == cell.axes["regime"] and c.axes["seed"] == cell.axes["seed"] and selected(c, t.models)
+        ]
         if cell.hash not in {c.hash for c in group}:
             return {}
         entry = ev.attacks[t.attack]
@@ -461,8 +538,15 @@ class Workspace:
                 continue
             # keyed by the source model and the attack, not by the rest of the evaluation settings
             model_config = {k: v for k, v in source.config.items() if k != "evaluation"}
-            h = config_hash({"source": model_config, "attack": entry.model_dump(), "label": t.attack,
-                             "eps": ev.transfer_eps(), "n": ev.attack_subset})
+            h = config_hash(
+                {
+                    "source": model_config,
+                    "attack": entry.model_dump(),
+                    "label": t.attack,
+                    "eps": ev.transfer_eps(),
+                    "n": ev.attack_subset,
+                }
+            )
             path = self.ckpt_dir / f"transfer-{h}.pt"
             if path.exists():
                 x_adv = checkpoint.load(path)["images"]
@@ -482,12 +566,20 @@ def selected(cell: Cell, models) -> bool:
 
 def craft(model: torch.nn.Module, attack, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Adversarial versions of x (uint8 or float) crafted on `model`, float in [0, 1]."""
-    parts = [attack(model, to_float(x[i:i + batch_size]), y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    parts = [
+        attack(model, to_float(x[i : i + batch_size]), y[i : i + batch_size]) for i in range(0, len(x), batch_size)
+    ]
     return torch.cat(parts) if parts else to_float(x)
 
 
-def evaluate(model: torch.nn.Module, cell: Cell, data: ImageDataset, ws: Workspace,
-             dense_weights: int, record: dict | None = None) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module,
+    cell: Cell,
+    data: ImageDataset,
+    ws: Workspace,
+    dense_weights: int,
+    record: dict | None = None,
+) -> dict[str, float]:
     """Clean accuracy, each of the regime's test sets, the robustness suite, size. With `record`,
     record[metric] keeps which test images each accuracy counted as correct."""
     study = ws.study
@@ -498,17 +590,27 @@ def evaluate(model: torch.nn.Module, cell: Cell, data: ImageDataset, ws: Workspa
         out[f"acc_{name}"] = accuracy(model, x.to(ws.device), y, ev.batch_size, record, f"acc_{name}")
     regime_name = cell.dense_key["regime"]["name"]
     regime = REGIMES.get(regime_name)()
-    out.update(evaluate_robustness(
-        model, x_test, y_test, ev, ws.progress, corrupted=ws.corrupted, transfer_sets=ws.transfer_sets(cell),
-        regime_tests=data.extra_tests, regime_transfer=regime.transfer_tests(regime.Params(**study.regimes[regime_name])),
-        record=record))
+    out.update(
+        evaluate_robustness(
+            model,
+            x_test,
+            y_test,
+            ev,
+            ws.progress,
+            corrupted=ws.corrupted,
+            transfer_sets=ws.transfer_sets(cell),
+            regime_tests=data.extra_tests,
+            regime_transfer=regime.transfer_tests(regime.Params(**study.regimes[regime_name])),
+            record=record,
+        )
+    )
     out.update(size_metrics(model, ws.example_input(), dense_weights))
     out.update(layer_widths(model))
     out.update(weight_statistics(model))
     if ev.single_element and cell.config["pruning"] is None:
         out.update(single_element_metrics(model, x_test, y_test, ev, ws.progress))
     if ev.latency_batch:  # the real speed-up of a pruned model, not only its FLOPs
-        batch = to_float(x_test[:ev.latency_batch])
+        batch = to_float(x_test[: ev.latency_batch])
         out["latency_ms"] = measure_latency(model, batch)["median_ms"]
     return out
 
@@ -516,9 +618,12 @@ def evaluate(model: torch.nn.Module, cell: Cell, data: ImageDataset, ws: Workspa
 def single_element_metrics(model, x_test, y_test, ev, progress: Progress) -> dict[str, float]:
     """Algorithm 2 on a dense model: the Fig. 5 fractions per attack (at its report eps) and tolerance."""
     se = ev.single_element
-    x, y = to_float(x_test[:se.images]), y_test[:se.images]
-    attacks = {names.adv(label, ev.shown_eps(label)): e.build(label, ev.shown_eps(label))
-               for label, e in ev.attacks.items() if (e.subset is None if se.attacks is None else label in se.attacks)}
+    x, y = to_float(x_test[: se.images]), y_test[: se.images]
+    attacks = {
+        names.adv(label, ev.shown_eps(label)): e.build(label, ev.shown_eps(label))
+        for label, e in ev.attacks.items()
+        if (e.subset is None if se.attacks is None else label in se.attacks)
+    }
     evaluate_fn = make_evaluator(x, y, attacks, ev.batch_size)
     baseline = evaluate_fn(model)
 
@@ -527,8 +632,9 @@ def single_element_metrics(model, x_test, y_test, ev, progress: Progress) -> dic
             progress.stage(f"Algorithm 2: single {se.kind}", n)
         progress.advance(done, f"{done}/{n} {se.kind}")
 
-    rows = single_element_study(model, se.kind, evaluate_fn, x[:16], max_elements=se.max_elements, seed=se.seed,
-                                on_element=on_element)
+    rows = single_element_study(
+        model, se.kind, evaluate_fn, x[:16], max_elements=se.max_elements, seed=se.seed, on_element=on_element
+    )
     out = {names.single(se.kind, "", None): float(len(rows))}
     if rows:
         for rob, by_t in improvement_fractions(rows, baseline, tolerances=se.tolerances).items():
@@ -562,8 +668,9 @@ def compute_and_store(cell: Cell, ws: Workspace, store: Store) -> tuple[str, flo
     return status, wall
 
 
-def prepare(study: StudyConfig, out_dir: Path, data_dir=None, device: str = "auto",
-            checkpoints: Path | None = None) -> Workspace:
+def prepare(
+    study: StudyConfig, out_dir: Path, data_dir=None, device: str = "auto", checkpoints: Path | None = None
+) -> Workspace:
     """The workspace of a run, once every input it reads is checked (before the store is opened,
     so bad input leaves it untouched). Temporary files of killed runs are removed."""
     ws = Workspace(study, out_dir, data_dir, pick_device(device), Progress(), checkpoints)
@@ -572,10 +679,20 @@ def prepare(study: StudyConfig, out_dir: Path, data_dir=None, device: str = "aut
     return ws
 
 
-def run_study(study: StudyConfig, cells: list[Cell], store: Store, out_dir: Path, data_dir=None,
-              device: str = "auto", progress: Progress | None = None, workers: int | str = 1,
-              checkpoints: Path | None = None, executor: str = "local", address: str | None = None,
-              ws: Workspace | None = None) -> dict[str, int]:
+def run_study(
+    study: StudyConfig,
+    cells: list[Cell],
+    store: Store,
+    out_dir: Path,
+    data_dir=None,
+    device: str = "auto",
+    progress: Progress | None = None,
+    workers: int | str = 1,
+    checkpoints: Path | None = None,
+    executor: str = "local",
+    address: str | None = None,
+    ws: Workspace | None = None,
+) -> dict[str, int]:
     """Compute every cell the store does not have yet. Returns counts of computed/skipped/failed.
     workers > 1 (or 'auto') runs cells in parallel processes (see executor.py). checkpoints: the
     folder of trained models and derived data sets (default out_dir/checkpoints). ws: from
@@ -592,8 +709,9 @@ def run_study(study: StudyConfig, cells: list[Cell], store: Store, out_dir: Path
 
         return run_ray(study, cells, store, Path(out_dir), data_dir, device, progress, address, checkpoints)
     if n_workers > 1:
-        return run_parallel(study, cells, store, Path(out_dir), data_dir, device, progress, n_workers, threads,
-                            checkpoints)
+        return run_parallel(
+            study, cells, store, Path(out_dir), data_dir, device, progress, n_workers, threads, checkpoints
+        )
     done = store.done_hashes()
     counts = {"computed": 0, "skipped": 0, "failed": 0}
     for i, cell in enumerate(cells):

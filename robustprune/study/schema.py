@@ -1,5 +1,6 @@
 """The study file: a YAML document validated by pydantic (unknown keys are errors), with named
 budgets (dotted overrides) and command-line --set overrides applied before validation."""
+
 from __future__ import annotations
 
 import copy
@@ -53,12 +54,18 @@ class DataConfig(Strict):
 class ModelConfig(Strict):
     name: str = "mnist_cnn"
     args: dict[str, Any] = Field(default_factory=dict)
-    weights: str | None = Field(None, description="a state-dict file (torch.save(model.state_dict(), path)) that "
-                                "is the dense model instead of training one; relative to the working folder")
-    train: dict[str, Any] = Field(default_factory=dict, description="this architecture's changes to the study's "
-                                  "train settings, e.g. {epochs: 2, lr: 0.05}")
-    seeds: list[int] | None = Field(None, description="the study's seeds this architecture runs (default all): "
-                                    "one seed for an expensive model")
+    weights: str | None = Field(
+        None,
+        description="a state-dict file (torch.save(model.state_dict(), path)) that "
+        "is the dense model instead of training one; relative to the working folder",
+    )
+    train: dict[str, Any] = Field(
+        default_factory=dict,
+        description="this architecture's changes to the study's train settings, e.g. {epochs: 2, lr: 0.05}",
+    )
+    seeds: list[int] | None = Field(
+        None, description="the study's seeds this architecture runs (default all): one seed for an expensive model"
+    )
 
 
 class PruningConfig(Strict):
@@ -71,11 +78,15 @@ class PruningConfig(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     adjust: list[Literal["finetune", "scratch_e", "scratch_b", "winning_ticket"]] = Field(
         default_factory=lambda: ["finetune"],
-        description="parameter adjustment after pruning (Jordão & Pedrini Table 3); finetune uses finetune_epochs")
+        description="parameter adjustment after pruning (Jordão & Pedrini Table 3); finetune uses finetune_epochs",
+    )
     rewind_epoch: int = Field(1, ge=0, description="winning_ticket: rewind to the dense weights after this epoch")
     models: list[str] | None = Field(None, description="labels of `models` this entry prunes (default: every one)")
-    finetune: dict[str, Any] = Field(default_factory=dict, description="this entry's changes to the study's "
-                                     "finetune settings, e.g. {adversarial: {attack: fgsm, eps: 0.0078, ratio: 0.2}}")
+    finetune: dict[str, Any] = Field(
+        default_factory=dict,
+        description="this entry's changes to the study's "
+        "finetune settings, e.g. {adversarial: {attack: fgsm, eps: 0.0078, ratio: 0.2}}",
+    )
 
     @field_validator("adjust")
     @classmethod
@@ -112,8 +123,12 @@ class AttackEntry(Strict):
     attack: str | None = Field(None, description="registry name; defaults to the entry's label")
     params: dict[str, Any] = Field(default_factory=dict, description="the attack's other arguments")
     eps: list[float] = Field(description="radii in the attack's norm (L-inf by default), pixel scale [0, 1]")
-    subset: int | None = Field(None, ge=1, description="attack only the first N of the attacked images (an "
-                                                       "expensive attack such as AutoAttack; None: all of them)")
+    subset: int | None = Field(
+        None,
+        ge=1,
+        description="attack only the first N of the attacked images (an "
+        "expensive attack such as AutoAttack; None: all of them)",
+    )
 
     def name(self, label: str) -> str:
         """The registry name of the attack this entry (listed under `label`) runs."""
@@ -136,8 +151,9 @@ class AttackEntry(Strict):
             if l2 and not 0.0 <= e < float("inf"):
                 raise ValueError(f"eps {e} must be a finite L2 radius >= 0")
             if not l2 and not 0.0 <= e <= 1.0:
-                raise ValueError(f"eps {e} is outside [0, 1] (images are in [0, 1]; an L2 radius needs "
-                                 f"params: {{norm: L2}})")
+                raise ValueError(
+                    f"eps {e} is outside [0, 1] (images are in [0, 1]; an L2 radius needs params: {{norm: L2}})"
+                )
         return v
 
 
@@ -224,9 +240,12 @@ class SingleElementConfig(Strict):
     images: int = Field(500, ge=1, description="evaluate each removal on the first N test images")
     tolerances: list[float] = Field(default_factory=lambda: [0, 1, 2, 3, 4, 5], description="p.p.")
     seed: int = Field(0, ge=0)
-    attacks: list[str] | None = Field(None, description="labels of evaluation.attacks to count (default: every "
-                                                        "attack without a subset of its own, such as AutoAttack; "
-                                                        "each removal costs one run of each)")
+    attacks: list[str] | None = Field(
+        None,
+        description="labels of evaluation.attacks to count (default: every "
+        "attack without a subset of its own, such as AutoAttack; "
+        "each removal costs one run of each)",
+    )
 
 
 class SecurityConfig(Strict):
@@ -260,12 +279,17 @@ class EvaluationConfig(Strict):
     corruptions: CorruptionsConfig | None = None
     transfer: TransferConfig | None = None
     security: SecurityConfig | None = Field(None, description="a security curve per model (FMN)")
-    masking_tolerance: float = Field(0.005, ge=0.0, le=1.0,
-                                     description="accuracy gap (fraction) a masking check allows")
+    masking_tolerance: float = Field(
+        0.005, ge=0.0, le=1.0, description="accuracy gap (fraction) a masking check allows"
+    )
     report_eps: float | None = Field(None, ge=0.0, le=1.0, description="eps shown in summary tables")
     single_element: SingleElementConfig | None = None
-    latency_batch: int | None = Field(None, ge=1, description="measure forward latency on a batch this big "
-                                      "(wall-clock, so not reproducible bit for bit; None: off)")
+    latency_batch: int | None = Field(
+        None,
+        ge=1,
+        description="measure forward latency on a batch this big "
+        "(wall-clock, so not reproducible bit for bit; None: off)",
+    )
 
     @field_validator("occlusion")
     @classmethod
@@ -285,8 +309,10 @@ class EvaluationConfig(Strict):
             if not label.replace("_", "").isalnum():
                 raise ValueError(f"attack label '{label}' may hold only letters, digits and '_'")
             if label == "worst":
-                raise ValueError("attack label 'worst' is reserved for the per-image worst case over the attacks; "
-                                 "choose another label")
+                raise ValueError(
+                    "attack label 'worst' is reserved for the per-image worst case over the attacks; "
+                    "choose another label"
+                )
             for eps in entry.eps:  # the attack checks its own arguments (steps >= 1, ...)
                 build_attack(entry.name(label), eps, entry.params, what=label)
         if self.corruptions and self.corruptions.types != "all":
@@ -302,16 +328,21 @@ class EvaluationConfig(Strict):
                 raise ValueError("single_element.attacks lists no attack; leave it out to use every attack")
             for label in se.attacks:
                 if label not in self.attacks:
-                    raise ValueError(f"single_element.attacks names '{label}', which is not an entry of "
-                                     f"evaluation.attacks ({', '.join(self.attacks) or 'none'})")
+                    raise ValueError(
+                        f"single_element.attacks names '{label}', which is not an entry of "
+                        f"evaluation.attacks ({', '.join(self.attacks) or 'none'})"
+                    )
         if self.transfer:
             entry = self.attacks.get(self.transfer.attack)
             if entry is None:
-                raise ValueError(f"transfer.attack '{self.transfer.attack}' is not an entry of evaluation.attacks "
-                                 f"({', '.join(self.attacks) or 'none'})")
+                raise ValueError(
+                    f"transfer.attack '{self.transfer.attack}' is not an entry of evaluation.attacks "
+                    f"({', '.join(self.attacks) or 'none'})"
+                )
             if self.transfer.eps is not None and self.transfer.eps not in entry.eps:
-                raise ValueError(f"transfer.eps {self.transfer.eps} is not one of attack "
-                                 f"'{self.transfer.attack}''s eps {entry.eps}")
+                raise ValueError(
+                    f"transfer.eps {self.transfer.eps} is not one of attack '{self.transfer.attack}''s eps {entry.eps}"
+                )
         return self
 
     def corruption_types(self) -> list[str]:
@@ -349,13 +380,17 @@ class PaperTable(Strict):
     reduction, one group of columns per entry (Table 1)."""
 
     title: str
-    rows: dict[str, str] = Field(description="row label -> pruning entry, 'entry@sparsity' for one sparsity, "
-                                             "or 'dense'")
-    columns: dict[str, str] = Field(description="column label -> 'clean', an attack label of evaluation.attacks "
-                                                "(at its reported eps), 'label@eps', or 'metric:<stored metric>'")
+    rows: dict[str, str] = Field(
+        description="row label -> pruning entry, 'entry@sparsity' for one sparsity, or 'dense'"
+    )
+    columns: dict[str, str] = Field(
+        description="column label -> 'clean', an attack label of evaluation.attacks "
+        "(at its reported eps), 'label@eps', or 'metric:<stored metric>'"
+    )
     layout: Literal["methods", "flops"] = "methods"
-    transpose: bool = Field(False, description="methods layout: methods as columns, the metrics as rows "
-                                               "(reverse-pruning paper, Table 2)")
+    transpose: bool = Field(
+        False, description="methods layout: methods as columns, the metrics as rows (reverse-pruning paper, Table 2)"
+    )
     show_flops: bool = Field(True, description="methods layout: the FLOPs-reduction column")
     row_header: str = Field("Method", description="header of the row-label column")
     dense: bool = Field(True, description="begin each architecture with the dense model's row")
@@ -370,8 +405,9 @@ class StudyConfig(Strict):
     dataset: str = "mnist"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
-    models: dict[str, ModelConfig] = Field(default_factory=dict,
-                                           description="label -> architecture: a grid axis, instead of `model`")
+    models: dict[str, ModelConfig] = Field(
+        default_factory=dict, description="label -> architecture: a grid axis, instead of `model`"
+    )
     train: TrainConfig = TrainConfig()
     finetune: TrainConfig = TrainConfig(lr=0.01)
     regimes: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"clean": {}})
@@ -423,11 +459,15 @@ class StudyConfig(Strict):
             if model.train:
                 _changes_valid(lambda model=model: self.model_train(model), f"model '{label or model.name}'.train")
             if model.seeds is not None and not set(model.seeds) & set(self.seeds):
-                raise ValueError(f"model '{label or model.name}' runs seeds {model.seeds}, none of the study's "
-                                 f"seeds {self.seeds}; list some of those")
+                raise ValueError(
+                    f"model '{label or model.name}' runs seeds {model.seeds}, none of the study's "
+                    f"seeds {self.seeds}; list some of those"
+                )
             if model.weights is not None and not Path(model.weights).is_file():
-                raise ValueError(f"model.weights file {model.weights} does not exist; give the path of a state dict "
-                                 f"saved with torch.save(model.state_dict(), path)")
+                raise ValueError(
+                    f"model.weights file {model.weights} does not exist; give the path of a state dict "
+                    f"saved with torch.save(model.state_dict(), path)"
+                )
         for name, params in self.regimes.items():
             _check_params(REGIMES.get(name).Params, params, f"regimes.{name}")
         for label, p in self.pruning.items():
@@ -441,8 +481,9 @@ class StudyConfig(Strict):
                 raise ValueError(f"pruning.{label}.params: {e}") from None
             if p.finetune:
                 if "epochs" in p.finetune:
-                    raise ValueError(f"pruning '{label}': fine-tuning epochs come from finetune_epochs; remove "
-                                     f"'finetune.epochs'")
+                    raise ValueError(
+                        f"pruning '{label}': fine-tuning epochs come from finetune_epochs; remove 'finetune.epochs'"
+                    )
                 _changes_valid(lambda label=label: self.entry_finetune(label), f"pruning '{label}'.finetune")
             if p.models is not None:
                 if not self.models:
@@ -451,8 +492,10 @@ class StudyConfig(Strict):
                     raise ValueError(f"pruning '{label}': models lists no architecture; remove it or name some")
                 for m in p.models:
                     if m not in self.models:
-                        raise ValueError(f"pruning '{label}' names model '{m}', which is not a label of 'models' "
-                                         f"({', '.join(self.models)})")
+                        raise ValueError(
+                            f"pruning '{label}' names model '{m}', which is not a label of 'models' "
+                            f"({', '.join(self.models)})"
+                        )
             if getattr(method.Params(**p.params), "target", None) in ("blocks", "both"):
                 self._check_blocks(label, p.models)
             if not method.iterative and not p.sparsities:
@@ -460,23 +503,33 @@ class StudyConfig(Strict):
             if method.iterative and p.adjust != ["finetune"]:
                 raise ValueError(f"pruning '{label}': {p.method} retrains itself; remove 'adjust'")
             if not method.adjustable and p.adjust != ["finetune"]:
-                raise ValueError(f"pruning '{label}': {p.method} supports only adjust: [finetune]; use method "
-                                 f"'structured' (criterion l1) for Scratch-E/B and winning tickets")
+                raise ValueError(
+                    f"pruning '{label}': {p.method} supports only adjust: [finetune]; use method "
+                    f"'structured' (criterion l1) for Scratch-E/B and winning tickets"
+                )
             if getattr(method.Params(**p.params), "rounds", 1) > 1 and p.adjust != ["finetune"]:
-                raise ValueError(f"pruning '{label}': iterative pruning (rounds > 1) fine-tunes after every round, "
-                                 f"so it takes only adjust: [finetune]; put Scratch-E/B and winning tickets in a "
-                                 f"one-shot entry")
+                raise ValueError(
+                    f"pruning '{label}': iterative pruning (rounds > 1) fine-tunes after every round, "
+                    f"so it takes only adjust: [finetune]; put Scratch-E/B and winning tickets in a "
+                    f"one-shot entry"
+                )
             if "winning_ticket" in p.adjust and any(m.weights for _, m in self.model_items()):
-                raise ValueError(f"pruning '{label}': a winning ticket rewinds to weights saved while training the "
-                                 f"dense model, and model.weights loads one instead; drop one of the two")
+                raise ValueError(
+                    f"pruning '{label}': a winning ticket rewinds to weights saved while training the "
+                    f"dense model, and model.weights loads one instead; drop one of the two"
+                )
             if "winning_ticket" in p.adjust and p.rewind_epoch > self.train.epochs:
-                raise ValueError(f"pruning '{label}': rewind_epoch {p.rewind_epoch} is after the last of the "
-                                 f"{self.train.epochs} training epochs; use 0 to {self.train.epochs}")
+                raise ValueError(
+                    f"pruning '{label}': rewind_epoch {p.rewind_epoch} is after the last of the "
+                    f"{self.train.epochs} training epochs; use 0 to {self.train.epochs}"
+                )
         penalty = self.train.magnitude_penalty
         if penalty is not None and penalty.threshold_from_reverse is not None:
-            raise ValueError("train.magnitude_penalty.threshold_from_reverse takes tau from the trained dense model, "
-                             "so it works only when fine-tuning (finetune, or a pruning entry's finetune); give "
-                             "train a threshold instead")
+            raise ValueError(
+                "train.magnitude_penalty.threshold_from_reverse takes tau from the trained dense model, "
+                "so it works only when fine-tuning (finetune, or a pruning entry's finetune); give "
+                "train a threshold instead"
+            )
         if self.evaluation.transfer:
             for m in self.evaluation.transfer.models:
                 self._check_selector(m)
@@ -485,11 +538,15 @@ class StudyConfig(Strict):
                 raise ValueError(f"table1 column '{col}' names regime '{regime}', which the study does not train")
         for row in self.table1.rows:
             if row.pruning not in self.pruning:
-                raise ValueError(f"table1 row '{row.label}' names pruning '{row.pruning}', which the study does not run")
+                raise ValueError(
+                    f"table1 row '{row.label}' names pruning '{row.pruning}', which the study does not run"
+                )
             entry = self.pruning[row.pruning]
             if not PRUNING_METHODS.get(entry.method).iterative and row.sparsity not in entry.sparsities:
-                raise ValueError(f"table1 row '{row.label}' asks for sparsity {row.sparsity}, but pruning "
-                                 f"'{row.pruning}' runs {entry.sparsities}")
+                raise ValueError(
+                    f"table1 row '{row.label}' asks for sparsity {row.sparsity}, but pruning "
+                    f"'{row.pruning}' runs {entry.sparsities}"
+                )
         for name, t in self.tables.items():
             self._check_paper_table(name, t)
         return self
@@ -500,8 +557,10 @@ class StudyConfig(Strict):
         for label, ref in t.rows.items():
             entry, _, at = ref.partition("@")
             if entry != "dense" and entry not in self.pruning:
-                raise ValueError(f"tables.{name} row '{label}' names pruning '{entry}', which the study does not "
-                                 f"run ({', '.join(self.pruning) or 'none'})")
+                raise ValueError(
+                    f"tables.{name} row '{label}' names pruning '{entry}', which the study does not "
+                    f"run ({', '.join(self.pruning) or 'none'})"
+                )
             if at and (entry == "dense" or not _is_float(at) or float(at) not in self.pruning[entry].sparsities):
                 runs = "" if entry == "dense" else f" (it runs {self.pruning[entry].sparsities})"
                 raise ValueError(f"tables.{name} row '{label}': '{ref}' is not a sparsity of '{entry}'{runs}")
@@ -510,18 +569,23 @@ class StudyConfig(Strict):
                 continue
             attack, _, at = source.partition("@")
             if attack not in self.evaluation.attacks:
-                raise ValueError(f"tables.{name} column '{label}' names '{source}'; use 'clean', 'metric:<name>' or "
-                                 f"an entry of evaluation.attacks ({', '.join(self.evaluation.attacks) or 'none'})")
+                raise ValueError(
+                    f"tables.{name} column '{label}' names '{source}'; use 'clean', 'metric:<name>' or "
+                    f"an entry of evaluation.attacks ({', '.join(self.evaluation.attacks) or 'none'})"
+                )
             if at and (not _is_float(at) or float(at) not in self.evaluation.attacks[attack].eps):
-                raise ValueError(f"tables.{name} column '{label}': '{source}' is not an eps of attack '{attack}' "
-                                 f"({self.evaluation.attacks[attack].eps})")
+                raise ValueError(
+                    f"tables.{name} column '{label}': '{source}' is not an eps of attack '{attack}' "
+                    f"({self.evaluation.attacks[attack].eps})"
+                )
         for m in t.models or []:
             if m not in self.models:
-                raise ValueError(f"tables.{name} names model '{m}', which is not a label of 'models' "
-                                 f"({', '.join(self.models) or 'none: the study has one model'})")
+                raise ValueError(
+                    f"tables.{name} names model '{m}', which is not a label of 'models' "
+                    f"({', '.join(self.models) or 'none: the study has one model'})"
+                )
         if t.regime not in self.regimes:
             raise ValueError(f"tables.{name} names regime '{t.regime}', which the study does not train")
-
 
     def _check_blocks(self, label: str, only: list[str] | None) -> None:
         """Layer pruning needs residual blocks with identity shortcuts in every architecture it prunes."""
@@ -533,8 +597,10 @@ class StudyConfig(Strict):
                 continue
             if not any(b.removable for _, b in residual_blocks(MODELS.get(model.name)(**model.args))):
                 hint = " or list the other architectures under the entry's 'models'" if self.models else ""
-                raise ValueError(f"pruning '{label}' removes residual blocks, but model '{model.name}' has no "
-                                 f"residual block with an identity shortcut; use target: filters{hint}")
+                raise ValueError(
+                    f"pruning '{label}' removes residual blocks, but model '{model.name}' has no "
+                    f"residual block with an identity shortcut; use target: filters{hint}"
+                )
 
     def entry_finetune(self, label: str) -> TrainConfig:
         """The study's finetune settings with a pruning entry's own changes applied."""
@@ -554,19 +620,25 @@ class StudyConfig(Strict):
 
         where = f"evaluation.transfer.models entry {m.model_dump(exclude_none=True)}"
         if m.model is not None and m.model not in self.models:
-            raise ValueError(f"{where} names model '{m.model}', which is not a label of 'models' "
-                             f"({', '.join(self.models) or 'the study has one model; leave model out'})")
+            raise ValueError(
+                f"{where} names model '{m.model}', which is not a label of 'models' "
+                f"({', '.join(self.models) or 'the study has one model; leave model out'})"
+            )
         if m.pruning == "dense":
             if (m.sparsity, m.finetune_epochs, m.round, m.iteration) != (None, None, None, None):
                 raise ValueError(f"{where}: the dense model takes no sparsity, finetune_epochs or round")
             return
         if m.pruning not in self.pruning:
-            raise ValueError(f"{where} names pruning '{m.pruning}', which the study does not run "
-                             f"(known: dense, {', '.join(self.pruning)})")
+            raise ValueError(
+                f"{where} names pruning '{m.pruning}', which the study does not run "
+                f"(known: dense, {', '.join(self.pruning)})"
+            )
         entry = self.pruning[m.pruning]
         if m.model is not None and entry.models is not None and m.model not in entry.models:
-            raise ValueError(f"{where} names model '{m.model}', which pruning '{m.pruning}' does not prune "
-                             f"(its models: {', '.join(entry.models)})")
+            raise ValueError(
+                f"{where} names model '{m.model}', which pruning '{m.pruning}' does not prune "
+                f"(its models: {', '.join(entry.models)})"
+            )
         method = PRUNING_METHODS.get(entry.method)
         if method.iterative:
             rounds = method.Params(**entry.params).rounds
@@ -646,8 +718,9 @@ def describe_validation_error(err: ValidationError, source: str) -> str:
     return f"{source}: '{where}': {msg}; fix this value"
 
 
-def load_study(path: str | Path, budget: str | None = "full", seeds: int | None = None,
-               overrides: list[str] | None = None) -> StudyConfig:
+def load_study(
+    path: str | Path, budget: str | None = "full", seeds: int | None = None, overrides: list[str] | None = None
+) -> StudyConfig:
     path = Path(path)
     try:
         text = path.read_text()
@@ -669,8 +742,9 @@ def load_study(path: str | Path, budget: str | None = "full", seeds: int | None 
 REMOVABLE = ("pruning", "tables", "models", "regimes")  # sections whose entries `entry: null` removes
 
 
-def resolve_study(raw: dict, source: str, budget: str | None = "full", seeds: int | None = None,
-                  overrides: list[str] | None = None) -> StudyConfig:
+def resolve_study(
+    raw: dict, source: str, budget: str | None = "full", seeds: int | None = None, overrides: list[str] | None = None
+) -> StudyConfig:
     tree = copy.deepcopy(raw)
     budgets = tree.get("budgets") or {}
     if not isinstance(budgets, dict):

@@ -1,5 +1,6 @@
 """The result store: one SQLite file per study folder. A cell's rows are written in one
 transaction, so a killed run leaves either all of a cell or none of it."""
+
 from __future__ import annotations
 
 import json
@@ -34,10 +35,15 @@ def library_versions() -> dict[str, str]:
 
     import robustprune
 
-    return {"robustprune": robustprune.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "torch_pruning": getattr(torch_pruning, "__version__", "?"), "python": platform.python_version(),
-            # Float results can differ in the last bits with the thread count; it is part of the record.
-            "torch_threads": str(torch.get_num_threads())}
+    return {
+        "robustprune": robustprune.__version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "torch_pruning": getattr(torch_pruning, "__version__", "?"),
+        "python": platform.python_version(),
+        # Float results can differ in the last bits with the thread count; it is part of the record.
+        "torch_threads": str(torch.get_num_threads()),
+    }
 
 
 def pack(hits) -> bytes:
@@ -68,17 +74,22 @@ class Store:
         except sqlite3.OperationalError as e:
             raise self._write_error(e) from None
         except sqlite3.DatabaseError as e:
-            raise UserError(f"{self.path} is not a usable result store ({e}); point to another folder "
-                            "or move the file away") from None
+            raise UserError(
+                f"{self.path} is not a usable result store ({e}); point to another folder or move the file away"
+            ) from None
         except OSError as e:
-            raise UserError(f"cannot write the result store {self.path} ({e.strerror}); choose a writable --out folder") from None
+            raise UserError(
+                f"cannot write the result store {self.path} ({e.strerror}); choose a writable --out folder"
+            ) from None
         self._versions = None
 
     def _set_up(self) -> None:
         """WAL mode and the tables."""
+
         def attempt():
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.executescript(SCHEMA)
+
         self._patiently(attempt)
 
     def _patiently(self, attempt, patience_s: float = 60.0):
@@ -108,14 +119,16 @@ class Store:
             fix = "another process held it for over a minute; wait for it or use another --out folder"
         else:
             fix = "choose a writable --out folder"
-        return UserError(f"cannot write the result store {self.path} ({text}); {fix}; the cells stored "
-                         "before are kept")
+        return UserError(f"cannot write the result store {self.path} ({text}); {fix}; the cells stored before are kept")
 
     def done_hashes(self) -> set[str]:
         return {h for (h,) in self.db.execute("SELECT hash FROM cells WHERE status IN ('done', 'failed')")}
 
     def is_done(self, h: str) -> bool:
-        return self.db.execute("SELECT 1 FROM cells WHERE hash=? AND status IN ('done','failed')", (h,)).fetchone() is not None
+        return (
+            self.db.execute("SELECT 1 FROM cells WHERE hash=? AND status IN ('done','failed')", (h,)).fetchone()
+            is not None
+        )
 
     def versions(self) -> dict:
         if self._versions is None:
@@ -124,27 +137,55 @@ class Store:
 
         return {**self._versions, "torch_threads": str(torch.get_num_threads())}  # a worker's may change
 
-    def put(self, cell, metrics: dict[str, float], wall_time_s: float, history: Any = None,
-            status: str = "done", error: str | None = None, per_image: dict | None = None) -> bool:
+    def put(
+        self,
+        cell,
+        metrics: dict[str, float],
+        wall_time_s: float,
+        history: Any = None,
+        status: str = "done",
+        error: str | None = None,
+        per_image: dict | None = None,
+    ) -> bool:
         """Write a finished (or failed) cell and all its metrics at once. Returns False when another
         process stored the same cell first (its rows are kept, nothing is duplicated). per_image:
         {metric: bool vector} of which test images each accuracy counted correct, bit-packed."""
         versions = json.dumps(self.versions())
         axes, config = json.dumps(cell.axes), json.dumps(cell.config, sort_keys=True)
         seed = cell.axes["seed"]
+
         def attempt() -> bool:
             self.db.execute("BEGIN IMMEDIATE")
             if self.is_done(cell.hash):
                 self.db.execute("ROLLBACK")
                 return False
-            self.db.execute("INSERT OR REPLACE INTO cells VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                            (cell.hash, cell.study, axes, config, seed, status, error, wall_time_s, versions,
-                             time.strftime("%Y-%m-%dT%H:%M:%S"), json.dumps(history)))
-            self.db.executemany("INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?)",
-                                [(cell.hash, cell.study, seed, m, float(v), axes, config, versions, wall_time_s)
-                                 for m, v in metrics.items()])
-            self.db.executemany("INSERT OR REPLACE INTO per_image VALUES (?,?,?,?)",
-                                [(cell.hash, m, len(v), pack(v)) for m, v in (per_image or {}).items()])
+            self.db.execute(
+                "INSERT OR REPLACE INTO cells VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    cell.hash,
+                    cell.study,
+                    axes,
+                    config,
+                    seed,
+                    status,
+                    error,
+                    wall_time_s,
+                    versions,
+                    time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    json.dumps(history),
+                ),
+            )
+            self.db.executemany(
+                "INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?)",
+                [
+                    (cell.hash, cell.study, seed, m, float(v), axes, config, versions, wall_time_s)
+                    for m, v in metrics.items()
+                ],
+            )
+            self.db.executemany(
+                "INSERT OR REPLACE INTO per_image VALUES (?,?,?,?)",
+                [(cell.hash, m, len(v), pack(v)) for m, v in (per_image or {}).items()],
+            )
             self.db.execute("COMMIT")
             return True
 
@@ -164,32 +205,51 @@ class Store:
         out = {}
         try:
             for i in range(0, len(hashes), 500):
-                part = hashes[i:i + 500]
-                rows = self.db.execute(f"SELECT hash, n, correct FROM per_image WHERE metric=? AND hash IN "
-                                       f"({','.join('?' * len(part))})", (metric, *part))
+                part = hashes[i : i + 500]
+                rows = self.db.execute(
+                    f"SELECT hash, n, correct FROM per_image WHERE metric=? AND hash IN ({','.join('?' * len(part))})",
+                    (metric, *part),
+                )
                 out.update({h: unpack(blob, n) for h, n, blob in rows})
         except sqlite3.OperationalError:  # a store written before the table existed, opened read-only
             return {}
         return out
 
-    def record_run(self, study: str, budget: str | None, command: str, study_config: dict, hashes: Iterable[str]) -> None:
+    def record_run(
+        self, study: str, budget: str | None, command: str, study_config: dict, hashes: Iterable[str]
+    ) -> None:
         try:
             self._patiently(lambda: self._record_run(study, budget, command, study_config, hashes))
         except sqlite3.OperationalError as e:
             raise self._write_error(e) from None
 
     def _record_run(self, study, budget, command, study_config, hashes) -> None:
-        self.db.execute("INSERT INTO runs (study, budget, command, started_at, study_config, cell_hashes) VALUES (?,?,?,?,?,?)",
-                        (study, budget, command, time.strftime("%Y-%m-%dT%H:%M:%S"), json.dumps(study_config),
-                         json.dumps(list(hashes))))
+        self.db.execute(
+            "INSERT INTO runs (study, budget, command, started_at, study_config, cell_hashes) VALUES (?,?,?,?,?,?)",
+            (
+                study,
+                budget,
+                command,
+                time.strftime("%Y-%m-%dT%H:%M:%S"),
+                json.dumps(study_config),
+                json.dumps(list(hashes)),
+            ),
+        )
 
     def last_run(self) -> dict | None:
-        row = self.db.execute("SELECT study, budget, command, started_at, study_config, cell_hashes FROM runs "
-                              "ORDER BY id DESC LIMIT 1").fetchone()
+        row = self.db.execute(
+            "SELECT study, budget, command, started_at, study_config, cell_hashes FROM runs ORDER BY id DESC LIMIT 1"
+        ).fetchone()
         if row is None:
             return None
-        return {"study": row[0], "budget": row[1], "command": row[2], "started_at": row[3],
-                "study_config": json.loads(row[4]), "cell_hashes": json.loads(row[5])}
+        return {
+            "study": row[0],
+            "budget": row[1],
+            "command": row[2],
+            "started_at": row[3],
+            "study_config": json.loads(row[4]),
+            "cell_hashes": json.loads(row[5]),
+        }
 
     def cells(self, hashes: Iterable[str] | None = None) -> list[dict]:
         """Stored cells (optionally only those hashes) with their metrics."""
@@ -209,7 +269,17 @@ class Store:
         for h, axes, config, status, error, wall, history in rows:
             if wanted is not None and h not in wanted:
                 continue
-            out.append({"hash": h, "axes": json.loads(axes), "config": json.loads(config), "status": status,
-                        "error": error, "wall_time_s": wall, "metrics": metrics.get(h, {}),
-                        "history": json.loads(history) if history else None, "per_image": per_image.get(h, {})})
+            out.append(
+                {
+                    "hash": h,
+                    "axes": json.loads(axes),
+                    "config": json.loads(config),
+                    "status": status,
+                    "error": error,
+                    "wall_time_s": wall,
+                    "metrics": metrics.get(h, {}),
+                    "history": json.loads(history) if history else None,
+                    "per_image": per_image.get(h, {}),
+                }
+            )
         return out

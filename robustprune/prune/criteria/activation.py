@@ -13,11 +13,11 @@ last conv); their statistics are averaged (HRank, ExpectedABS, PLS) or summed (K
 the damage of removing the channel from all of them). A member with no statistics (a layer the
 forward pass did not reach) contributes nothing; a group with none scores 0 everywhere.
 """
+
 from __future__ import annotations
 
-from abc import abstractmethod
-
 import warnings
+from abc import abstractmethod
 from collections import defaultdict
 
 import numpy as np
@@ -26,11 +26,24 @@ from torch import nn
 
 from robustprune.errors import UserError
 from robustprune.prune.criteria.base import CRITERIA, Criterion
-from robustprune.prune.criteria.common import (Site, as_batch, block_body_outputs, channel_sites, check_positive,
-                                               chunks, collect_site_stats, evaluating, forward_hooks, kl_rows,
-                                               log_probs, need_data, need_labels, out_channels, stat_group_scores,
-                                               zero_channels_hook)
-
+from robustprune.prune.criteria.common import (
+    Site,
+    as_batch,
+    block_body_outputs,
+    channel_sites,
+    check_positive,
+    chunks,
+    collect_site_stats,
+    evaluating,
+    forward_hooks,
+    kl_rows,
+    log_probs,
+    need_data,
+    need_labels,
+    out_channels,
+    stat_group_scores,
+    zero_channels_hook,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Statistics of feature maps (n, C, ...) -> (n, C)
@@ -84,7 +97,7 @@ def vip_scores(X, Y, n_components: int = 2) -> np.ndarray:
         pls.fit(Xv, Y)
     W, T, Q = pls.x_weights_, pls.x_scores_, pls.y_loadings_
     W = W / np.maximum(np.linalg.norm(W, axis=0, keepdims=True), 1e-300)
-    ss = (T ** 2).sum(0) * (Q ** 2).sum(0)
+    ss = (T**2).sum(0) * (Q**2).sum(0)
     ss = np.nan_to_num(ss)
     if ss.sum() <= 0:
         return vip
@@ -96,8 +109,10 @@ def one_hot(name: str, y: torch.Tensor) -> np.ndarray:
     labels = y.cpu().numpy()
     classes = np.unique(labels)
     if len(classes) < 2:
-        raise UserError(f"criterion '{name}' needs images of at least two classes to fit its PLS model; "
-                        f"the batch has only class {classes[0] if len(classes) else 'none'}")
+        raise UserError(
+            f"criterion '{name}' needs images of at least two classes to fit its PLS model; "
+            f"the batch has only class {classes[0] if len(classes) else 'none'}"
+        )
     return (labels[:, None] == classes[None, :]).astype(np.float64)
 
 
@@ -174,8 +189,7 @@ class HRank(_ChannelStat):
 
     def block_scores(self, model, blocks, x=None, y=None) -> torch.Tensor:
         x, _ = self._block_data(model, x, y)
-        outs = block_body_outputs(model, blocks, x, lambda a: feature_map_ranks(a).flatten(1).mean(1),
-                                  self.batch_size)
+        outs = block_body_outputs(model, blocks, x, lambda a: feature_map_ranks(a).flatten(1).mean(1), self.batch_size)
         return torch.stack([o.mean() for o in outs]).float()
 
 
@@ -250,8 +264,8 @@ class KL(_ChannelStat):
 
     def _collect(self, model, sites, x, y):
         n = len(x)
-        per = max(1, self.batch_size // n)          # channels zeroed side by side in one pass
-        rows = max(1, self.batch_size // per)       # images per pass (all of them unless n > batch_size)
+        per = max(1, self.batch_size // n)  # channels zeroed side by side in one pass
+        rows = max(1, self.batch_size // per)  # images per pass (all of them unless n > batch_size)
         stats: dict[nn.Module, torch.Tensor] = {}
         with evaluating(model), torch.no_grad():
             logp = log_probs(model, x, self.batch_size)

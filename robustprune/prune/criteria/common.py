@@ -6,6 +6,7 @@ A group is a list of items `(dep, idxs)` with `dep.target.module` (a layer or a 
 index belongs to). Scores are indexed by the position of the root channel in the root item's
 `idxs`, so a group built with `idxs=range(n)` gets score `i` for channel `i`.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -101,8 +102,9 @@ def weight_group_scores(group, values: Callable[[nn.Module], torch.Tensor | None
         layer, fn = item.dep.target.module, item.dep.handler
         if fn in OUT_FNS and isinstance(layer, WEIGHT_LAYERS):
             pass
-        elif scope == "group" and ((fn in IN_FNS and isinstance(layer, WEIGHT_LAYERS))
-                                   or (fn in NORM_FNS and isinstance(layer, _BatchNorm))):
+        elif scope == "group" and (
+            (fn in IN_FNS and isinstance(layer, WEIGHT_LAYERS)) or (fn in NORM_FNS and isinstance(layer, _BatchNorm))
+        ):
             pass
         else:
             continue
@@ -124,8 +126,10 @@ def stat_group_scores(group, stats: dict[nn.Module, torch.Tensor], name: str, ho
             continue
         s = stats[layer]
         if len(s) != out_channels(layer):
-            raise RuntimeError(f"criterion '{name}' collected {len(s)} channels for a layer that now has "
-                               f"{out_channels(layer)}; call prepare() again after the model changed")
+            raise RuntimeError(
+                f"criterion '{name}' collected {len(s)} channels for a layer that now has "
+                f"{out_channels(layer)}; call prepare() again after the model changed"
+            )
         acc.add(item, s[list(item.idxs)])
     return acc.mean() if how == "mean" else acc.sum()
 
@@ -206,16 +210,30 @@ def kl_rows(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
 # Modules that keep each channel separate and map 0 to 0, so a channel that is zero before them is
 # zero after them: zeroing a channel at their output is the same as removing the filter.
-ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
-               nn.Hardswish, nn.Hardtanh, nn.Tanh, nn.Softsign)
+ACTIVATIONS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardtanh,
+    nn.Tanh,
+    nn.Softsign,
+)
 # The same, but only moving values around: looked through, never where a map is read.
 LOOK_THROUGH = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
 
 class Site(NamedTuple):
-    module: nn.Module   # the module whose output carries the channel's feature map
-    call: int           # which call of that module in one forward pass (shared modules)
-    last_dim: bool      # channels on the last dimension (Linear) rather than dimension 1 (conv)
+    module: nn.Module  # the module whose output carries the channel's feature map
+    call: int  # which call of that module in one forward pass (shared modules)
+    last_dim: bool  # channels on the last dimension (Linear) rather than dimension 1 (conv)
 
 
 def channel_sites(model: nn.Module, x1: torch.Tensor) -> dict[nn.Module, Site]:
@@ -268,8 +286,13 @@ def channels_first(a: torch.Tensor, last_dim: bool) -> torch.Tensor:
     return a.movedim(-1, 1) if last_dim and a.dim() > 2 else a
 
 
-def collect_site_stats(model: nn.Module, x: torch.Tensor, sites: dict[nn.Module, Site],
-                       fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int) -> dict[nn.Module, torch.Tensor]:
+def collect_site_stats(
+    model: nn.Module,
+    x: torch.Tensor,
+    sites: dict[nn.Module, Site],
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int,
+) -> dict[nn.Module, torch.Tensor]:
     """fn(feature maps (n, C, ...)) -> (n, C) at every layer's site, over the batch: {layer: (N, C)}."""
     by_site: dict[tuple[nn.Module, int], list[nn.Module]] = defaultdict(list)
     for layer, site in sites.items():
@@ -307,14 +330,16 @@ def zero_channels_hook(site: Site, mask: torch.Tensor, counters: dict):
     return hook
 
 
-def block_body_outputs(model: nn.Module, blocks, x: torch.Tensor,
-                       fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+def block_body_outputs(
+    model: nn.Module, blocks, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int
+) -> list[torch.Tensor]:
     """fn(body output of each block (n, ...)) over the batch, concatenated per block."""
     out: list[list[torch.Tensor]] = [[] for _ in blocks]
 
     def hook_for(b):
         def hook(module, inputs, output):
             out[b].append(fn(output.detach().float()).cpu())
+
         return hook
 
     hooks = [(blk.body, hook_for(b)) for b, (_, blk) in enumerate(blocks)]
@@ -326,8 +351,11 @@ def block_body_outputs(model: nn.Module, blocks, x: torch.Tensor,
 
 def weight_params(model: nn.Module) -> dict[nn.Module, nn.Parameter]:
     """The weight of every conv, linear and BatchNorm layer (what group items can refer to)."""
-    return {m: m.weight for m in model.modules()
-            if isinstance(m, WEIGHT_LAYERS + (_BatchNorm,)) and isinstance(getattr(m, "weight", None), nn.Parameter)}
+    return {
+        m: m.weight
+        for m in model.modules()
+        if isinstance(m, WEIGHT_LAYERS + (_BatchNorm,)) and isinstance(getattr(m, "weight", None), nn.Parameter)
+    }
 
 
 @contextmanager

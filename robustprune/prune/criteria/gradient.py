@@ -7,6 +7,7 @@ weight. Scoring a group sums the saliencies of a channel's weights (scope 'filte
 filters; 'group': every weight that goes with it, Torch-Pruning's group reduction). Gradients are
 taken with torch.autograd.grad, so the model's .grad fields are left as they were.
 """
+
 from __future__ import annotations
 
 from abc import abstractmethod
@@ -16,9 +17,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustprune.prune.criteria.base import CRITERIA, Criterion
-from robustprune.prune.criteria.common import (as_batch, check_positive, check_scope, chunks,
-                                               evaluating, forward_hooks, grads_enabled, need_data, need_labels,
-                                               weight_group_scores, weight_params)
+from robustprune.prune.criteria.common import (
+    as_batch,
+    check_positive,
+    check_scope,
+    chunks,
+    evaluating,
+    forward_hooks,
+    grads_enabled,
+    need_data,
+    need_labels,
+    weight_group_scores,
+    weight_params,
+)
 
 
 class _WeightSaliency(Criterion):
@@ -47,8 +58,10 @@ class _WeightSaliency(Criterion):
     def _values(self, layer: nn.Module) -> torch.Tensor | None:
         s = self._saliency.get(layer)
         if s is not None and s.shape != layer.weight.shape:
-            raise RuntimeError(f"criterion '{self.name}' scored a layer of weight shape {tuple(s.shape)} that now "
-                               f"has {tuple(layer.weight.shape)}; call prepare() again after the model changed")
+            raise RuntimeError(
+                f"criterion '{self.name}' scored a layer of weight shape {tuple(s.shape)} that now "
+                f"has {tuple(layer.weight.shape)}; call prepare() again after the model changed"
+            )
         return s
 
     def __call__(self, group) -> torch.Tensor:
@@ -94,10 +107,14 @@ class Taylor(_WeightSaliency):
             def keep(b, outs=outs):
                 def hook(module, inputs, output):
                     outs[b] = output
+
                 return hook
 
-            with evaluating(model), torch.enable_grad(), \
-                    forward_hooks([(blk.body, keep(b)) for b, (_, blk) in enumerate(blocks)]):
+            with (
+                evaluating(model),
+                torch.enable_grad(),
+                forward_hooks([(blk.body, keep(b)) for b, (_, blk) in enumerate(blocks)]),
+            ):
                 xs = x[s].clone().requires_grad_(True)  # a graph even if every parameter is frozen
                 loss = F.cross_entropy(model(xs), y[s], reduction="sum")
                 live = [b for b, o in enumerate(outs) if o is not None and o.requires_grad]
@@ -125,7 +142,7 @@ class Hessian(_WeightSaliency):
     def _weight_saliency(self, model, params, x, y):
         fisher = [torch.zeros_like(p) for p in params]
         for i in range(len(x)):
-            loss = F.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
+            loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
             for f, g in zip(fisher, torch.autograd.grad(loss, params, allow_unused=True)):
                 if g is not None:
                     f += g.pow(2)

@@ -7,6 +7,7 @@ place (Taylor/Hessian), and draw random scores from the global RNG, which a seed
 file cannot reproduce. The arithmetic is theirs: sum of |w|^p over a channel's weights, LAMP's
 normalisation, uniform random scores.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,11 @@ class _Magnitude(Criterion):
         """Mean |w|^p over the weights of the conv and linear layers of each block's body."""
         scores = []
         for _, block in blocks:
-            ws = [m.weight.detach().abs().pow(self.p).flatten() for m in block.body.modules()
-                  if isinstance(m, WEIGHT_LAYERS)]
+            ws = [
+                m.weight.detach().abs().pow(self.p).flatten()
+                for m in block.body.modules()
+                if isinstance(m, WEIGHT_LAYERS)
+            ]
             scores.append(torch.cat(ws).mean().item() if ws else 0.0)
         return torch.tensor(scores, dtype=torch.float32)
 

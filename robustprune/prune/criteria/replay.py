@@ -4,6 +4,7 @@ deterministic given the scores, so replaying on a model of the same architecture
 same filters and blocks; this is how a winning ticket gets the pruned structure onto rewound
 weights without index bookkeeping, and how a cached pruned model is rebuilt without running its
 criterion again (`Recording.state()` is plain tensors, so it is stored in the checkpoint)."""
+
 from __future__ import annotations
 
 import torch
@@ -34,8 +35,12 @@ class Recording(Criterion):
 
     def state(self) -> dict:
         """Everything Replay needs, as tensors and plain values (safe for weights-only checkpoints)."""
-        return {"name": self.name, "normalized": bool(self.normalized),
-                "groups": [s.cpu() for s in self.group_scores], "blocks": [s.cpu() for s in self.block_score_list]}
+        return {
+            "name": self.name,
+            "normalized": bool(self.normalized),
+            "groups": [s.cpu() for s in self.group_scores],
+            "blocks": [s.cpu() for s in self.block_score_list],
+        }
 
 
 class Replay(Criterion):
