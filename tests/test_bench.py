@@ -130,3 +130,41 @@ def test_pruning_speed_and_step_throughput_measure_real_work():
     speed = pruning_speed(repeats=1)
     assert set(speed) == {"filters", "blocks", "both"} and all(0 < v < 60_000 for v in speed.values())
     assert step_throughput("resnet20", "fp32", torch.device("cpu"), batch_size=8, steps=1) > 0
+
+
+def test_attacks_section_compares_with_the_reference(tmp_path, data_dir, capsys):
+    out = tmp_path / "attacks.json"
+    code = main(
+        [
+            "bench",
+            "--section",
+            "attacks",
+            "--data-dir",
+            str(data_dir),
+            "--json",
+            str(out),
+            "--train-images",
+            "2000",
+            "--eval-images",
+            "40",
+            "--autoattack-images",
+            "8",
+        ]
+    )
+    text = capsys.readouterr().out
+    assert code == 0 and "AutoAttack standard eps 0.3" in text and "speed-up (target >= 3)" in text
+    figures = json.loads(out.read_text())["attacks"]
+    assert set(figures) == {"clean eps=0.3", "clean eps=0.1", "adversarially trained eps=0.3", "robust_training"}
+    for case in ("clean eps=0.3", "clean eps=0.1", "adversarially trained eps=0.3"):
+        aa, pgd = figures[case]["autoattack"], figures[case]["pgd"]
+        assert aa["images"] == 8 and pgd["images"] == 40
+        assert aa["speedup"] == pytest.approx(aa["reference_seconds"] / aa["robustprune_seconds"])
+        assert set(aa["robustprune_stage_seconds"]) == {"apgd_ce", "apgd_t", "fab_t", "square"}
+        # the same images: no more points left standing than by the reference (one image of slack)
+        assert aa["robustprune_accuracy"] <= aa["reference_accuracy"] + 1 / 8 + 1e-9
+        assert pgd["robustprune_accuracy"] <= pgd["torchattacks_accuracy"] + 1e-9
+
+
+def test_attacks_section_refuses_a_bad_size(tmp_path, data_dir, capsys):
+    assert main(["bench", "--section", "attacks", "--data-dir", str(data_dir), "--autoattack-images", "0"]) == 2
+    assert "--autoattack-images must be at least 1" in capsys.readouterr().err
