@@ -160,8 +160,9 @@ def load_mnist_or_explain(data_dir):
     return load_dataset("mnist", folder, download=False)
 
 
-def trained_study_cnn(data, device, train_images: int | None, seed: int = 0):
-    """The study's CNN after one epoch: attack accuracies of an untrained model mean nothing."""
+def trained_study_cnn(data, device, train_images: int | None, seed: int = 0, cfg: TrainConfig | None = None):
+    """The study's CNN trained on the first `train_images` images, by default for one epoch (attack
+    accuracies of an untrained model mean nothing); `cfg` trains it otherwise (e.g. adversarially)."""
     torch.manual_seed(seed)
     model = to_device(
         build_model(
@@ -176,7 +177,7 @@ def trained_study_cnn(data, device, train_images: int | None, seed: int = 0):
     )
     x, y = data.x_train[:train_images], data.y_train[:train_images]
     t0 = time.perf_counter()
-    train(model, x.to(device), y.to(device), TrainConfig(epochs=1, lr=0.05), seed=seed)
+    train(model, x.to(device), y.to(device), cfg or TrainConfig(epochs=1, lr=0.05), seed=seed)
     _sync(device)
     return model.eval(), {"train_images": len(x), "train_seconds": time.perf_counter() - t0}
 

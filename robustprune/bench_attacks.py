@@ -9,13 +9,8 @@ most points survive APGD-CE, so APGD-T, FAB-T and Square carry the cost).
 
 from __future__ import annotations
 
-import time
-
-import torch
-
 from robustprune.attacks.benchmark import autoattack_benchmark, pgd_benchmark
-from robustprune.models import build_model, to_device
-from robustprune.train import AdversarialTraining, TrainConfig, accuracy, train
+from robustprune.train import AdversarialTraining, TrainConfig, accuracy
 
 # the adversarially trained CNN: each batch plus its PGD-5 copies at eps 0.3 (Madry's last iterate)
 ROBUST_TRAINING = TrainConfig(
@@ -32,24 +27,10 @@ CASES = (("clean", 0.3), ("clean", 0.1), ("adversarially trained", 0.3))
 
 def robust_study_cnn(data, device, train_images: int | None = None, seed: int = 0):
     """The study's CNN adversarially trained (PGD-5 at eps 0.3, 3 epochs on 20 000 images)."""
-    from robustprune.bench import STUDY_CNN_ARGS
+    from robustprune.bench import trained_study_cnn
 
-    torch.manual_seed(seed)
-    model = to_device(
-        build_model(
-            "mnist_cnn",
-            num_classes=data.num_classes,
-            image_shape=data.image_shape,
-            mean=data.mean,
-            std=data.std,
-            **STUDY_CNN_ARGS,
-        ),
-        device,
-    )
     n = min(train_images or ROBUST_TRAIN_IMAGES, ROBUST_TRAIN_IMAGES)
-    t0 = time.perf_counter()
-    train(model, data.x_train[:n].to(device), data.y_train[:n].to(device), ROBUST_TRAINING, seed=seed)
-    return model.eval(), {"train_images": n, "train_seconds": time.perf_counter() - t0}
+    return trained_study_cnn(data, device, n, seed, ROBUST_TRAINING)
 
 
 def attacks_section(console, device, args, data) -> dict:
