@@ -171,7 +171,7 @@ def plot_security_curves(
         ax.set_xlim(left=0)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-        ax.set_title(title or f"Security curves (FMN, {norm})")
+        ax.set_title(title or f"Security curves (FMN, {norm})", fontsize=9)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")

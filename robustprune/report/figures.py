@@ -439,7 +439,7 @@ def security_figures(study: StudyConfig, cells: list[dict], folder, regime: str 
         if not curves:
             continue
         path = Path(folder) / f"security_curves{_suffix(model, regime)}.png"
-        title = f"Security curves, FMN {sec.norm} ({model or study.name}, regime '{regime}', {_seeds_title(view)})"
+        title = f"Security curves, FMN {sec.norm}\n{model or study.name}, regime '{regime}', {_seeds_title(view)}"
         written.append(plot_security_curves(curves, path, sec.norm, checked, title=title))
     return written
 
