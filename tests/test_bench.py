@@ -36,7 +36,8 @@ def test_evaluation_section_figures(tmp_path, data_dir, capsys):
     assert pgd["images"] == 500 and pgd["steps"] == 20 and pgd["eps"] == 0.1
     assert pgd["robustprune_images_per_s"] > 0 and pgd["torchattacks_images_per_s"] > 0
     assert pgd["ratio"] == pytest.approx(pgd["robustprune_images_per_s"] / pgd["torchattacks_images_per_s"])
-    assert abs(pgd["robustprune_accuracy"] - pgd["torchattacks_accuracy"]) <= 0.002
+    # the same trajectory (no random start), but ours keeps the first iterate that breaks a point
+    assert pgd["torchattacks_accuracy"] - 0.02 <= pgd["robustprune_accuracy"] <= pgd["torchattacks_accuracy"] + 1e-9
     # trained, so the attack has something to lower
     assert pgd["robustprune_accuracy"] < figures["evaluation"]["model"]["clean_accuracy"]
     corr = figures["evaluation"]["corruptions"]
