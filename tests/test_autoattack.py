@@ -196,7 +196,7 @@ def test_apgd_matches_torchattacks_on_the_robust_model(mnist_cnns, norm, eps):
     )
     print(f"APGD-T {norm} eps={eps}: robustprune {ours_t:.3f}, torchattacks {theirs_t:.3f}")
     assert ours_t <= theirs_t + 0.01 + 1e-9
-    assert ours_t <= ours + 1e-9 or ours_t <= ours + 0.01  # targeted DLR is the stronger of the two here
+    assert ours_t <= ours + 0.01 + 1e-9  # targeted DLR is no weaker than CE here (one image of slack)
 
 
 def test_apgd_and_pgd_points_are_verified(mnist_cnns):
@@ -217,7 +217,7 @@ def test_autoattack_is_no_weaker_than_the_reference_and_verified(mnist_cnns):
     cascade (MultiAttack), on the adversarially trained CNN where every stage has points to work on."""
     from robustprune.attacks.benchmark import reference_autoattack
 
-    model, x, y = mnist_cnns["robust"], mnist_cnns["x"][:100], mnist_cnns["y"][:100]
+    model, x, y = mnist_cnns["robust"], mnist_cnns["x"][:60], mnist_cnns["y"][:60]
     t0 = time.perf_counter()
     result = AutoAttack(0.3, norm="Linf", version="standard", seed=0).run(model, x, y)
     t1 = time.perf_counter()
@@ -225,7 +225,7 @@ def test_autoattack_is_no_weaker_than_the_reference_and_verified(mnist_cnns):
     t2 = time.perf_counter()
     ours = result.robust_accuracy()
     print(
-        f"\nAutoAttack Linf 0.3, 100 images: robustprune {ours:.3f} ({t1 - t0:.1f} s, stages "
+        f"\nAutoAttack Linf 0.3, {len(x)} images: robustprune {ours:.3f} ({t1 - t0:.1f} s, stages "
         f"{ {k: round(v, 1) for k, v in result.seconds.items()} }), reference {theirs:.3f} ({t2 - t1:.1f} s)"
     )
     assert ours <= theirs + 0.005 + 1e-9  # no point more than the reference left standing

@@ -337,7 +337,7 @@ def test_registered():
 CROSS_CHECKS = {
     "robust_linf": ("robust", "Linf", 0.3, 100),
     "robust_l2": ("robust", "L2", 2.0, 60),
-    "clean_linf": ("clean", "Linf", 0.1, 60),
+    "clean_linf": ("clean", "Linf", 0.1, 40),
 }
 
 

@@ -34,7 +34,11 @@ STUDY = {
         "magnitude": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [0, 1]},
         "channels": {"method": "channel_l1", "sparsities": [0.3, 0.6], "finetune_epochs": [1]},
     },
-    "evaluation": {"attack_subset": 100, "attacks": {"fgsm": {"eps": [0.1]}, "pgd": {"eps": [0.1]}}},
+    # Madry's PGD (every step on every image): an early-stopping attack finishes the study before 10 kills
+    "evaluation": {
+        "attack_subset": 100,
+        "attacks": {"fgsm": {"eps": [0.1]}, "pgd": {"eps": [0.1], "params": {"early_stop": False}}},
+    },
     "seeds": [0, 1, 2],
 }
 N_CELLS = 15
