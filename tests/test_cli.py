@@ -114,7 +114,9 @@ def test_rerun_computes_nothing_and_prints_same_tables(smoke_run, study_file, da
 def test_report_formats(smoke_run):
     out, _, _ = smoke_run
     md = cli("report", str(out), "--format", "markdown").stdout
-    assert "| Pruning method | Fine-tune | Clean | Spurious corr. | Noisy label | FGSM | AutoAttack ε=0.2 |" in md
+    assert (
+        "| Pruning method | Fine-tune | Clean | Spurious corr. | Noisy label | FGSM | AutoAttack ε=0.2 (subset) |" in md
+    )
     text = cli("report", str(out), "--format", "csv").stdout
     header = text.splitlines()[0]
     assert header == "regime,pruning,method,sparsity,finetune_epochs,round,seed,metric,value,config_hash,status"

@@ -498,7 +498,8 @@ def attack_columns(view: Regime, columns: dict[str, Column]) -> list[str]:
         eps = view.study.evaluation.shown_eps(label)
         if view.has(names.adv(label, eps)):
             norm = entry.params.get("norm", "Linf")
-            columns[f"{attack_title(label)} ε={names.eps_text(eps)}{'' if norm == 'Linf' else ' (L2)'}"] = (
+            on = f", {view.images(names.images(label))} img." if entry.subset is not None else ""  # a subset's size
+            columns[f"{attack_title(label)} ε={names.eps_text(eps)}{'' if norm == 'Linf' else ' (L2)'}{on}"] = (
                 metric_column(view, names.adv(label, eps))
             )
             if entry.subset is not None:
