@@ -112,6 +112,11 @@ def cmd_report(args) -> int:
         path = write_report(args.dirs, args.out)
         _console().print(f"report: {path}", highlight=False)
         return 0
+    if args.claims:
+        from robustprune.report.render import report_claims
+
+        report_claims(args.dirs, args.format, _console())
+        return 0
     if args.robustbench:
         from robustprune.report.render import load_results
         from robustprune.report.robustbench_export import export_robustbench
@@ -244,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FOLDER",
         help="write a self-contained report instead: FOLDER/report.md with every table and figure, "
         "the tables as CSV and LaTeX, the figures as PNG and every stored number as CSV",
+    )
+    rep.add_argument(
+        "--claims",
+        action="store_true",
+        help="only the paper's claims listed in the study file: paper vs measured difference (paired over seeds, "
+        "95 %% interval, Holm-corrected) and a verdict per claim; --format markdown or csv for files",
     )
     rep.add_argument(
         "--robustbench",

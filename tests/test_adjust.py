@@ -123,7 +123,7 @@ def test_scratch_is_freshly_initialised_and_trained(workspace):
     e_model, e_hist = ws.model_of(cell_of(cells, "mag", "scratch_e"))
     b_model, b_hist = ws.model_of(cell_of(cells, "mag", "scratch_b"))
     assert len(e_hist) == 2  # as long as the dense model
-    assert len(b_hist) > 2  # the same FLOPs budget on a smaller network: more epochs
+    assert len(b_hist) == 4  # Scratch-B: twice the dense epochs (Jordão & Pedrini)
     w = e_model.conv1.weight.detach()
     assert (w == 0).any()  # the mask stays applied while training
     assert not torch.equal(w, dense.model.conv1.weight.detach() * (w != 0))
@@ -131,3 +131,95 @@ def test_scratch_is_freshly_initialised_and_trained(workspace):
     again, _ = ws.model_of(cell_of(cells, "mag", "scratch_e"))
     assert torch.equal(again.conv1.weight, e_model.conv1.weight)
     assert PRUNING_METHODS.get("global_magnitude").adjustable
+
+
+# ---- Scratch-B's budget and the rewind point as a share of training ----------------------------------
+
+
+def two_models(**entry):
+    """Two architectures trained 4 and 8 epochs, and one structured entry with a winning ticket."""
+    return {
+        "name": "rewind",
+        "dataset": "mnist",
+        "models": {
+            "short": {"name": "mnist_cnn", "args": {"conv1": 4}, "train": {"epochs": 4}},
+            "long": {"name": "mnist_cnn", "args": {"conv1": 6}, "train": {"epochs": 8}},
+        },
+        "pruning": {
+            "st": {"method": "structured", "sparsities": [0.5], "adjust": ["finetune", "winning_ticket"]} | entry
+        },
+    }
+
+
+def test_rewind_fraction_resolves_per_architecture_to_the_cell_of_that_epoch():
+    def tickets(raw):
+        cells = expand(resolve_study(raw, "test"))
+        return {c.axes["model"]: c for c in cells if c.axes.get("adjust") == "winning_ticket"}, cells
+
+    by_fraction, cells = tickets(two_models(rewind_fraction=0.25))
+    assert {m: c.config["pruning"]["rewind_epoch"] for m, c in by_fraction.items()} == {"short": 1, "long": 2}
+    by_epoch, cells_by_epoch = tickets(two_models(rewind_epoch=1))
+    assert by_fraction["short"].hash == by_epoch["short"].hash  # rewinding to the same epoch is the same cell
+    assert by_fraction["long"].hash != by_epoch["long"].hash
+    others = lambda cs: {c.hash for c in cs if c.axes.get("adjust") != "winning_ticket"}  # noqa: E731
+    assert others(cells) == others(cells_by_epoch)
+
+
+def test_scratch_b_budget_is_in_the_config_of_scratch_b_cells_only():
+    raw = two_models(adjust=["finetune", "scratch_e", "scratch_b"], scratch_b="flops")
+    cells = expand(resolve_study(raw, "test"))
+    budgets = {c.axes.get("adjust"): c.config["pruning"].get("scratch_b") for c in cells if c.config["pruning"]}
+    assert budgets == {None: None, "scratch_e": None, "scratch_b": "flops"}
+    default = expand(resolve_study(two_models(adjust=["finetune", "scratch_e", "scratch_b"]), "test"))
+    assert [c.config["pruning"] and c.config["pruning"].get("scratch_b") for c in default].count("epochs") == 2
+    same = lambda cs: {c.hash for c in cs if c.axes.get("adjust") != "scratch_b"}  # noqa: E731
+    assert same(cells) == same(default)  # the option names only Scratch-B cells
+
+
+@pytest.mark.parametrize(
+    "entry, expected",
+    [
+        ({"rewind_epoch": 1, "rewind_fraction": 0.25}, "rewind_epoch 1 and rewind_fraction 0.25 are both given"),
+        ({"rewind_fraction": 1.0}, "rewind_fraction 1.0 is outside [0, 1)"),
+        ({"rewind_fraction": -0.1}, "rewind_fraction -0.1 is outside [0, 1)"),
+        ({"rewind_epoch": 6}, "rewind_epoch 6 is after the last of the 4 training epochs of model 'short'"),
+        ({"scratch_b": "steps"}, "'pruning.st.scratch_b'"),
+    ],
+)
+def test_bad_rewind_and_scratch_b_input(entry, expected):
+    with pytest.raises(UserError) as e:
+        resolve_study(two_models(**entry), "test")
+    assert expected in str(e.value)
+
+
+def test_rewind_fraction_saves_its_epoch_and_scratch_b_flops_keeps_liu_et_al_budget(tmp_path, data_dir):
+    from robustprune.metrics.size import size_metrics
+
+    study = resolve_study(
+        raw()
+        | {
+            "pruning": {
+                "st": {
+                    "method": "structured",
+                    "sparsities": [0.5],
+                    "params": {"criterion": "l1"},
+                    "adjust": ["scratch_b", "winning_ticket"],
+                    "rewind_fraction": 0.5,
+                    "scratch_b": "flops",
+                }
+            }
+        },
+        "test",
+    )
+    ws = Workspace(study, tmp_path, data_dir, torch.device("cpu"), Progress())
+    cells = expand(study)
+    key = cells[0].dense_key
+    assert ws.rewind_epochs(key) == {1}  # half of the 2 dense epochs
+    dense = ws.dense(key)
+    assert set(dense.rewind) == {1}
+    _, ticket_history = ws.model_of(cell_of(cells, "st", "winning_ticket"))
+    assert len(ticket_history) == 1  # from epoch 1 to the end
+    model, history = ws.model_of(cell_of(cells, "st", "scratch_b"))
+    ex = ws.example_input()
+    ratio = size_metrics(dense.model, ex, 1)["flops_nonzero"] / size_metrics(model, ex, 1)["flops_nonzero"]
+    assert len(history) == max(1, round(2 * ratio)) and len(history) != 4  # the dense training's FLOPs

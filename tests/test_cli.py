@@ -123,6 +123,20 @@ def test_report_formats(smoke_run):
     assert len(text.splitlines()) - 1 == len(stored(out))
 
 
+def test_report_claims_lists_every_claim_without_a_verdict_from_one_seed(smoke_run):
+    out, _, _ = smoke_run
+    assert "Claims of mnist_pruning_robustness" in cli("report", str(out), "--claims").stdout
+    md = cli("report", str(out), "--claims", "--format", "markdown").stdout
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "| Table 1 |" in line]
+    assert len(rows) == 12  # the study file's Table 1 claims
+    # one seed is no replication: no claim may hold or be contradicted
+    assert all(("inconclusive" in r) or ("not measurable" in r) for r in rows), rows
+    table = list(csv.DictReader(io.StringIO(cli("report", str(out), "--claims", "--format", "csv").stdout)))
+    assert len(table) == 12 and {r["seeds"] for r in table} == {"1"}
+    lottery = [r for r in table if r["claim"].startswith("Lottery")]
+    assert len(lottery) == 4 and all(r["a_pct"] != "—" for r in lottery)  # a round chosen on validation
+
+
 def test_killed_run_resumes_to_identical_results(smoke_run, study_file, data_dir, tmp_path):
     """SIGKILL mid-study, run again: same rows as the uninterrupted run (same seeds, same numbers)."""
     reference, _, _ = smoke_run

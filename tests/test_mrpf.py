@@ -266,6 +266,58 @@ def test_mrs_is_computed_once_per_dense_model_and_mrs_setting(tmp_path, monkeypa
     assert fresh.last_plan == plans[0]
 
 
+def flops_reduction(model, dense, example) -> float:
+    from robustprune.metrics.size import count_macs
+
+    return 1 - count_macs(model, example)[0] / count_macs(dense, example)[0]
+
+
+def test_match_flops_removes_the_flops_of_uniform_pruning_and_replays_from_the_plan():
+    from robustprune.metrics.size import layer_widths
+    from robustprune.prune import PRUNING_METHODS
+    from robustprune.prune.criteria.replay import Recording, Replay
+
+    method = PRUNING_METHODS.get("mrpf")()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 3, 16, 16, generator=g), torch.randint(0, 10, (64,), generator=g)
+    example, dense = x[:1], tiny_resnet()
+    uniform = PRUNING_METHODS.get("structured")()
+    baseline = tiny_resnet()
+    uniform.prune(baseline, 0.5, example, uniform.Params(criterion="taylor"), (x, y))
+    target = flops_reduction(baseline, dense, example)
+    nominal = tiny_resnet()  # MRPF at the nominal ratio removes fewer FLOPs here (residual streams pruned less)
+    method.prune(nominal, 0.5, example, method.Params(criterion="taylor", r_min=0.1, r_max=0.8, mrs_lr=0.1), (x, y))
+    assert abs(flops_reduction(nominal, dense, example) - target) > 0.02
+
+    params = method.Params(criterion="taylor", r_min=0.1, r_max=0.8, mrs_lr=0.1, match_flops=True)
+    model, recording = tiny_resnet(), Recording(method.criterion(params))
+    method.prune(model, 0.5, example, params, (x, y), criterion=recording)
+    plan = method.last_plan
+    got = flops_reduction(model, dense, example)
+    assert abs(got - target) <= 0.01
+    assert plan["flops_reduction"] == pytest.approx(got) and plan["baseline_flops_reduction"] == pytest.approx(target)
+    assert 0.5 < plan["global_ratio"] <= 0.8
+    assert sum(plan["ratios"].values()) / len(plan["ratios"]) == pytest.approx(plan["global_ratio"])
+    again = tiny_resnet()  # the stored plan and scores rebuild it without data, MRS or bisection
+    method.prune(again, 0.5, example, params, None, criterion=Replay(recording), plan=plan)
+    assert layer_widths(again) == layer_widths(model)
+
+
+def test_match_flops_that_cannot_be_reached_names_the_numbers():
+    from robustprune.prune import PRUNING_METHODS
+
+    method = PRUNING_METHODS.get("mrpf")()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(32, 3, 16, 16, generator=g), torch.randint(0, 10, (32,), generator=g)
+    # Eq. 10 caps every ratio at r_max, so its mean stays under the global ratio: 30 % uniform is out of reach
+    params = method.Params(criterion="l1", rule="inverse", r_max=0.8, mrs_lr=0.1, match_flops=True)
+    with pytest.raises(UserError) as e:
+        method.prune(tiny_resnet(), 0.3, x[:1], params, (x, y))
+    msg = str(e.value)
+    assert "cannot match the" in msg and "FLOPs reduction of uniform pruning at sparsity 0.3 within 1 p.p." in msg
+    assert "closest:" in msg and "widen r_min / r_max or set match_flops: false" in msg
+
+
 @pytest.mark.parametrize(
     "params, sparsity, expected",
     [
@@ -340,6 +392,54 @@ def test_bad_entry_finetune(finetune, expected):
     with pytest.raises(UserError) as e:
         resolve_study(raw, "t")
     assert expected in str(e.value)
+
+
+def test_match_flops_off_keeps_the_hash_of_old_cells():
+    from robustprune.study.cells import expand
+    from robustprune.study.schema import resolve_study
+
+    raw = copy.deepcopy(STUDY)
+    before = {c.axes["pruning"]: c.hash for c in expand(resolve_study(raw, "t"))}
+    raw["pruning"]["l2_mrpf"]["params"]["match_flops"] = False
+    assert {c.axes["pruning"]: c.hash for c in expand(resolve_study(raw, "t"))} == before
+    raw["pruning"]["l2_mrpf"]["params"]["match_flops"] = True
+    after = {c.axes["pruning"]: c.hash for c in expand(resolve_study(raw, "t"))}
+    assert after["l2_mrpf"] != before["l2_mrpf"] and after["l2"] == before["l2"]
+
+
+def test_a_flops_matched_mrpf_cell_is_rebuilt_from_its_checkpoint(tmp_path, data_dir, monkeypatch):
+    from robustprune.metrics.size import layer_widths
+    from robustprune.prune.methods import MRPF
+    from robustprune.study.cells import expand
+    from robustprune.study.runner import Progress, Workspace
+    from robustprune.study.schema import resolve_study
+
+    if not (data_dir / "cifar10" / "cifar10.npz").exists():
+        pytest.skip("real CIFAR-10 not found")
+    raw = copy.deepcopy(STUDY)
+    raw["data"] = {"train_subset": 256, "test_subset": 50}
+    raw["pruning"] = {"m": raw["pruning"]["l2_mrpf"]}
+    raw["pruning"]["m"]["params"] |= {"match_flops": True}
+    raw["pruning"]["m"]["finetune"] = {}
+    study = resolve_study(raw, "t")
+    cell = next(c for c in expand(study) if c.axes["pruning"] == "m")
+    ws = Workspace(study, tmp_path, data_dir, torch.device("cpu"), Progress())
+    model, _ = ws.model_of(cell)
+    metrics = ws.plan_metrics(cell)
+    dense = ws.dense(cell.dense_key).model
+    assert abs(flops_reduction(model, dense, ws.example_input()) - metrics["mrpf:flops_reduction"]) < 1e-9
+    assert abs(metrics["mrpf:flops_reduction"] - metrics["mrpf:baseline_flops_reduction"]) <= 0.01
+    assert metrics["mrpf:global_ratio"] != 0.3
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("a cached cell searched for its global ratio again")
+
+    monkeypatch.setattr(MRPF, "flops_matched", no_search)
+    fresh = Workspace(study, tmp_path, data_dir, torch.device("cpu"), Progress())
+    again, _ = fresh.model_of(cell)
+    assert layer_widths(again) == layer_widths(model)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    assert fresh.plan_metrics(cell) == metrics
 
 
 @pytest.mark.slow

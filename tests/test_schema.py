@@ -75,7 +75,7 @@ def test_resolve_does_not_modify_the_raw_tree(raw):
 
 
 def test_unknown_budget_names_known_budgets(study_file):
-    with pytest.raises(UserError, match="no budget 'tiny'; known budgets: full, smoke"):
+    with pytest.raises(UserError, match="no budget 'tiny'; known budgets: claims, full, smoke"):
         load_study(study_file, "tiny")
 
 

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +34,9 @@ class ImageDataset:
     std: tuple[float, ...]
     # Extra named test sets a training regime adds (e.g. patched or adversarial images).
     extra_tests: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # A validation split held out from the training set (models are selected on it, never on the test set).
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -52,6 +55,19 @@ class ImageDataset:
             self.num_classes,
             self.mean,
             self.std,
+        )
+
+    def hold_out(self, n: int) -> "ImageDataset":
+        """The last n training examples become the validation split; training keeps the rest."""
+        if not n:
+            return self
+        if n >= len(self.x_train):
+            raise UserError(
+                f"data.validation holds out {n} images but the training set has only {len(self.x_train)}; "
+                "use a smaller validation split"
+            )
+        return replace(
+            self, x_train=self.x_train[:-n], y_train=self.y_train[:-n], x_val=self.x_train[-n:], y_val=self.y_train[-n:]
         )
 
 

@@ -25,6 +25,9 @@
                                           norms; weights:log10_bound the Eq. 3 product (metrics/weights.py)
     mrs:<group>, ratio:<group>            MRPF: Module Robust Sensitivity of a group of coupled filters
                                           (named by its first layer) and the pruning ratio it was given
+    mrpf:global_ratio                     MRPF with match_flops: the global ratio the bisection chose,
+    mrpf:flops_reduction                  the FLOPs reduction it gave (share of the dense model's FLOPs)
+    mrpf:baseline_flops_reduction         and that of uniform pruning at the entry's sparsity, matched
 
 Strengths are written with Python's :g format (0.1, 0.03137, 8)."""
 
@@ -68,7 +71,7 @@ def width(layer: str) -> str:
 
 
 def plan_metric(kind: str, group: str) -> str:
-    assert kind in ("mrs", "ratio"), kind
+    assert kind in ("mrs", "ratio", "mrpf"), kind
     return f"{kind}:{group}"
 
 
@@ -76,6 +79,7 @@ def adv(attack: str, eps: float) -> str:
     return f"acc_adv:{attack}@{strength(eps)}"
 
 
+VALIDATION = "val_acc"  # accuracy on the validation split held out from training (model selection only)
 WORST = "worst"  # the label of the per-image worst case over a cell's attacks (reserved)
 
 

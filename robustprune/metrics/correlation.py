@@ -1,10 +1,11 @@
 """Pearson correlation between generalization and robustness over a study's settings (Jordão &
-Pedrini, Fig. 4: r between clean accuracy and accuracy under an attack of the pruned models)."""
+Pedrini, Fig. 4: r between clean accuracy and accuracy under an attack of the pruned models). The
+unit is the setting: its seeds are averaged into one point before r and its p-value."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -14,7 +15,7 @@ from scipy import stats
 class Correlation(NamedTuple):
     r: float
     p: float  # two-sided p-value of r = 0
-    n: int  # number of (x, y) pairs used
+    n: int  # number of (x, y) points used: settings, for generalization_vs_robustness
 
 
 def _clean_pairs(xs: Sequence[float], ys: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -40,12 +41,33 @@ def pearson(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
 
 
 def generalization_vs_robustness(
-    rows: Iterable[Mapping[str, float]], gen_metric: str = "acc_clean", rob_metric: str = "acc_adv:fgsm@0.1"
+    rows: Iterable[Mapping],
+    gen_metric: str = "acc_clean",
+    rob_metric: str = "acc_adv:fgsm@0.1",
+    setting: Callable[[Mapping], Hashable] | None = None,
 ) -> Correlation:
-    """Pearson r between `gen_metric` and `rob_metric` over rows of metrics (one dict per pruned
-    model or setting, e.g. rows of the result store or of single_element_study). Rows missing either
-    metric, or holding NaN, are left out; n counts the rows used. r and p are NaN as in `pearson`."""
-    pairs = [(row[gen_metric], row[rob_metric]) for row in rows if gen_metric in row and rob_metric in row]
-    x, y = _clean_pairs([a for a, _ in pairs], [b for _, b in pairs])
-    r, p = pearson(x, y)
-    return Correlation(r, p, len(x))
+    """Pearson r between `gen_metric` and `rob_metric` over independent settings.
+
+    rows: dicts of metrics, or cells of the result store ({"axes": ..., "metrics": ...}). Rows of
+    one setting (by default, for cells, the same axes but the seed; else `setting(row)`) are first
+    averaged into one point: the seeds of a setting are not independent settings, and counting them
+    as such would shrink p. Without cells or `setting`, each row must be its own setting. Rows
+    missing either metric, or holding NaN, are left out; n counts the points (settings) used. r and
+    p are NaN as in `pearson`."""
+    points: dict[Hashable, list[tuple[float, float]]] = {}
+    for i, row in enumerate(rows):
+        metrics = row["metrics"] if "metrics" in row and "axes" in row else row
+        x, y = metrics.get(gen_metric), metrics.get(rob_metric)
+        if x is None or y is None or not (math.isfinite(x) and math.isfinite(y)):
+            continue
+        key = setting(row) if setting else _setting_of(row) if "axes" in row else i
+        points.setdefault(key, []).append((x, y))
+    xs = [float(np.mean([x for x, _ in p])) for p in points.values()]
+    ys = [float(np.mean([y for _, y in p])) for p in points.values()]
+    r, p = pearson(xs, ys)
+    return Correlation(r, p, len(xs))
+
+
+def _setting_of(cell: Mapping) -> Hashable:
+    """A stored cell's axes without its seed."""
+    return tuple(sorted((k, repr(v)) for k, v in cell["axes"].items() if k != "seed"))

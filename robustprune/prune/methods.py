@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from typing import ClassVar, Literal
 
@@ -173,6 +174,16 @@ class MRPFParams(StructuredParams):
     r_min: float = Field(0.0, ge=0, lt=1, description="smallest per-group ratio")
     r_max: float = Field(0.8, gt=0, lt=1, description="largest per-group ratio")
     rule: Literal["adaptive", "inverse"] = Field("adaptive", description="Appendix B.4.2, or the main text's Eq. 8-10")
+    match_flops: bool = Field(
+        False,
+        description="choose the global ratio by bisection so that the FLOPs reduction is within 1 p.p. of what "
+        "uniform filter pruning (method structured, the same criterion) removes at the entry's sparsity on the "
+        "same model: the paper's tables compare at matched FLOPs. The sparsity then names that baseline",
+    )
+
+
+# what a FLOPs-matched MRPF plan holds besides MRS and ratios (stored as mrpf:<key> metrics)
+MATCHED = ("global_ratio", "flops_reduction", "baseline_flops_reduction")
 
 
 @PRUNING_METHODS.register("mrpf")
@@ -187,6 +198,7 @@ class MRPF(Structured):
     # the ratio rule: a study keeps it per dense model (an object with get(key) and put(key, mrs)).
     MRS_SETTINGS = ("attack", "attack_eps", "mrs_lr", "mrs_epochs", "mrs_eps")
     mrs_cache = None
+    FLOPS_TOLERANCE = 0.01  # match_flops: at most 1 p.p. from the baseline's FLOPs reduction
 
     @classmethod
     def mrs_key(cls, params) -> dict:
@@ -218,7 +230,7 @@ class MRPF(Structured):
         return build_attack(params.attack, params.attack_eps)
 
     def mrs_plan(self, model, sparsity, example_input, params, x, y) -> dict:
-        from robustprune.prune.mrpf import adaptive_ratios, inverse_mrs_ratios, module_robust_sensitivity
+        from robustprune.prune.mrpf import module_robust_sensitivity
         from robustprune.prune.structured import filter_groups
 
         mrs = self.mrs_cache.get(self.mrs_key(params)) if self.mrs_cache is not None else None
@@ -236,11 +248,69 @@ class MRPF(Structured):
             )
             if self.mrs_cache is not None:
                 self.mrs_cache.put(self.mrs_key(params), mrs)
+        if params.match_flops:
+            return {"mrs": mrs} | self.flops_matched(model, mrs, sparsity, example_input, params, x, y)
+        return {"mrs": mrs, "ratios": self.ratios(mrs, sparsity, params)}
+
+    @staticmethod
+    def ratios(mrs: dict, r_global: float, params) -> dict[str, float]:
+        from robustprune.prune.mrpf import adaptive_ratios, inverse_mrs_ratios
+
         if params.rule == "adaptive":
-            ratios = adaptive_ratios(mrs, sparsity, params.r_min, params.r_max)
-        else:
-            ratios = inverse_mrs_ratios(mrs, sparsity, params.r_max)
-        return {"mrs": mrs, "ratios": ratios}
+            return adaptive_ratios(mrs, r_global, params.r_min, params.r_max)
+        return inverse_mrs_ratios(mrs, r_global, params.r_max)
+
+    def flops_matched(self, model, mrs, sparsity, example_input, params, x, y) -> dict:
+        """The global ratio whose MRPF ratios remove (within FLOPS_TOLERANCE) the share of FLOPs
+        that uniform pruning at `sparsity` removes, found by bisection on copies of the model. The
+        criterion runs once, on the baseline; every trial replays its scores (which filters of a
+        group go does not change the FLOPs, only how many)."""
+        from robustprune.errors import UserError
+        from robustprune.metrics.size import count_macs
+        from robustprune.prune.criteria.replay import Recording, Replay
+
+        dense = count_macs(model, example_input)[0]
+
+        def reduction(prune) -> float:
+            m = copy.deepcopy(model)
+            prune(m)
+            return 1.0 - count_macs(m, example_input)[0] / dense
+
+        recording = Recording(self.criterion(params))
+        target = reduction(lambda m: prune_filters_(m, recording, sparsity, example_input, x=x, y=y))
+        scores = recording.state()
+
+        def trial(r: float):
+            ratios = self.ratios(mrs, r, params)
+            try:
+                return ratios, reduction(
+                    lambda m: prune_filters_(m, Replay(scores), 0.0, example_input, layer_ratios=ratios)
+                )
+            except UserError:  # a ratio that empties a group: too much
+                return ratios, None
+
+        lo_bound = params.r_min if params.rule == "adaptive" else 0.0  # what each rule accepts
+        lo, hi = lo_bound, params.r_max
+        r, best = sparsity, None
+        while True:  # the reduction grows with r (in steps, as counts are whole filters)
+            ratios, got = trial(r)
+            if got is not None and (best is None or abs(got - target) < abs(best[2] - target)):
+                best = (r, ratios, got)
+            if (got is not None and abs(got - target) <= 0.001) or hi - lo < 1e-3:  # 0.1 p.p. is close enough
+                break
+            lo, hi = (lo, r) if got is None or got > target else (r, hi)
+            r = (lo + hi) / 2
+        if best is None or abs(best[2] - target) > self.FLOPS_TOLERANCE:
+            near = (
+                "no global ratio prunes the model" if best is None else f"{best[2]:.2%} at global ratio {best[0]:.4f}"
+            )
+            raise UserError(
+                f"mrpf cannot match the {target:.2%} FLOPs reduction of uniform pruning at sparsity {sparsity} within "
+                f"{self.FLOPS_TOLERANCE * 100:g} p.p. (closest: {near}, searching {lo_bound} to {params.r_max}); "
+                f"widen r_min / r_max or set match_flops: false"
+            )
+        r, ratios, got = best
+        return {"ratios": ratios, "global_ratio": r, "flops_reduction": got, "baseline_flops_reduction": target}
 
     def prune(self, model, sparsity, example_input, params, data=None, criterion=None, plan=None):
         x, y = data if data is not None else (None, None)

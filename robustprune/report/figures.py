@@ -313,7 +313,8 @@ def correlation_figures(study: StudyConfig, cells: list[dict], folder, regime: s
         pts = [(x, y) for x, y in zip(clean, rob) if x == x and y == y]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18)
         r, pval = pearson([p[0] for p in pts], [p[1] for p in pts])
-        ax.set_title(f"{name}\nPearson r = {r:.2f}, p = {pval:.2g} ({len(pts)} settings)", fontsize=9)
+        # one point per setting (its mean over seeds): p counts settings, never settings x seeds
+        ax.set_title(f"{name}\nPearson r = {r:.2f}, p = {pval:.2g} over {len(pts)} settings", fontsize=9)
         ax.set_xlabel("clean accuracy (%)")
         ax.set_ylabel(f"{name} accuracy (%)")
         ax.grid(alpha=0.3)

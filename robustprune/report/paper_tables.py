@@ -11,13 +11,13 @@ from __future__ import annotations
 import statistics
 
 from robustprune.evaluate import names
+from robustprune.report.stats import compare, compared
 from robustprune.report.tables import (
-    MARK_NOTE,
     Setting,
     Table,
+    finished,
     fmt,
     group,
-    marked,
     n_seeds,
     seeds_text,
     show,
@@ -63,7 +63,6 @@ class _Context:
         self.dense_key = Setting(spec.regime, "dense", 0.0, 0, None, model)
         self.dense_by_seed = {c["axes"]["seed"]: c for c in self.groups.get(self.dense_key, [])}
         self.metrics = [column_metric(study, src) for src in spec.columns.values()]
-        self.tested = False  # whether any number was tested against the dense model
 
     def keys(self, ref: str) -> list[Setting]:
         """The settings of 'entry' or 'entry@sparsity' that have results, by sparsity then fine-tuning epochs."""
@@ -85,17 +84,15 @@ class _Context:
         return sorted(found, key=lambda k: (k.sparsity or 0.0, k.finetune_epochs))
 
     def accuracies(self, key: Setting) -> list[str]:
-        """Each column's mean ± std, with ' *' where the paired bootstrap against the dense model of
-        the same seeds (same test images) says the difference is significant."""
-        from robustprune.report.robustness import SIGNIFICANT, paired_difference
-
+        """Each column's mean ± std; accuracies of a pruned setting compared with the dense model of
+        the same seeds (marked once the whole table is built, see report/stats.py)."""
         out = []
         for m in self.metrics:
             text = show(self.groups[key], m, key, self.flags)
-            if key.pruning != "dense" and m.startswith("acc_") and text != "—":
-                diff = paired_difference(self.groups[key], self.dense_by_seed, [m])
-                self.tested |= diff is not None
-                text += SIGNIFICANT if diff is not None and diff.significant else ""
+            if key.pruning != "dense" and m.startswith("acc_"):
+                text = compared(
+                    text, compare(self.groups[key], self.dense_by_seed, lambda c, m=m: c["metrics"].get(m), [m])
+                )
             out.append(text)
         return out
 
@@ -179,7 +176,6 @@ def paper_table(study: StudyConfig, cells: list[dict], name: str, flags: set | N
     first_column = bool(study.models)
     headers: list[str] = []
     rows: list[list[str]] = []
-    tested = False
     for model in models:
         ctx = _Context(study, spec, [c for c in cells if c["axes"].get("model") == model], model, flags)
         if spec.layout == "methods":
@@ -201,13 +197,10 @@ def paper_table(study: StudyConfig, cells: list[dict], name: str, flags: set | N
                 rows.append(["", *more])
             headers = headers or ["Architecture"] * first_column + more
             rows += block
-        tested |= ctx.tested
     if not rows:
         return None
     n = n_seeds([c for c in cells if c["axes"].get("model") in models])
-    from robustprune.report.robustness import DENSE_NOTE
-
-    notes = ([MARK_NOTE] if marked(rows) else []) + ([DENSE_NOTE] if tested else [])
+    rows, notes = finished(rows)
     return Table(spec.title, headers, rows, caption(study, spec, n), notes)
 
 

@@ -137,3 +137,24 @@ def report(folders: list[str], fmt: str, console: Console, figures: str | None =
                 console.file.write(to_markdown(t) + "\n")
         else:
             print_tables(console, study, cells)
+
+
+def report_claims(folders: list[str], fmt: str, console: Console) -> None:
+    """Each folder's claims table (report --claims): terminal, markdown or CSV."""
+    from robustprune.report.claims import claims_csv, claims_table
+
+    for i, folder in enumerate(folders):
+        study, cells = load_results(folder)
+        if not study.claims:
+            raise UserError(
+                f"the study recorded in {folder} lists no claims; add a 'claims:' section to its study file "
+                "and run it again (stored cells are reused, nothing is recomputed)"
+            )
+        if fmt == "csv":
+            text = claims_csv(study, cells)
+            console.file.write(text if i == 0 else text.split("\n", 1)[1])
+        elif fmt == "markdown":
+            console.file.write(to_markdown(claims_table(study, cells)) + "\n")
+        else:
+            console.print(to_rich(claims_table(study, cells), console.width))
+            console.print()

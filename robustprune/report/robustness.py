@@ -14,9 +14,11 @@ from typing import Callable
 
 from robustprune.evaluate import checks, names
 from robustprune.metrics.correlation import pearson
+from robustprune.report.stats import compare, compared
 from robustprune.report.tables import (
     MARK_NOTE,
     Table,
+    finished,
     fmt,
     group,
     key_of,
@@ -216,32 +218,43 @@ def component_metrics(study: StudyConfig, metric: str) -> list[str]:
     return [metric]
 
 
+def against_dense(view: Regime, k: tuple, text: str, value: Callable[[dict], float | None], parts: list[str]) -> str:
+    """A pruned setting's text compared with the dense model of the same architecture over the seeds
+    both have (per seed `value`; one seed: the per-image results of `parts`); see report/stats.py."""
+    if k.pruning == "dense" or text == "—":
+        return text
+    dense = {
+        c["axes"]["seed"]: c for d in view.keys if d.pruning == "dense" and d.model == k.model for c in view.groups[d]
+    }
+    return compared(text, compare(view.groups[k], dense, value, parts))
+
+
 def metric_column(view: Regime, metric: str) -> Column:
-    """A metric's mean ± std per setting; ' *' where a pruned model differs significantly from the
-    dense model of the same architecture and seeds (paired bootstrap on the same test images)."""
+    """A metric's mean ± std per setting, compared with the dense model (accuracies only)."""
     parts = component_metrics(view.study, metric)
-    dense = [(k.model, c) for k in view.keys if k.pruning == "dense" for c in view.groups[k]]
 
     def col(k: tuple) -> str:
         text = show(view.groups[k], metric, k, view.flags)
-        if k.pruning != "dense" and text != "—" and metric.startswith("acc_"):
-            diff = paired_difference(view.groups[k], {c["axes"]["seed"]: c for m, c in dense if m == k.model}, parts)
-            text += SIGNIFICANT if diff is not None and diff.significant else ""
-        return text
+        if not metric.startswith("acc_"):
+            return text
+        return against_dense(view, k, text, lambda c: c["metrics"].get(metric), parts)
 
     return col
 
 
+def mean_of(metrics: list[str]) -> Callable[[dict], float | None]:
+    """A cell's mean over `metrics` (those it has), None when it has none."""
+    return lambda c: statistics.fmean(vs) if (vs := [c["metrics"][m] for m in metrics if m in c["metrics"]]) else None
+
+
 def mean_column(view: Regime, metrics: list[str], fmt_as: str) -> Column:
-    """Per seed the mean of `metrics`, then mean ± std over seeds."""
+    """Per seed the mean of `metrics`, then mean ± std over seeds; accuracies compared with the dense
+    model (a per-seed mean over metrics on the same images is the per-image average)."""
+    value = mean_of(metrics)
 
     def col(k: tuple) -> str:
-        per_seed = [
-            statistics.fmean(vs)
-            for c in view.groups[k]
-            if (vs := [c["metrics"][m] for m in metrics if m in c["metrics"]])
-        ]
-        return fmt(per_seed, fmt_as)
+        text = fmt([v for c in view.groups[k] if (v := value(c)) is not None], fmt_as)
+        return against_dense(view, k, text, value, metrics) if fmt_as.startswith("acc_") else text
 
     return col
 
@@ -250,21 +263,8 @@ def settings_table(view: Regime, title: str, columns: dict[str, Column], caption
     """Rows = the regime's settings (as in its sweep table), one column per entry of `columns`."""
     if not columns:
         return None
-    rows = [[setting_label(k), *[col(k) for col in columns.values()]] for k in view.keys]
-    return Table(f"{title} (regime '{view.name}')", ["Setting", *columns], rows, caption, table_notes(rows))
-
-
-SIGNIFICANT = " *"
-DENSE_NOTE = (
-    "* = differs significantly from the dense model of the same architecture: the 95 % interval of a "
-    "paired bootstrap over seeds and test images (2000 resamples; both on the same images) excludes 0."
-)
-
-
-def table_notes(rows: list[list[str]]) -> list[str]:
-    """The notes that explain the marks a table's cells carry."""
-    significant = any(v.endswith(SIGNIFICANT) for r in rows for v in r)
-    return ([MARK_NOTE] if marked(rows) else []) + ([DENSE_NOTE] if significant else [])
+    rows, notes = finished([[setting_label(k), *[col(k) for col in columns.values()]] for k in view.keys])
+    return Table(f"{title} (regime '{view.name}')", ["Setting", *columns], rows, caption, notes)
 
 
 TITLES = {"autoattack": "AutoAttack", "white_box": "white-box stages", "worst": "Worst case"}
@@ -293,36 +293,34 @@ def summary_table(study: StudyConfig, cells: list[dict], regime: str, flags: set
 
 
 def robustness_measures(view: Regime) -> dict[str, Callable[[dict], float | None]]:
-    """Per cell: Semantic (the corruption mean), Occlusion (mean over sizes), each attack at its
-    report eps, where the regime's cells have them."""
-    study, ev = view.study, view.study.evaluation
-    measures: dict[str, Callable[[dict], float | None]] = {}
+    """Per cell: Semantic and Occlusion at the highest evaluated severity (Jordão & Pedrini's setting,
+    section 4), each attack at its report eps, where the regime's cells have them."""
+    return {name: mean_of(metrics) for name, metrics in measure_metrics(view).items() if name != "Clean"}
+
+
+def _severity_metrics(view: Regime) -> tuple[dict[int, list[str]], list[str]]:
+    """Corruption metrics by severity (those stored) and occlusion metrics by size, ascending."""
+    ev = view.study.evaluation
+    by_severity: dict[int, list[str]] = {}
     if view.has(names.corruption()):
-        measures["Semantic"] = lambda c: c["metrics"].get(names.corruption())
-    sizes = [names.occlusion(s) for s in ev.occlusion if view.has(names.occlusion(s))]
-    if sizes:
-        measures["Occlusion"] = lambda c: (
-            statistics.fmean(v) if (v := [c["metrics"][m] for m in sizes if m in c["metrics"]]) else None
-        )
-    for label in ev.attacks:
-        m = names.adv(label, study.evaluation.shown_eps(label))
-        if view.has(m):
-            measures[f"{attack_title(label)} ε={names.eps_text(study.evaluation.shown_eps(label))}"] = lambda c, m=m: c[
-                "metrics"
-            ].get(m)
-    return measures
+        for sev in sorted(ev.corruptions.severities):
+            by_severity[sev] = [names.corruption(t, sev) for t in ev.corruption_types()]
+    sizes = [names.occlusion(s) for s in sorted(ev.occlusion) if view.has(names.occlusion(s))]
+    return by_severity, sizes
 
 
 def measure_metrics(view: Regime) -> dict[str, list[str]]:
-    """The stored metrics behind each of robustness_measures (and Clean): a paired test pools their
-    per-image results."""
+    """The stored metrics behind each robustness measure (and Clean), at the paper's setting: the
+    highest corruption severity and the largest occlusion. A measure's per-seed value is the mean
+    over its metrics, which on the same images is the per-image average."""
     ev = view.study.evaluation
     out = {}
-    if view.has(names.corruption()):
-        out["Semantic"] = [names.corruption(t, s) for t in ev.corruption_types() for s in ev.corruptions.severities]
-    sizes = [names.occlusion(s) for s in ev.occlusion if view.has(names.occlusion(s))]
+    by_severity, sizes = _severity_metrics(view)
+    if by_severity:
+        top = max(by_severity)
+        out[f"Semantic (severity {top})" if len(by_severity) > 1 else "Semantic"] = by_severity[top]
     if sizes:
-        out["Occlusion"] = sizes
+        out[f"Occlusion ({sizes[-1].split('@')[1]} px)" if len(sizes) > 1 else "Occlusion"] = sizes[-1:]
     for label in ev.attacks:
         eps = ev.shown_eps(label)
         if view.has(names.adv(label, eps)):
@@ -331,30 +329,15 @@ def measure_metrics(view: Regime) -> dict[str, list[str]]:
     return out
 
 
-SIGNIFICANCE_NOTE = (
-    "* = significant: the 95 % interval of a paired bootstrap over seeds and test images "
-    "(2000 resamples; both models on the same images) excludes 0; [low, high] is that interval "
-    "in p.p."
-)
-
-
-def paired_difference(pruned: list[dict], dense: dict, metrics: list[str]):
-    """The paired bootstrap of pruned - dense over the seeds both have per-image results for."""
-    from robustprune.report.stats import paired_bootstrap, pooled
-
-    pairs = []
-    for c in pruned:
-        base = dense.get(c["axes"]["seed"])
-        a, b = pooled(c, metrics), pooled(base, metrics) if base else None
-        if a is not None and b is not None and len(a) == len(b):
-            pairs.append((a, b))
-    return paired_bootstrap(pairs) if pairs else None
-
-
-def with_significance(text: str, diff) -> str:
-    if diff is None or text == "—":
-        return text
-    return f"{text} [{100 * diff.low:+.2f}, {100 * diff.high:+.2f}]" + (SIGNIFICANT if diff.significant else "")
+def all_severity_metrics(view: Regime) -> dict[str, list[str]]:
+    """The means over every evaluated severity and size (extra columns beside the paper's setting)."""
+    by_severity, sizes = _severity_metrics(view)
+    out = {}
+    if len(by_severity) > 1:
+        out["Semantic, all severities"] = [m for ms in by_severity.values() for m in ms]
+    if len(sizes) > 1:
+        out["Occlusion, all sizes"] = sizes
+    return out
 
 
 def gains_table(study: StudyConfig, cells: list[dict], regime: str, flags: set | None = None) -> Table | None:
@@ -369,11 +352,19 @@ def gains_table(study: StudyConfig, cells: list[dict], regime: str, flags: set |
     measures["Clean"] = lambda c: c["metrics"].get("acc_clean")
     dense = {(k.model, c["axes"]["seed"]): c for k in view.keys if k.pruning == "dense" for c in view.groups[k]}
     components = measure_metrics(view)
-    rows, tested = [], False
+    extras = all_severity_metrics(view)  # beside the Average, not in it: the paper averages its setting
+    components.update(extras)
+    extra_measures = {name: mean_of(metrics) for name, metrics in extras.items()}
+
+    def average(c: dict) -> float | None:
+        vs = [m(c) for m in measures.values()]
+        return None if any(v is None for v in vs) else statistics.fmean(vs)
+
+    rows = []
     for k in view.keys:
         if k.pruning == "dense":
             continue
-        per_column: dict[str, list[float]] = {name: [] for name in [*measures, "Average"]}
+        per_column: dict[str, list[float]] = {name: [] for name in [*measures, "Average", *extra_measures]}
         for c in view.groups[k]:
             base = dense.get((k.model, c["axes"]["seed"]))
             if base is None:
@@ -386,52 +377,59 @@ def gains_table(study: StudyConfig, cells: list[dict], regime: str, flags: set |
                     per_column[name].append(gains[name])
             if len(gains) == len(measures):
                 per_column["Average"].append(statistics.fmean(gains.values()))
+            for name, measure in extra_measures.items():
+                now, before = measure(c), measure(base)
+                if now is not None and before is not None:
+                    per_column[name].append(100 * (now - before))
         dense_of_seed = {seed: c for (model, seed), c in dense.items() if model == k.model}
         texts = []
         for name, column_gains in per_column.items():
-            diff = paired_difference(view.groups[k], dense_of_seed, components[name]) if name in components else None
-            tested |= diff is not None
-            texts.append(with_significance(signed(column_gains), diff))
+            # the Average's parts lie on different images, so one seed gives it no interval
+            every = measures | extra_measures
+            value, parts = (every[name], components.get(name, [])) if name in every else (average, [])
+            texts.append(compared(signed(column_gains), compare(view.groups[k], dense_of_seed, value, parts)))
         rows.append([setting_label(k), *texts])
     if not rows or len(measures) < 2:
         return None
     caption = (
-        f"Difference in accuracy (p.p.) between each pruned network and the unpruned one of the same "
-        f"architecture, regime and seed (Jordão & Pedrini 2021, Tables 1-3); (+) = gain, (-) = loss; "
-        f"Average = mean of the columns, clean included; mean ± std over {view.seeds()}."
+        "Difference in accuracy (p.p.) between each pruned network and the unpruned one of the same "
+        "architecture, regime and seed (Jordão & Pedrini 2021, Tables 1-3); (+) = gain, (-) = loss; "
+        "Semantic and Occlusion at the highest evaluated severity, the paper's setting; "
+        "Average = mean of the columns before it, clean included"
+        + (f"; {' and '.join(extra_measures)}: the mean over every evaluated level" if extra_measures else "")
+        + f"; mean ± std over {view.seeds()}."
     )
-    return Table(
-        f"Gain over the unpruned network (regime '{regime}')",
-        ["Setting", *measures, "Average"],
-        rows,
-        caption,
-        [SIGNIFICANCE_NOTE] if tested else [],
-    )
+    rows, notes = finished(rows)
+    headers = ["Setting", *measures, "Average", *extra_measures]
+    return Table(f"Gain over the unpruned network (regime '{regime}')", headers, rows, caption, notes)
 
 
 def correlation_table(study: StudyConfig, cells: list[dict], regime: str) -> Table | None:
     """Jordão & Pedrini Fig. 4: Pearson r between generalization (clean accuracy) and each
-    robustness measure over the regime's settings (each setting's mean over seeds)."""
+    robustness measure over the regime's settings. A setting is one point, its mean over seeds: the
+    seeds of a setting are not independent settings, and counting them as such would shrink p."""
     view = regime_view(study, cells, regime, set())
     if view is None or len(view.keys) < 3:
         return None
 
-    def mean_of(k, measure) -> float:
+    def setting_mean(k, measure) -> float:
         vs = [v for c in view.groups[k] if (v := measure(c)) is not None]
         return statistics.fmean(vs) if vs else math.nan
 
-    clean = [mean_of(k, lambda c: c["metrics"].get("acc_clean")) for k in view.keys]
+    clean = [setting_mean(k, lambda c: c["metrics"].get("acc_clean")) for k in view.keys]
     rows = []
     for name, measure in robustness_measures(view).items():
-        r, p = pearson(clean, [mean_of(k, measure) for k in view.keys])
-        n = sum(1 for k in view.keys if not math.isnan(mean_of(k, measure)))
+        rob = [setting_mean(k, measure) for k in view.keys]
+        r, p = pearson(clean, rob)
+        n = sum(1 for x, y in zip(clean, rob) if not (math.isnan(x) or math.isnan(y)))
         rows.append([name, "—" if math.isnan(r) else f"{r:+.2f}", "—" if math.isnan(p) else f"{p:.3g}", str(n)])
     if not rows:
         return None
     caption = (
-        "Pearson correlation between clean accuracy and each robustness measure over the regime's "
-        "settings (dense, every pruning setting and round; means over seeds), as Jordão & Pedrini's "
-        "Fig. 4; p: two-sided test of r = 0; n: settings."
+        f"Pearson correlation between clean accuracy and each robustness measure over the regime's {len(view.keys)} "
+        "settings (dense, every pruning setting and round), as Jordão & Pedrini's Fig. 4. Each setting is one point, "
+        "its mean over seeds; p (two-sided test of r = 0) treats the n settings with both numbers as the "
+        "independent observations, never settings × seeds."
     )
     return Table(
         f"Generalization vs robustness (regime '{regime}')",

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from robustprune.evaluate import names
+from robustprune.report.stats import compare, compared, family_notes, finish
 from robustprune.study.schema import StudyConfig
 
 AXES = ["regime", "pruning", "method", "sparsity", "finetune_epochs", "round", "seed"]
@@ -187,7 +188,8 @@ def n_seeds(cells: list[dict]) -> int:
 
 def table1(study: StudyConfig, cells: list[dict], flags: set | None = None) -> Table | None:
     """Liang et al. (2025) Table 1: rows Baseline / method at one sparsity No FT, With FT / lottery
-    ticket best round; one column per (regime, metric). flags: see robustness.masking_flags."""
+    ticket round chosen on validation accuracy; one column per (regime, metric). flags: see
+    robustness.masking_flags."""
     spec = study.table1
     if not spec.columns:
         return None
@@ -195,31 +197,24 @@ def table1(study: StudyConfig, cells: list[dict], flags: set | None = None) -> T
     groups = group(cells)
     headers = ["Pruning method", "Fine-tune", *spec.columns]
 
-    def row_values(key_for) -> list[str]:
-        return [
-            against_dense(
-                groups, key_for(regime), metric, show(groups.get(key_for(regime), []), metric, key_for(regime), flags)
-            )
-            for regime, metric in spec.columns.values()
-        ]
+    def value(key: Setting | None, metric: str, suffix: str = "") -> str:
+        if key is None:
+            return "—"
+        return against_dense(groups, key, metric, show(groups.get(key, []), metric, key, flags), suffix)
 
-    rows = [["Baseline (no pruning)", "—", *row_values(lambda r: Setting(r, "dense", 0.0, 0, None))]]
+    rows = [
+        ["Baseline (no pruning)", "—", *[value(Setting(r, "dense", 0.0, 0, None), m) for r, m in spec.columns.values()]]
+    ]
+    chosen_by: dict[str, str] = {}  # regime -> how its round was chosen
     for row in spec.rows:
         p = study.pruning[row.pruning]
         if p.method == "lottery_ticket" or row.sparsity is None:
             cells_out = []
             for regime, metric in spec.columns.values():
-                best, best_mean = None, -math.inf
-                for key, cs in groups.items():
-                    if key.regime == regime and key.pruning == row.pruning and key.round is not None:
-                        vs = values(cs, metric)
-                        if vs and statistics.fmean(vs) > best_mean:
-                            best, best_mean = key, statistics.fmean(vs)
-                cells_out.append(
-                    f"{against_dense(groups, best, metric, show(groups[best], metric, best, flags))} (r{best.round})"
-                    if best
-                    else "—"
-                )
+                key, how = chosen_round(groups, regime, row.pruning)
+                if key is not None:
+                    chosen_by[regime] = how
+                cells_out.append(value(key, metric, f" (r{key.round})" if key else ""))
             rows.append([row.label, "—", *cells_out])
             continue
         for ft in p.finetune_epochs:
@@ -229,35 +224,73 @@ def table1(study: StudyConfig, cells: list[dict], flags: set | None = None) -> T
                 [
                     label,
                     ft_label,
-                    *row_values(lambda r, row=row, ft=ft: Setting(r, row.pruning, row.sparsity, ft, None)),
+                    *[value(Setting(r, row.pruning, row.sparsity, ft, None), m) for r, m in spec.columns.values()],
                 ]
             )
     caption = (
         f"Test accuracy (%) of each regime's model, mean ± std over {seeds_text(n_seeds(cells))}. "
         + "; ".join(f"{col}: {metric} of the '{regime}' model" for col, (regime, metric) in spec.columns.items())
-        + ". Lottery ticket: best round per column (round in brackets)."
+        + "."
+        + rounds_text(chosen_by)
     )
-    from robustprune.report.robustness import table_notes
+    rows, notes = finished(rows)
+    return Table("Table 1: robustness under different pruning methods", headers, rows, caption, notes)
 
-    return Table(
-        "Table 1: robustness under different pruning methods",
-        headers,
-        rows,
-        caption,
-        table_notes([[v.split(" (r")[0] for v in r] for r in rows]),
+
+def chosen_round(groups: dict, regime: str, pruning: str) -> tuple[Setting | None, str]:
+    """The round an iterative method shows in Table 1, never chosen on a test metric: the one with
+    the highest validation accuracy (mean over seeds) when every round has one stored, else the last."""
+    rounds = sorted(
+        (k for k in groups if k.regime == regime and k.pruning == pruning and k.round is not None),
+        key=lambda k: k.round,
     )
+    if not rounds:
+        return None, ""
+    val = {k: values(groups[k], names.VALIDATION) for k in rounds}
+    if all(val.values()):
+        return max(rounds, key=lambda k: statistics.fmean(val[k])), "validation"
+    return rounds[-1], "last"
 
 
-def against_dense(groups: dict, key: Setting, metric: str, text: str) -> str:
-    """text + ' *' when the setting differs significantly from the dense model of its regime and
-    architecture on the same test images (paired bootstrap over seeds and images)."""
+def rounds_text(chosen_by: dict[str, str]) -> str:
+    """The caption's words on how each regime's lottery round was chosen."""
+    if not chosen_by:
+        return ""
+    by_val = [r for r, how in chosen_by.items() if how == "validation"]
+    last = [r for r, how in chosen_by.items() if how == "last"]
+    text = " Lottery ticket: the round in brackets"
+    parts = []
+    if by_val:
+        parts.append(
+            "has the highest validation accuracy (mean over seeds, on a split held out from the training set; "
+            "never chosen on test accuracy)" + (f" in {', '.join(map(repr, by_val))}" if last else "")
+        )
+    if last:
+        parts.append(
+            "is the last round"
+            + (f" in {', '.join(map(repr, last))}" if by_val else "")
+            + ", as no validation accuracy is stored"
+        )
+    return text + " " + "; it ".join(parts) + "."
+
+
+def against_dense(groups: dict, key: Setting, metric: str, text: str, suffix: str = "") -> str:
+    """text, compared with the dense model of its regime and architecture over the seeds both have
+    (see report/stats.py); the mark or interval comes with `finished`."""
     if key.pruning == "dense" or text == "—" or not metric.startswith("acc_"):
-        return text
-    from robustprune.report.robustness import SIGNIFICANT, paired_difference
-
+        return text + suffix
     dense = groups.get(Setting(key.regime, "dense", 0.0, 0, None, key.model), [])
-    diff = paired_difference(groups.get(key, []), {c["axes"]["seed"]: c for c in dense}, [metric])
-    return text + (SIGNIFICANT if diff is not None and diff.significant else "")
+    diff = compare(
+        groups.get(key, []), {c["axes"]["seed"]: c for c in dense}, lambda c: c["metrics"].get(metric), [metric]
+    )
+    return compared(text, diff, suffix)
+
+
+def finished(rows: list[list[str]]) -> tuple[list[list[str]], list[str]]:
+    """A table's rows with their significance marks (Holm across the whole table), and the notes
+    that explain its marks and intervals."""
+    rows, family = finish(rows)
+    return rows, ([MARK_NOTE] if marked(rows) else []) + family_notes(family)
 
 
 def core_metrics(cells: list[dict]) -> list[str]:

@@ -142,8 +142,10 @@ def _setting_cells(
                     continue
                 axes = axes0 | {"pruning": label, "method": p.method, "sparsity": s, "adjust": scheme}
                 pr = {"method": p.method, "sparsity": s, "finetune": None, "adjust": scheme}
-                if scheme == "winning_ticket":
-                    pr["rewind_epoch"] = p.rewind_epoch
+                if scheme == "winning_ticket":  # the epoch itself: a fraction that resolves to it is the same cell
+                    pr["rewind_epoch"] = p.rewind_at(study.model_train(model).epochs)
+                elif scheme == "scratch_b":
+                    pr["scratch_b"] = p.scratch_b
                 settings.append((axes, pr | {"params": dump(params, True)}, pr | {"params": dump(params, False)}))
             rounds = getattr(params, "rounds", 1)  # Algorithm 1: every iteration's model is a cell
             for ft in p.finetune_epochs if "finetune" in p.adjust else []:
@@ -171,7 +173,8 @@ def _setting_cells(
 
 def training_epochs(cell: Cell) -> float:
     """Roughly how many epochs a cell trains: the dense training, its fine-tuning, or for Scratch-E/B
-    and winning tickets a retraining as long as the dense model's (Scratch-B a little longer)."""
+    and winning tickets a retraining as long as the dense model's (Scratch-B twice as long, or for
+    the same FLOPs about 1 / (1 - sparsity) as long)."""
     pr = cell.config["pruning"]
     if pr is None:
         return cell.config["train"]["epochs"]
@@ -179,7 +182,9 @@ def training_epochs(cell: Cell) -> float:
         epochs = cell.config["train"]["epochs"]
         if pr["adjust"] == "winning_ticket":
             return max(0, epochs - pr.get("rewind_epoch", 0))
-        return epochs * (1.0 / max(1.0 - pr["sparsity"], 0.1) if pr["adjust"] == "scratch_b" else 1.0)
+        if pr["adjust"] == "scratch_b":
+            return epochs * (2.0 if pr.get("scratch_b") == "epochs" else 1.0 / max(1.0 - pr["sparsity"], 0.1))
+        return epochs
     return (pr.get("finetune") or {}).get("epochs", 0) or 0
 
 

@@ -26,7 +26,7 @@ from robustprune.metrics.weights import weight_statistics
 from robustprune.models import build_model, to_device
 from robustprune.prune import PRUNING_METHODS
 from robustprune.prune.criteria.replay import Recording, Replay
-from robustprune.prune.methods import Structured
+from robustprune.prune.methods import MATCHED, Structured
 from robustprune.prune.single_element import improvement_fractions, make_evaluator, single_element_study
 from robustprune.prune.unstructured import (
     apply_masks_,
@@ -132,7 +132,8 @@ class Workspace:
                     checkpoint.save(
                         {"x_train": data.x_train, "y_train": data.y_train, "extra_tests": data.extra_tests}, path
                     )
-            self._regime_data[h] = data
+            # after the regime, so the validation images are drawn like the training images a user has
+            self._regime_data[h] = data.hold_out(self.study.data.validation)
         return self._regime_data[h]
 
     def source_model(self, key: dict) -> Callable[[int], torch.nn.Module]:
@@ -173,9 +174,14 @@ class Workspace:
         x, y = data.x_train.to(self.device), data.y_train.to(self.device)
         return train(model, x, y, cfg, seed, masks=masks, on_step=on_step, on_epoch_end=on_epoch_end)
 
-    def rewind_epochs(self) -> set[int]:
-        """Epochs whose dense weights a winning ticket rewinds to (saved while training)."""
-        return {p.rewind_epoch for p in self.study.pruning.values() if "winning_ticket" in p.adjust}
+    def rewind_epochs(self, key: dict) -> set[int]:
+        """Epochs whose weights the winning tickets of this dense model rewind to (saved while
+        training); per dense model, since a rewind_fraction resolves against its own epochs."""
+        return {
+            c.config["pruning"]["rewind_epoch"]
+            for c in self._cells()
+            if c.axes.get("adjust") == "winning_ticket" and c.dense_key == key
+        }
 
     def dense(self, key: dict) -> DenseModel:
         """The dense model of (data, model, training, regime, seed), trained once and cached, with
@@ -186,7 +192,7 @@ class Workspace:
         path = self.ckpt_dir / f"dense-{h}.pt"
         torch.manual_seed(key["seed"])
         model = self.new_model(key)
-        wanted = self.rewind_epochs() - {0}
+        wanted = self.rewind_epochs(key) - {0}
         state = checkpoint.load(path) if path.exists() else None
         if state is not None and "diverged" in state:  # every cell of this dense model fails at once
             raise TrainingDiverged(f"the dense model diverged: {state['diverged']}")
@@ -319,18 +325,20 @@ class Workspace:
             self._plans[config_hash({"dense": key, "pruning": pr})] = recording["plan"]
 
     def plan_metrics(self, cell: Cell) -> dict[str, float]:
-        """mrs:<group> and ratio:<group> of a cell pruned by a method that set per-group ratios."""
+        """mrs:<group> and ratio:<group> of a cell pruned by a method that set per-group ratios; with
+        MRPF's match_flops also the global ratio it chose and the FLOPs reductions it matched."""
         from robustprune.evaluate.names import plan_metric
 
         pr = cell.config["pruning"]
         plan = self._plans.get(config_hash({"dense": cell.dense_key, "pruning": pr})) if pr else None
         if plan is None:
             return {}
-        return {
+        out = {
             plan_metric(kind, group): float(v)
             for kind, values in (("mrs", plan["mrs"]), ("ratio", plan["ratios"]))
             for group, v in values.items()
         }
+        return out | {plan_metric("mrpf", k): float(plan[k]) for k in MATCHED if k in plan}
 
     def _cache_path(self, kind: str, key: dict, pr: dict) -> Path:
         return self.ckpt_dir / f"{kind}-{config_hash({'dense': key, 'pruning': pr})}.pt"
@@ -350,9 +358,10 @@ class Workspace:
 
     def adjusted(self, key: dict, pr: dict, method, params) -> tuple[torch.nn.Module, list]:
         """Jordão & Pedrini's Table 3 schemes: the pruned structure (found on the trained dense
-        model) on fresh random weights trained as long as the dense model (scratch_e) or for the
-        same FLOPs budget (scratch_b, Liu et al. 2019), or on the dense weights of epoch k trained
-        for the remaining epochs (winning_ticket). Cached like fine-tuned models."""
+        model) on fresh random weights trained as long as the dense model (scratch_e) or twice as
+        long (scratch_b; with the entry's `scratch_b: flops`, for the dense training's FLOPs as Liu
+        et al. 2019), or on the dense weights of epoch k trained for the remaining epochs
+        (winning_ticket). Cached like fine-tuned models."""
         dense = self.dense(key)
         scheme = pr["adjust"]
         data = self.criterion_batch(key) if method.needs_data(params) else None
@@ -380,7 +389,10 @@ class Workspace:
             masks = {n: m.to(self.device) for n, m in masks.items()}
             apply_masks_(model, masks)
         epochs = dense_training(key).epochs
-        if scheme == "scratch_b":  # as many FLOPs as the dense model's training
+        # Jordão & Pedrini double the epochs; a cell without the setting is older than it: FLOPs-matched
+        if scheme == "scratch_b" and pr.get("scratch_b", "flops") == "epochs":
+            epochs *= 2
+        elif scheme == "scratch_b":  # as many FLOPs as the dense model's training
             ex = self.example_input()
             dense_flops = size_metrics(dense.model, ex, 1)["flops_nonzero"]
             epochs = max(1, round(epochs * dense_flops / max(size_metrics(model, ex, 1)["flops_nonzero"], 1.0)))
@@ -586,6 +598,8 @@ def evaluate(
     ev = study.evaluation
     x_test, y_test = data.x_test.to(ws.device), data.y_test.to(ws.device)
     out = {"acc_clean": accuracy(model, x_test, y_test, ev.batch_size, record, "acc_clean")}
+    if data.x_val is not None:  # what model selection may look at
+        out[names.VALIDATION] = accuracy(model, data.x_val.to(ws.device), data.y_val, ev.batch_size)
     for name, (x, y) in data.extra_tests.items():
         out[f"acc_{name}"] = accuracy(model, x.to(ws.device), y, ev.batch_size, record, f"acc_{name}")
     regime_name = cell.dense_key["regime"]["name"]

@@ -49,6 +49,13 @@ class Strict(BaseModel):
 class DataConfig(Strict):
     train_subset: int | None = Field(None, ge=1, description="use only the first N training images")
     test_subset: int | None = Field(None, ge=1, description="use only the first N test images")
+    validation: int = Field(
+        0,
+        ge=0,
+        description="hold out the last N training images (after the regime is applied) as a validation split: "
+        "every model reports val_acc on it, and every choice of a 'best' model (the lottery ticket's round) is "
+        "made on it, never on the test set",
+    )
 
 
 class ModelConfig(Strict):
@@ -80,7 +87,19 @@ class PruningConfig(Strict):
         default_factory=lambda: ["finetune"],
         description="parameter adjustment after pruning (Jordão & Pedrini Table 3); finetune uses finetune_epochs",
     )
-    rewind_epoch: int = Field(1, ge=0, description="winning_ticket: rewind to the dense weights after this epoch")
+    rewind_epoch: int | None = Field(
+        None, ge=0, description="winning_ticket: rewind to the dense weights after this epoch (default 1)"
+    )
+    rewind_fraction: float | None = Field(
+        None,
+        description="winning_ticket: rewind to the dense weights after round(fraction x the dense model's epochs), "
+        "resolved per architecture, instead of rewind_epoch (Jordão & Pedrini: epoch 50 of 200, 0.25)",
+    )
+    scratch_b: Literal["epochs", "flops"] = Field(
+        "epochs",
+        description="Scratch-B's training budget: 'epochs' trains twice the dense model's epochs (Jordão & Pedrini); "
+        "'flops' as many training FLOPs as the dense model's, i.e. epochs x dense / pruned FLOPs (Liu et al. 2019)",
+    )
     models: list[str] | None = Field(None, description="labels of `models` this entry prunes (default: every one)")
     finetune: dict[str, Any] = Field(
         default_factory=dict,
@@ -95,6 +114,28 @@ class PruningConfig(Strict):
             raise ValueError("needs at least one scheme (finetune, scratch_e, scratch_b, winning_ticket)")
         _no_repeats(v)
         return v
+
+    @field_validator("rewind_fraction")
+    @classmethod
+    def _fraction(cls, v):
+        if v is not None and not 0.0 <= v < 1.0:
+            raise ValueError(f"rewind_fraction {v} is outside [0, 1); give the share of the dense training, e.g. 0.25")
+        return v
+
+    @model_validator(mode="after")
+    def _one_rewind(self):
+        if self.rewind_epoch is not None and self.rewind_fraction is not None:
+            raise ValueError(
+                f"rewind_epoch {self.rewind_epoch} and rewind_fraction {self.rewind_fraction} are both given; keep "
+                f"one (a budget that sets one can set the other to null)"
+            )
+        return self
+
+    def rewind_at(self, dense_epochs: int) -> int:
+        """The winning ticket's rewind epoch for a dense model trained `dense_epochs` epochs."""
+        if self.rewind_fraction is not None:
+            return round(self.rewind_fraction * dense_epochs)
+        return 1 if self.rewind_epoch is None else self.rewind_epoch
 
     @field_validator("sparsities")
     @classmethod
@@ -207,6 +248,51 @@ class ModelSelector(Strict):
         if axes["round"] is not None:
             return self.round == axes["round"]
         return self.sparsity == axes["sparsity"] and self.finetune_epochs == axes["finetune_epochs"]
+
+
+class Arm(ModelSelector):
+    """One side of a claim: a model of each seed (as in transfer.models) in one regime. `round:
+    best` is the lottery round with the highest validation accuracy (val_acc), chosen per seed."""
+
+    regime: str | None = Field(None, description="the regime (default: the study's only one)")
+    round: int | Literal["best"] | None = None
+    paper_clean: float | None = Field(
+        None,
+        description="this model's clean accuracy in the paper (%): a claim is not measurable when ours is "
+        "more than 10 points under it",
+    )
+
+
+class Claim(Strict):
+    """A central claim of the study's paper: arm a minus arm b on a metric, paired per seed."""
+
+    name: str
+    table: str = Field("", description="where the paper states it, e.g. 'Table 1'")
+    a: Arm | list[Arm] = Field(description="a model, or several whose metric is averaged per seed")
+    b: Arm | list[Arm]
+    metric: str | list[str] = Field(
+        description="a metric name (acc_clean, acc_fgsm_data) or a table column source (clean, pgd20@0.0313725, "
+        "corruptions@5); a list is averaged per seed (e.g. a paper's 'Avg.' column)"
+    )
+    paper: float = Field(description="the paper's a - b in percentage points; its sign is the claim (0: no difference)")
+    paper_b: float | None = Field(
+        None, description="the paper's value of the metric for arm b (%), e.g. the dense model's PGD-20 accuracy"
+    )
+    reading: str | None = Field(None, description="which convention the metric follows, e.g. the eps reading")
+    margin: float = Field(0.5, gt=0, description="p.p. within which a claim of no difference (paper: 0) holds")
+
+    @field_validator("a", "b", mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        one = lambda m: {"pruning": m} if isinstance(m, str) else m  # noqa: E731
+        return [one(m) for m in v] if isinstance(v, list) else one(v)
+
+    def arms(self, side: str) -> list[Arm]:
+        v = getattr(self, side)
+        return v if isinstance(v, list) else [v]
+
+    def metrics(self) -> list[str]:
+        return self.metric if isinstance(self.metric, list) else [self.metric]
 
 
 class TransferConfig(Strict):
@@ -416,6 +502,7 @@ class StudyConfig(Strict):
     table1: Table1Config = Table1Config()
     tables: dict[str, PaperTable] = Field(default_factory=dict, description="comparison tables in a paper's layout")
     seeds: list[int] = Field(default_factory=lambda: [0])
+    claims: list[Claim] = Field(default_factory=list, description="the paper's central claims (report --claims)")
     budgets: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("seeds")
@@ -434,6 +521,25 @@ class StudyConfig(Strict):
         if not v:
             raise ValueError("needs at least one training regime")
         return v
+
+    @model_validator(mode="after")
+    def _claims_name_cells(self):
+        # A claim that names no setting of the study would only ever read "not run": say so at load time.
+        for i, claim in enumerate(self.claims):
+            for side in ("a", "b"):
+                for arm in claim.arms(side):
+                    where = f"claims[{i}] ('{claim.name}'), arm {side}"
+                    if arm.pruning != "dense" and arm.pruning not in self.pruning:
+                        known = ", ".join(["dense", *self.pruning])
+                        raise ValueError(f"{where} names pruning '{arm.pruning}', not an entry of this study ({known})")
+                    if arm.regime is not None and arm.regime not in self.regimes:
+                        raise ValueError(
+                            f"{where} names regime '{arm.regime}'; the study has {', '.join(self.regimes)}"
+                        )
+                    if arm.regime is None and len(self.regimes) > 1:
+                        several = ", ".join(self.regimes)
+                        raise ValueError(f"{where} needs a regime: the study has several ({several})")
+        return self
 
     @model_validator(mode="after")
     def _names_exist(self):
@@ -518,11 +624,14 @@ class StudyConfig(Strict):
                     f"pruning '{label}': a winning ticket rewinds to weights saved while training the "
                     f"dense model, and model.weights loads one instead; drop one of the two"
                 )
-            if "winning_ticket" in p.adjust and p.rewind_epoch > self.train.epochs:
-                raise ValueError(
-                    f"pruning '{label}': rewind_epoch {p.rewind_epoch} is after the last of the "
-                    f"{self.train.epochs} training epochs; use 0 to {self.train.epochs}"
-                )
+            for model_label, model in self.model_items() if "winning_ticket" in p.adjust else []:
+                epochs = self.model_train(model).epochs
+                if (p.models is None or model_label in p.models) and p.rewind_at(epochs) > epochs:
+                    of = f" of model '{model_label}'" if model_label else ""
+                    raise ValueError(
+                        f"pruning '{label}': rewind_epoch {p.rewind_at(epochs)} is after the last of the "
+                        f"{epochs} training epochs{of}; use 0 to {epochs}, or rewind_fraction"
+                    )
         penalty = self.train.magnitude_penalty
         if penalty is not None and penalty.threshold_from_reverse is not None:
             raise ValueError(
