@@ -128,9 +128,10 @@ def decide(claim: Claim, diff: Interval | None, p_holm: float) -> tuple[str, str
     if differs:
         same_sign = (diff.mean > 0) == (paper > 0)
         return (HOLDS, "the paper's sign") if same_sign else (CONTRADICTED, "the other sign")
+    # not significant after Holm (the interval itself may still exclude 0: it is not corrected)
     if not diff.low <= paper <= diff.high:
-        return NO_EFFECT, "interval includes 0, excludes the paper's value"
-    return INCONCLUSIVE, "interval includes 0 and the paper's value"
+        return NO_EFFECT, "not significant after Holm; the interval excludes the paper's value"
+    return INCONCLUSIVE, "not significant after Holm; the interval includes the paper's value"
 
 
 def measure(study: StudyConfig, cells: list[dict]) -> list[Measured]:

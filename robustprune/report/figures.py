@@ -22,10 +22,12 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from robustprune.files import STORE_UNCHANGED, atomic_write
 from robustprune.report.tables import group
 from robustprune.study.schema import StudyConfig
 
 DPI = 150
+FOLDER_OPTIONS = "--figures, --out"
 
 
 def _pyplot():
@@ -82,13 +84,16 @@ def mrs_figures(study: StudyConfig, cells: list[dict], folder: str | Path, regim
             dict.fromkeys(m[4:] for k in mine for c in groups_by_key[k] for m in c["metrics"] if m.startswith("mrs:"))
         )
         names = network_order(study, model, names)
-        mrs, ratios, seeds = {}, {}, set()
+        mrs, ratios, targets, seeds = {}, {}, {}, set()
         for k in mine:
             cs = groups_by_key[k]
             seeds |= {c["axes"]["seed"] for c in cs}
             label = f"{k.pruning} s={k.sparsity:g}"
             mrs[k.pruning] = [_mean_std([c["metrics"].get(f"mrs:{g}") for c in cs]) for g in names]
             ratios[label] = [_mean_std([c["metrics"].get(f"ratio:{g}") for c in cs]) for g in names]
+            # with match_flops the global ratio is searched for, and `sparsity` names the uniform baseline's
+            chosen = [c["metrics"]["mrpf:global_ratio"] for c in cs if "mrpf:global_ratio" in c["metrics"]]
+            targets[label] = statistics.fmean(chosen) if chosen else k.sparsity
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(7.0, 0.45 * len(names) + 2), 7.5), sharex=True)
         x = range(len(names))
         mrs = _distinct(mrs)
@@ -109,8 +114,8 @@ def mrs_figures(study: StudyConfig, cells: list[dict], folder: str | Path, regim
             line = bottom.errorbar(
                 list(x), [m for m, _ in pts], yerr=[s for _, s in pts], marker="o", ms=4, capsize=2, label=label
             )
-            target = float(label.split("s=")[1].split()[0])
-            bottom.axhline(target, color=line[0].get_color(), ls=":", lw=1)
+            first = label.split(" and ")[0]  # _distinct joins alike settings' labels
+            bottom.axhline(targets[first], color=line[0].get_color(), ls=":", lw=1)
         bottom.set_ylabel("share of filters removed")
         bottom.set_ylim(0, 1)
         bottom.set_xticks(list(x), names, rotation=60, ha="right", fontsize=8)
@@ -123,27 +128,27 @@ def mrs_figures(study: StudyConfig, cells: list[dict], folder: str | Path, regim
             fontsize=10,
         )
         fig.tight_layout()
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"mrs_ratios{'_' + model if model else ''}{'' if regime == 'clean' else '_' + regime}.png"
-        fig.savefig(path, dpi=DPI)
-        plt.close(fig)
-        written.append(path)
+        path = Path(folder) / f"mrs_ratios{'_' + model if model else ''}{'' if regime == 'clean' else '_' + regime}.png"
+        written.append(write_png(fig, path))
     return written
 
 
 MAX_LINES = 10  # settings per panel before the legend stops being readable
 
 
+def write_png(fig, path: Path, **savefig) -> Path:
+    """Save and close a figure; the PNG is written whole or not at all (a full disk is one sentence)."""
+    try:
+        return atomic_write(
+            path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, **savefig), FOLDER_OPTIONS, STORE_UNCHANGED
+        )
+    finally:
+        _pyplot().close(fig)
+
+
 def _save(fig, folder: str | Path, name: str) -> Path:
-    plt = _pyplot()
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
     fig.tight_layout(rect=(0, 0, 1, 0.96))  # panel titles clear of the x labels above; room for the suptitle
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return write_png(fig, Path(folder) / name, bbox_inches="tight")
 
 
 def _suffix(model: str | None, regime: str) -> str:
