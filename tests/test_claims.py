@@ -3,6 +3,8 @@ verdict that never reads a floor as a finding (synthetic cells; the CLI test run
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from robustprune.errors import UserError
@@ -169,3 +171,35 @@ def test_claims_that_name_no_setting_are_rejected_at_load():
            "claims": [{"name": "x", "a": "magnitude", "b": "dense", "metric": "clean", "paper": 1.0}]}  # fmt: skip
     with pytest.raises(UserError, match="names pruning 'magnitude'"):
         resolve_study(raw, "study.yaml")
+
+
+STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
+def test_every_claim_of_the_claims_budget_names_cells_and_metrics_it_runs(path):
+    """A claims budget that misses an arm or a metric would spend its 90 minutes and say 'not run'."""
+    from robustprune.evaluate.names import adv
+    from robustprune.report.claims import metric_names
+    from robustprune.study.cells import expand
+    from robustprune.study.schema import load_study
+
+    s = load_study(path, "claims")
+    assert s.claims and len(s.seeds) >= 3
+    axes = [c.axes for c in expand(s)]
+    evaluated = {adv(label, e) for label, entry in s.evaluation.attacks.items() for e in entry.eps}
+    evaluated |= {f"acc_occlusion@{size}" for size in s.evaluation.occlusion}
+    if s.evaluation.corruptions is not None:
+        evaluated |= {f"acc_corruption@{sev}" for sev in s.evaluation.corruptions.severities}
+    for claim in s.claims:
+        for side in ("a", "b"):
+            for arm in claim.arms(side):
+                regime = arm.regime or next(iter(s.regimes))
+                mine = [a for a in axes if a["regime"] == regime]
+                if arm.round == "best":
+                    hits = [a for a in mine if a["pruning"] == arm.pruning and a["round"] is not None]
+                else:
+                    hits = [a for a in mine if arm.matches(a)]
+                assert {a["seed"] for a in hits} == set(s.seeds), (claim.name, side)
+        for m in metric_names(s, claim):
+            assert m in evaluated or m == "acc_clean" or m.startswith("acc_fgsm_data"), (claim.name, m)
