@@ -23,6 +23,7 @@ from rich.table import Table
 from robustprune.attacks import ATTACKS, adversarial_accuracy
 from robustprune.device import pick_device
 from robustprune.errors import UserError
+from robustprune.files import write_text
 from robustprune.metrics.size import count_macs
 from robustprune.models import build_model, to_device
 from robustprune.train import TrainConfig, accuracy, train
@@ -302,9 +303,6 @@ def run_bench(console, args) -> dict:
             console, device, args.data_dir, epochs=args.epochs, train_images=args.train_images
         )
     if json_path:
-        try:
-            json_path.write_text(json.dumps(out, indent=2) + "\n")
-        except OSError as e:
-            raise UserError(f"cannot write {json_path} ({e.strerror}); pick another path with --json") from None
+        write_text(json_path, json.dumps(out, indent=2) + "\n", "--json", "the figures are printed above")
         console.print(f"figures written to {json_path}")
     return out

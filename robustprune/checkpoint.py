@@ -3,47 +3,27 @@ half-written) and read with torch.load(weights_only=True) (never runs code from 
 
 from __future__ import annotations
 
-import errno
 import os
 import pickle
 import socket
+import warnings
 import zipfile
 from pathlib import Path
 
 import torch
 
 from robustprune.errors import UserError
-
-TMP_SUFFIX = ".tmp"
-
-
-def _tmp_name(path: Path) -> Path:
-    # host and pid in the name: a later run can tell a dead writer's leftover from a live write
-    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}{TMP_SUFFIX}")
+from robustprune.files import TMP_SUFFIX, atomic_write, check_regular_file
 
 
 def save(obj, path: str | Path) -> None:
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise write_error(path, e) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """torch.save to a temporary name, then renamed: a full disk or a kill never leaves half a file."""
 
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # through a Python file, a failed write keeps its errno (ENOSPC, EACCES)
+            torch.save(obj, f)
 
-def write_error(path: Path, e: OSError) -> UserError:
-    """One sentence for a file that cannot be written: full disk, read-only or missing folder."""
-    why = e.strerror or str(e)
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "free some space or choose another folder (--out, --checkpoints)"
-    else:
-        fix = "choose a writable folder (--out, --checkpoints)"
-    return UserError(f"cannot write {path} ({why}); {fix}; everything finished before is kept")
+    atomic_write(path, write, "--out, --checkpoints")
 
 
 def remove_stale_temporaries(folder: Path) -> int:
@@ -73,8 +53,11 @@ def remove_stale_temporaries(folder: Path) -> int:
 
 def load(path: str | Path, what: str = "checkpoint", fix: str = "delete it so it is recomputed, or replace it"):
     path = Path(path)
+    check_regular_file(path, what, fix)  # a FIFO would block the open, a device be read forever
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a raw pickle makes torch warn before our sentence says what is wrong
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{what} {path} does not exist; check the path") from None
     except pickle.UnpicklingError as e:
@@ -99,6 +82,7 @@ def _refused_global(e: Exception) -> str:
 def load_weights(path: str | Path) -> dict:
     """A user's weights file: a state dict, or a dict holding one under 'state' or 'state_dict'
     (robustprune's own checkpoints, Lightning-style files)."""
+    check_regular_file(path, "weights file", "give the path of a state dict saved with torch.save")
     obj = load(path, "weights file", "replace it with a complete copy")
     if isinstance(obj, dict):
         for key in ("state", "state_dict", "model"):

@@ -3,26 +3,53 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
-from robustprune.errors import UserError
+from robustprune.errors import UserError, excerpt
+
+MAX_CELLS = 10_000  # default of run --max-cells: a grid larger than this is most likely a typo
 
 
 def _console():
     from rich.console import Console
+    from rich.errors import NotRenderableError
+    from rich.measure import Measurement
+
+    class WholeLines(Console):
+        """Files and pipes: 160 columns, widened for whatever needs more. A terminal crops each line
+        at its edge; text meant for a file must stay whole, never cut mid-word."""
+
+        def print(self, *objects, **kwargs):
+            if kwargs.get("width") is not None:
+                return super().print(*objects, **kwargs)
+            options = self.options.update_width(1 << 20)
+            need = 0
+            for obj in objects:
+                try:
+                    need += Measurement.get(self, options, obj).maximum + 1
+                except NotRenderableError:
+                    need += len(str(obj)) + 1
+            width = self.width
+            self.width = max(width, need)
+            try:
+                return super().print(*objects, **kwargs)
+            finally:
+                self.width = width
 
     console = Console(highlight=False)
-    if not console.is_terminal:  # logs and pipes: wide enough that tables do not wrap
-        console = Console(highlight=False, width=160)
+    if not console.is_terminal:  # logs and pipes
+        console = WholeLines(highlight=False, width=160)
     return console
 
 
 def cmd_run(args) -> int:
     from robustprune.data.base import OFFLINE_ENV
-    from robustprune.study.cells import expand
+    from robustprune.study.cells import count_cells, expand
     from robustprune.study.runner import prepare
     from robustprune.study.schema import load_study
     from robustprune.study.store import Store
@@ -30,8 +57,15 @@ def cmd_run(args) -> int:
     if args.address and args.executor != "ray":
         raise UserError("--address is the Ray cluster of --executor ray; add --executor ray or remove --address")
     study = load_study(args.study, args.budget, args.seeds, args.set)
-    out_dir = Path(args.out or Path("runs") / study.name)
+    # (the schema allows a name only as a label, so the default folder stays inside runs/)
+    out_dir = Path(args.out) if args.out else Path("runs", Path(study.name).name)
     not_a_folder(out_dir, "--out")
+    n_cells = count_cells(study)  # counted, not built: a grid of millions must not fill memory first
+    if n_cells > args.max_cells:
+        raise UserError(
+            f"the study has {n_cells:,} cells, over the limit of {args.max_cells:,}; shrink its grid (seeds, "
+            f"regimes, sparsities, ...) or, if you mean it, raise the limit with --max-cells {n_cells}"
+        )
     cells = expand(study)
     if args.offline:
         os.environ[OFFLINE_ENV] = "1"  # (read by the data loaders, in worker processes too)
@@ -181,11 +215,22 @@ def _workers(text: str):
     return n
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"'{excerpt(text, 40)}' is not a whole number >= 1")
+    return n
+
+
 class Parser(argparse.ArgumentParser):
     """Option mistakes get one sentence and exit code 2, like every other bad input."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} -h'\n")
+        # (argparse quotes the bad value whole: a 5000-digit --seeds would fill the screen)
+        self.exit(2, f"{self.prog}: error: {excerpt(message, 300)}; see '{self.prog} -h'\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="local",
         help="local worker processes (default), or Ray tasks: one per job, on a local Ray instance or "
         "the cluster at --address (pip install 'robustprune[ray]')",
+    )
+    r.add_argument(
+        "--max-cells",
+        type=_at_least_one,
+        default=MAX_CELLS,
+        metavar="N",
+        help=f"refuse a study of more than N cells (default {MAX_CELLS:,}), which is most likely a typo in its grid",
     )
     r.add_argument("--address", help="Ray cluster address for --executor ray, e.g. 10.0.0.1:6379 or auto")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -305,17 +357,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stop(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not break the clean-up of the first
+    raise KeyboardInterrupt
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush of what could not be written stays
+    silent (the sentence already said why)."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. captured in tests)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse already printed one line of usage and the problem
         return 2 if e.code else 0
+    try:  # SIGTERM (schedulers, kill) stops a command the way Ctrl-C does
+        previous = signal.signal(signal.SIGTERM, _stop)
+    except ValueError:  # not the main thread: the caller handles signals
+        previous = None
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a full disk under a redirected stdout shows here, not at exit
+        return code
     except UserError as e:
         print(f"robustprune: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # (run prints its own line and returns 130; this is every other moment)
+        print("robustprune: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        # every file robustprune writes says which one; a bare stream error is the output itself
+        where = e.filename or "the output (standard output)"
+        print(
+            f"robustprune: error: cannot write {where} ({e.strerror}); free some space there or send the output "
+            "elsewhere",
+            file=sys.stderr,
+        )
+        _quiet_stdout()
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

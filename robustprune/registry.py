@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Callable, Generic, TypeVar
 
-from robustprune.errors import UserError, closest
+from robustprune.errors import UserError, closest, excerpt
 
 T = TypeVar("T")
 
@@ -29,7 +29,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._items:
-            raise UserError(f"unknown {self.kind} '{name}'; {closest(name, self._items)}")
+            raise UserError(f"unknown {self.kind} '{excerpt(name)}'; {closest(name, self._items)}")
         return self._items[name]
 
     def names(self) -> list[str]:

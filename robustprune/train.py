@@ -17,6 +17,9 @@ from robustprune.errors import UserError
 
 # The augmentation generator's seed is the training seed plus this (random choices never share a stream).
 AUGMENT_SEED_OFFSET = 1 << 32
+# Bounds that keep a typo (epochs: 1e9 written as an int, a batch of 10**12) from hanging a run or exhausting memory.
+MAX_EPOCHS = 10_000
+MAX_BATCH = 1 << 20
 
 
 class AdversarialTraining(BaseModel):
@@ -24,7 +27,7 @@ class AdversarialTraining(BaseModel):
     adversarial versions of a `ratio` share of its images appended, crafted on the current model
     with a registry attack, so an epoch trains on D plus ratio x AE' regenerated as the model moves."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     attack: str = Field("fgsm", description="a registered attack (fgsm, pgd, ni_fgsm, vmi_fgsm, ...)")
     eps: float = Field(2 / 255, ge=0, le=1, description="L-inf radius, pixel scale")
     ratio: float = Field(0.2, gt=0, le=1, description="adversarial images per clean image (r_AT)")
@@ -54,7 +57,7 @@ class MagnitudePenalty(BaseModel):
     linear weights of max(|w| - tau, 0)^2, added to the loss. It is zero for weights inside [-tau, tau]
     and pulls the larger ones back towards tau with gradient 2 * lambda * (|w| - tau) * sign(w)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     weight: float = Field(gt=0, description="lambda, the scale of the penalty")
     threshold: float | None = Field(None, gt=0, description="tau, explicitly")
     threshold_from_reverse: float | None = Field(
@@ -80,9 +83,9 @@ def magnitude_penalty(weights: list[torch.Tensor], threshold: float) -> torch.Te
 class TrainConfig(BaseModel):
     """How a model is trained (dense training, fine-tuning and lottery-ticket retraining)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    epochs: int = Field(2, ge=0)
-    batch_size: int = Field(128, ge=1)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    epochs: int = Field(2, ge=0, le=MAX_EPOCHS)
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH)
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.05, gt=0, description="peak learning rate")
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -101,7 +104,7 @@ class TrainConfig(BaseModel):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     augment: Literal["none", "crop_flip"] = Field("none", description="per-image augmentation of each batch")
-    crop_padding: int = Field(4, ge=0, description="zero padding of the random crop (crop_flip)")
+    crop_padding: int = Field(4, ge=0, le=256, description="zero padding of the random crop (crop_flip)")
     mix: Literal["none", "mixup", "cutout", "cutmix"] = Field(
         "none", description="a batch transform of robustprune.data.augment"
     )

@@ -118,3 +118,112 @@ def mnist_cnns(data_dir):
         torch.set_num_threads(threads)
     ds = load_dataset("mnist", data_dir)
     return {"clean": clean, "robust": robust, "x": to_float(ds.x_test[:500]), "y": ds.y_test[:500].clone()}
+
+
+def without_root_override() -> None:
+    """preexec_fn for a subprocess that must meet file permissions as an ordinary user would. Root
+    ignores them (CAP_DAC_OVERRIDE); dropping that capability from the bounding set before exec
+    leaves the child root but bound by the mode bits, so a chmod'd folder is really read-only."""
+    if os.geteuid() != 0:
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "cannot drop CAP_DAC_OVERRIDE")
+
+
+def read_only(*paths: Path) -> None:
+    """chmod a-w every path and everything under it (undo with writable)."""
+    for top in paths:
+        for p in [top, *top.rglob("*")] if top.is_dir() else [top]:
+            p.chmod(p.stat().st_mode & ~0o222)
+
+
+def writable(*paths: Path) -> None:
+    for top in paths:
+        for p in [top, *top.rglob("*")] if top.is_dir() else [top]:
+            p.chmod(p.stat().st_mode | 0o200)
+
+
+@pytest.fixture
+def no_hang():
+    """A guard for code that could block (a FIFO opened for reading) or never end (/dev/zero read
+    to its end): raises TimeoutError in the test after `seconds` instead of hanging the suite."""
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def guard(seconds: float = 30.0):
+        def expire(signum, frame):
+            raise TimeoutError(f"still running after {seconds} s: it would hang")
+
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+    return guard
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """A full disk, the kernel's own: every temporary file written through robustprune.files (every
+    checkpoint, figure, report file) is a link to /dev/full, so torch, matplotlib and plain writes
+    fail as on a full device."""
+    from robustprune import files
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux)")
+    real = files.tmp_name
+
+    def to_full(path: Path) -> Path:
+        tmp = real(path)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.symlink_to("/dev/full")
+        return tmp
+
+    monkeypatch.setattr(files, "tmp_name", to_full)
+
+
+def wait_for(condition, what: str, timeout: float = 900.0, every: float = 0.1):
+    """Poll until condition() is true and return its value. The deadline only turns a hang into a
+    failure: it is far above what any machine needs, so the verdict never depends on the load."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout:.0f} s for {what}")
+        time.sleep(every)
+
+
+def stored_cells(out: Path) -> int:
+    """Cells in a study folder's store (0 before it exists), read without writing anything."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{out / 'results.sqlite'}?mode=ro", uri=True, timeout=30) as db:
+            return db.execute("SELECT count(*) FROM cells").fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet, or its tables not yet
+        return 0
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import pickle
 import shutil
 import sqlite3
 import subprocess
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import read_only, without_root_override, writable
 
 from robustprune.cli import main
 
@@ -139,6 +141,44 @@ class Env:
     def checkpoint(self, prefix: str) -> Path:
         return next((self.out / "checkpoints").glob(f"{prefix}-*.pt"))
 
+    def special(self, path: Path, kind: str) -> Path:
+        """`path` made a FIFO, a folder, or a link to /dev/zero (the name stays the expected one)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            path.unlink()
+        {"fifo": os.mkfifo, "folder": Path.mkdir, "dev-zero": lambda p: p.symlink_to("/dev/zero")}[kind](path)
+        return path
+
+    def mnist_special(self, kind: str) -> Path:
+        """A data folder whose last MNIST file is special (the others link to the real files)."""
+        folder = self.tmp / "sdata" / "mnist"
+        folder.mkdir(parents=True)
+        src = self.data / "mnist" if (self.data / "mnist").is_dir() else self.data
+        for f in MNIST_FILES[:-1]:
+            (folder / f).symlink_to(src / f)
+        self.special(folder / MNIST_FILES[-1], kind)
+        return folder.parent
+
+    def damaged_store(self, how: str) -> Path:
+        """A copy of the finished folder's store, damaged; returns its folder."""
+        folder = self.tmp / f"damaged-{how}"
+        folder.mkdir()
+        path = folder / "results.sqlite"
+        if how == "fifo":
+            os.mkfifo(path)
+            return folder
+        shutil.copy(self.out / "results.sqlite", path)
+        if how == "garbage":
+            path.write_bytes(os.urandom(8192))
+        elif how == "empty":
+            path.write_bytes(b"")
+        elif how == "truncated":
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        else:
+            with sqlite3.connect(path) as db:
+                db.execute(f"DROP TABLE {how}")
+        return folder
+
 
 def npz_bytes(**arrays) -> bytes:
     buf = io.BytesIO()
@@ -190,6 +230,24 @@ def run_args(e: Env, *extra, study: Path | None = None, data: Path | None = None
 
 def cifar_study(e: Env) -> Path:
     return e.study_changed(lambda r: r.update(dataset="cifar10"))
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """YAML whose last anchor expands to 10**levels values ("billion laughs")."""
+    lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def raw_pickle(path: Path) -> Path:
+    """A plain pickle (not torch.save's zip format) of plain values."""
+    path.write_bytes(pickle.dumps({"conv1.weight": [1.0, 2.0]}))
+    return path
+
+
+def with_text(e, extra: str) -> Path:
+    """The valid study file with `extra` YAML appended."""
+    return e.study_with(e.study.read_text() + extra)
 
 
 @dataclass
@@ -295,6 +353,122 @@ CASES = [
         lambda e: run_args(e, "--set", "evaluation.occlusion=[40]"),
         "occlusion size 40 is larger than the 28x28 images",
     ),
+    # ---- model arguments that cannot work (issue 24, class 2): refused before anything is written --
+    Case("model-width-zero", lambda e: run_args(e, "--set", "model.args.conv1=0"), "conv1 must be a whole number"),
+    Case("model-width-negative", lambda e: run_args(e, "--set", "model.args.fc=-5"), "fc must be a whole number"),
+    Case("model-width-fraction", lambda e: run_args(e, "--set", "model.args.conv2=2.5"), "conv2 must be a whole"),
+    Case(
+        "model-kernel-larger-than-image",
+        lambda e: run_args(e, "--set", "model.args.kernel_size=30"),
+        "cannot run on mnist images (1x28x28)",
+    ),
+    Case(
+        "model-kernel-too-large-after-pooling",
+        lambda e: run_args(e, "--set", "model.args.kernel_size=11"),
+        "cannot run on mnist images (1x28x28)",
+    ),
+    Case("model-padding-negative", lambda e: run_args(e, "--set", "model.args.padding=-1"), "padding must be a"),
+    Case(
+        "model-resnet-width-zero",
+        lambda e: run_args(e, "--set", "model={name: resnet20, args: {width: 0}}"),
+        "width must be a whole number",
+    ),
+    Case(
+        "model-vgg-width-mult-zero",
+        lambda e: run_args(e, "--set", "model={name: vgg16_bn, args: {width_mult: 0}}"),
+        "width_mult must be a number above 0",
+    ),
+    Case(
+        "model-vit-heads-not-dividing",
+        lambda e: run_args(e, "--set", "model={name: mobilevit_xs, args: {num_heads: 7}}"),
+        "cannot run on mnist images",
+    ),
+    Case(
+        "model-too-many-parameters",
+        lambda e: run_args(e, "--set", "model.args={conv1: 65536, conv2: 65536}"),
+        "parameters, over the limit of 1,000,000,000",
+    ),
+    # ---- the study's name is a label, not a path (class 3) ------------------------------------------
+    Case("name-parent-path", lambda e: run_args(e, "--set", "name=../../x"), "is a label, not a path"),
+    Case("name-absolute", lambda e: run_args(e, "--set", f"name={e.tmp / 'x'}"), "is a label, not a path"),
+    Case("name-empty", lambda e: run_args(e, "--set", "name=''"), "is a label, not a path"),
+    Case("name-dot-dot", lambda e: run_args(e, "--set", "name=.."), "is a label, not a path"),
+    Case("name-too-long", lambda e: run_args(e, "--set", f"name={'a' * 101}"), "use 1 to 100 letters"),
+    # ---- unbounded input (class 4) ----------------------------------------------------------------
+    Case(
+        "study-file-too-large",
+        lambda e: run_args(e, study=with_text(e, "# " + "x" * 1_000_000 + "\n")),
+        "is larger than 1 MB",
+    ),
+    Case(
+        "yaml-alias-bomb",
+        lambda e: run_args(e, study=e.study_with(alias_bomb() + "name: bomb\n")),
+        "expands to more than 100000 values",
+    ),
+    Case(
+        "yaml-deep-nesting",
+        lambda e: run_args(e, study=with_text(e, "description: " + "[" * 5000 + "]" * 5000 + "\n")),
+        "nesting is deeper than 50 levels",
+    ),
+    Case(
+        "yaml-5000-digit-integer",
+        lambda e: run_args(e, study=with_text(e, "description: " + "9" * 5000 + "\n")),
+        "is out of range; integers must lie between -2**63 and 2**63 - 1",
+    ),
+    Case("seed-2-to-the-70", lambda e: run_args(e, "--set", f"seeds=[{2**70}]"), "is out of range"),
+    Case("seed-2-to-the-32", lambda e: run_args(e, "--set", f"seeds=[{2**32}]"), "seeds must be >= 0 and < 2**32"),
+    Case(
+        "corruption-seed-2-to-the-40",
+        lambda e: run_args(e, "--set", f"evaluation.corruptions={{seed: {2**40}}}"),
+        "seeds must be >= 0 and < 2**32",
+    ),
+    Case("epochs-huge", lambda e: run_args(e, "--set", "train.epochs=1000000000"), "less than or equal to 10000"),
+    Case("seeds-option-huge", lambda e: run_args(e, "--seeds", "100000000000"), "--seeds must be at most 1000"),
+    Case("grid-over-max-cells", lambda e: run_args(e, "--max-cells", "1"), "2 cells, over the limit of 1"),
+    Case(
+        "grid-of-a-million-cells",
+        lambda e: run_args(
+            e, "--seeds", "1000", "--set", f"pruning.magnitude.sparsities={[i / 1000 for i in range(1000)]}"
+        ),
+        "1,001,000 cells, over the limit of 10,000",
+    ),
+    # ---- duplicate keys (class 5) -------------------------------------------------------------------
+    Case(
+        "duplicate-top-level-key",
+        lambda e: run_args(e, study=with_text(e, "name: again\n")),
+        "key 'name' appears twice (lines",
+    ),
+    Case(
+        "duplicate-nested-key",
+        lambda e: run_args(e, study=e.study_with("name: d\ntrain:\n  epochs: 1\n  lr: 0.1\n  epochs: 2\n")),
+        "key 'epochs' appears twice in 'train' (lines 3 and 5)",
+    ),
+    Case(
+        "duplicate-key-in-a-budget",
+        lambda e: run_args(e, study=with_text(e, "budgets:\n  quick:\n    train.epochs: 1\n    train.epochs: 2\n")),
+        "key 'train.epochs' appears twice in 'budgets.quick'",
+    ),
+    Case(
+        "duplicate-key-in-set",
+        lambda e: run_args(e, "--set", "model.args={conv1: 4, conv1: 6}"),
+        "key 'conv1' appears twice",
+    ),
+    # ---- smaller messages (class 11) ----------------------------------------------------------------
+    Case("set-empty-key", lambda e: run_args(e, "--set", "=5"), "--set =5 has no key; write --set KEY=VALUE"),
+    Case("lr-inf", lambda e: run_args(e, "--set", "train.lr=.inf"), "'train.lr' is inf, not a finite number"),
+    Case("lr-nan", lambda e: run_args(e, "--set", "train.lr=.nan"), "'train.lr' is nan, not a finite number"),
+    Case("eps-inf", lambda e: run_args(e, "--set", "evaluation.attacks.fgsm.eps=[.inf]"), "is inf, not a finite"),
+    Case("model-arg-inf", lambda e: run_args(e, "--set", "model.args.conv1=.inf"), "'model.args.conv1' is inf"),
+    Case(
+        "regime-param-nan",
+        lambda e: run_args(e, "--set", "regimes={noisy_labels: {rate: .nan}}"),
+        "'regimes.noisy_labels.rate' is nan",
+    ),
+    Case(
+        "weights-raw-pickle",
+        lambda e: run_args(e, "--set", f"model.weights={raw_pickle(e.tmp / 'raw.pkl')}"),
+        "weights file",
+    ),
     # ---- data files -------------------------------------------------------------------------------
     Case(
         "data-folder-missing",
@@ -383,6 +557,56 @@ CASES = [
         "out-is-a-file", lambda e: ["run", e.study, "--data-dir", e.data, "--out", e.study], "is a file, not a folder"
     ),
     Case("report-out-is-a-file", lambda e: ["report", e.out, "--out", e.study], "is a file, not a folder"),
+    # ---- special files where a file is expected (issue 24): refused by kind, never blocking on ----
+    Case("study-is-a-folder", lambda e: run_args(e, study=e.special(e.tmp / "s.yaml", "folder")), "is a folder, not"),
+    Case("study-is-a-fifo", lambda e: run_args(e, study=e.special(e.tmp / "s.yaml", "fifo")), "is a named pipe (FIFO)"),
+    Case("study-is-dev-zero", lambda e: run_args(e, study=Path("/dev/zero")), "is a character device, not"),
+    Case("study-is-dev-null", lambda e: run_args(e, study=Path("/dev/null")), "is a character device, not"),
+    Case(
+        "weights-is-a-fifo",
+        lambda e: run_args(e, "--set", f"model.weights={e.special(e.tmp / 'w.pt', 'fifo')}"),
+        "model.weights file",
+    ),
+    Case("weights-is-dev-zero", lambda e: run_args(e, "--set", "model.weights=/dev/zero"), "model.weights file"),
+    Case(
+        "data-file-is-a-fifo",
+        lambda e: run_args(e, *NEW_TRAINING, data=e.mnist_special("fifo")),
+        "is a named pipe (FIFO), not a regular file; replace it with the official",
+    ),
+    Case(
+        "data-file-is-a-folder",
+        lambda e: run_args(e, *NEW_TRAINING, data=e.mnist_special("folder")),
+        "is a folder, not a regular file",
+    ),
+    Case(
+        "data-file-is-dev-zero",
+        lambda e: run_args(e, *NEW_TRAINING, data=e.mnist_special("dev-zero")),
+        "is a character device, not a regular file",
+    ),
+    Case(
+        "npz-is-a-fifo",
+        lambda e: run_args(
+            e, study=cifar_study(e), data=e.special(e.tmp / "cdata" / "cifar10" / "cifar10.npz", "fifo").parent.parent
+        ),
+        "cifar10.npz is a named pipe (FIFO)",
+    ),
+    Case(
+        "cached-checkpoint-is-a-fifo",
+        lambda e: [e.special(e.checkpoint("dense"), "fifo"), run_args(e, *NEW_EVAL)][1],
+        "is a named pipe (FIFO), not a regular file; delete it so it is recomputed",
+    ),
+    # ---- a damaged result store (issue 24) --------------------------------------------------------
+    Case("report-store-garbage", lambda e: ["report", e.damaged_store("garbage")], "is damaged (file is not a"),
+    Case("report-store-empty", lambda e: ["report", e.damaged_store("empty")], "is damaged (the file is empty)"),
+    Case("report-store-truncated", lambda e: ["report", e.damaged_store("truncated")], "is damaged (database disk"),
+    Case("report-store-no-runs", lambda e: ["report", e.damaged_store("runs")], "is damaged (no such table: runs)"),
+    Case("report-store-no-cells", lambda e: ["report", e.damaged_store("cells")], "is damaged (no such table: cells)"),
+    Case("report-store-is-a-fifo", lambda e: ["report", e.damaged_store("fifo")], "is a named pipe (FIFO)"),
+    Case(
+        "run-into-a-damaged-store",
+        lambda e: ["run", e.study, "--data-dir", e.data, "--out", e.damaged_store("garbage"), "--workers", "1"],
+        "; run the study again into a new --out folder",
+    ),
 ]
 
 
@@ -396,14 +620,15 @@ def test_the_catalogue_has_at_least_40_cases():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_gives_one_sentence_exit_2_and_changes_nothing(case, reference, data_dir, tmp_path, capsys):
+def test_bad_input_gives_one_sentence_exit_2_and_changes_nothing(case, reference, data_dir, tmp_path, capsys, no_hang):
     study, ref_out, ref_snapshot = reference
     out = tmp_path / "out"
     shutil.copytree(ref_out, out)
     env = Env(study, out, data_dir, tmp_path)
     args = [str(a) for a in case.args(env)]
     before = snapshot(out)  # (after the case's own set-up, e.g. a corrupted checkpoint)
-    code = main(args)
+    with no_hang(300):  # a FIFO or a device read by mistake would block or never end
+        code = main(args)
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert case.expect in err
@@ -449,7 +674,7 @@ def test_full_disk_while_writing_a_checkpoint(reference, data_dir, tmp_path, mon
     def save_until_full(obj, f, *a, **kw):
         buf = io.BytesIO()
         real_save(obj, buf)
-        Path(f).write_bytes(buf.getvalue()[:1000])
+        f.write(buf.getvalue()[:1000])
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", save_until_full)
@@ -492,22 +717,103 @@ def test_full_disk_while_writing_the_store(reference, data_dir, tmp_path, monkey
     assert snapshot(out) == before
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
-def test_read_only_output_folder(reference, data_dir, tmp_path, capsys):
+def cli_as_a_user(*args, **kw) -> subprocess.CompletedProcess:
+    """The CLI in a process bound by file modes (as root too: its override is dropped)."""
+    return subprocess.run(
+        [sys.executable, "-m", "robustprune", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=without_root_override,
+        **kw,
+    )
+
+
+def test_read_only_output_folder(reference, data_dir, tmp_path):
     _, ref_out, _ = reference
     out = tmp_path / "out"
     shutil.copytree(ref_out, out)
     before = snapshot(out)
-    for p in [out, *out.rglob("*")]:
-        p.chmod(0o555 if p.is_dir() else 0o444)
+    read_only(out)
     try:
-        code = main([str(a) for a in run_args(Env(reference[0], out, data_dir, tmp_path), *NEW_TRAINING)])
+        proc = cli_as_a_user(*run_args(Env(reference[0], out, data_dir, tmp_path), *NEW_TRAINING))
     finally:
-        for p in [out, *out.rglob("*")]:
-            p.chmod(0o755 if p.is_dir() else 0o644)
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "cannot write" in err and len(err.splitlines()) == 1
+        writable(out)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and "cannot write" in err and len(err.splitlines()) == 1, err
+    assert "choose a writable" in err and "Traceback" not in err
     assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("what", ["folder", "store file"])
+def test_report_reads_a_store_it_cannot_write(what, reference, tmp_path):
+    """report needs no write access: a read-only folder (SQLite cannot make its index file beside
+    the store) or a store file of mode 0444 gives the same tables as a writable copy."""
+    _, ref_out, _ = reference
+    out = tmp_path / "out"
+    shutil.copytree(ref_out, out)
+    expected = cli_as_a_user("report", out, "--format", "markdown")
+    assert expected.returncode == 0, expected.stderr
+    before = sorted(p.name for p in out.rglob("*"))
+    read_only(out if what == "folder" else out / "results.sqlite")
+    try:
+        proc = cli_as_a_user("report", out, "--format", "markdown")
+        claims = cli_as_a_user("report", out, "--claims", "--format", "csv")
+    finally:
+        writable(out)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == expected.stdout and "Table" in proc.stdout
+    assert claims.returncode in (0, 2) and "Traceback" not in claims.stderr  # (the tiny study lists no claims)
+    if what == "folder":
+        assert sorted(p.name for p in out.rglob("*")) == before  # not even SQLite's own -wal/-shm files
+
+
+def test_full_disk_while_training(reference, data_dir, tmp_path, full_disk, capsys):
+    """The new dense model's checkpoint goes to /dev/full (the kernel's own ENOSPC): the sentence,
+    exit 2, no partial file, the store unchanged."""
+    code, err, out, before = run_on_a_copy(reference, data_dir, tmp_path, capsys, *NEW_TRAINING)
+    assert code == 2, err
+    assert err.startswith(f"robustprune: error: cannot write {out / 'checkpoints'}/dense-"), err
+    assert f"free some space in {out / 'checkpoints'} or choose another folder (--out, --checkpoints)" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert snapshot(out) == before and not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("option", ["--out", "--figures"])
+def test_full_disk_while_writing_a_report(option, reference, tmp_path, full_disk, capsys):
+    _, ref_out, _ = reference
+    out = tmp_path / "out"
+    shutil.copytree(ref_out, out)
+    before = snapshot(out)
+    target = tmp_path / "report"
+    code = main(["report", str(out), option, str(target)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "No space left on device" in err and f"or choose another folder ({option}" in err, err
+    assert err.endswith("the result store is not changed") and len(err.splitlines()) == 1
+    assert not [p for p in target.rglob("*") if p.is_file()]  # no half-written file, no report.md
+    assert snapshot(out) == before
+
+
+def test_full_standard_output(reference, tmp_path):
+    """report --format csv > a file on a full disk (/dev/full): one sentence, exit 2."""
+    _, ref_out, _ = reference
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux)")
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "robustprune", "report", str(ref_out), "--format", "csv"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, err
+    assert err == (
+        "robustprune: error: cannot write the output (standard output) (No space left on device); "
+        "free some space there or send the output elsewhere"
+    )
 
 
 def test_weights_file_is_the_dense_model(reference, data_dir, tmp_path):

@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import group_members, stored_cells, wait_for
 
 from robustprune.cli import main
 
 pytestmark = pytest.mark.slow
 
 
-def cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+def cli(*args: str, check: bool = True, timeout: float = 1800) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "robustprune", *args], capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
@@ -146,17 +147,8 @@ def test_killed_run_resumes_to_identical_results(smoke_run, study_file, data_dir
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        db = out / "results.sqlite"
-        if db.exists():
-            try:
-                with sqlite3.connect(db) as con:
-                    if con.execute("SELECT count(*) FROM cells").fetchone()[0] >= 6:
-                        break
-            except sqlite3.OperationalError:
-                pass
-        time.sleep(0.2)
+    wait_for(lambda: stored_cells(out) >= 6 or proc.poll() is not None, "6 stored cells")
+    assert proc.poll() is None, "the study finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     partial = len({h for h, _, _ in stored(out)})
@@ -166,11 +158,54 @@ def test_killed_run_resumes_to_identical_results(smoke_run, study_file, data_dir
     assert stored(out) == stored(reference)
 
 
+@pytest.mark.parametrize("target", ["study process", "process group"])
+def test_sigterm_stops_the_run_like_ctrl_c_and_it_resumes(target, smoke_run, study_file, data_dir, tmp_path):
+    """SIGTERM, what schedulers send to the study process (or to its whole group, like SLURM and
+    systemd): the one 'interrupted' line and exit code 130 as for Ctrl-C, no traceback, no worker
+    left. The same command then finishes to the uninterrupted run's rows."""
+    reference, _, _ = smoke_run
+    out = tmp_path / "stopped"
+    log = {name: open(tmp_path / name, "w+") for name in ("stdout", "stderr")}  # (a pipe could fill and block it)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "robustprune", *run_args(study_file, data_dir, out)],
+        stdout=log["stdout"],
+        stderr=log["stderr"],
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: stored_cells(out) >= 1 or proc.poll() is not None, "a stored cell")
+        assert proc.poll() is None, "the study finished before it could be stopped"
+        workers = len(group_members(proc.pid)) - 1
+        (os.kill if target == "study process" else os.killpg)(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=300)
+        wait_for(lambda: not group_members(proc.pid), "the workers to exit", timeout=120)
+    finally:
+        if group_members(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    for f in log.values():
+        f.close()
+    stdout, stderr = ((tmp_path / name).read_text() for name in log)
+    if (os.cpu_count() or 1) > 1:
+        assert workers >= 3  # the queue's server and two workers were running
+    assert code == 130, stderr
+    last = stdout.strip().splitlines()[-1]
+    assert (
+        last == f"interrupted: finished cells are stored in {out}/results.sqlite; run the same command again to resume"
+    )
+    assert stderr.strip() == "", stderr  # no traceback, from the study process or a worker
+    partial = len({h for h, _, _ in stored(out)})
+    assert 0 < partial < 28
+    if target == "study process":  # (the resume is the same for both)
+        resumed = cli(*run_args(study_file, data_dir, out))
+        assert f"{partial} from the store" in resumed.stdout
+        assert stored(out) == stored(reference)
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [
         (["run", "no/such/study.yaml"], "does not exist"),
-        (["run", "{study}", "--budget", "huge"], "no budget 'huge'; known budgets: full, smoke"),
+        (["run", "{study}", "--budget", "huge"], "no budget 'huge'; known budgets: claims, full, smoke"),
         (["run", "{study}", "--set", "train.epochs=-1"], "'train.epochs'"),
         (["run", "{study}", "--set", "regimes.nosy={}"], "unknown training regime 'nosy'"),
         (["run", "{study}", "--set", "pruning.magnitude.sparsities=[1.5]"], "outside [0, 1)"),

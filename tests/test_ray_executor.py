@@ -104,7 +104,7 @@ def test_a_killed_ray_worker_is_retried_and_nothing_is_recomputed(study_path, tm
         stderr=subprocess.PIPE,
         text=True,
     )
-    killed, deadline = 0, time.time() + 300
+    killed, deadline = 0, time.time() + 900  # (a hang guard: the kill waits for a stored cell and a busy worker)
     while proc.poll() is None and time.time() < deadline:
         done = len(finished_at(out)) if (out / "results.sqlite").exists() else 0
         workers = ray_workers_running_a_job()

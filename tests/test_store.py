@@ -5,10 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import shutil
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import read_only, without_root_override, writable
 
 from robustprune.errors import UserError
 from robustprune.report.tables import long_csv
@@ -163,10 +168,137 @@ def test_last_run_empty(store):
 def test_garbage_file_is_a_user_error(tmp_path):
     path = tmp_path / "results.sqlite"
     path.write_bytes(b"this is not an sqlite database at all " * 200)
-    with pytest.raises(UserError, match="not a usable result store"):
+    with pytest.raises(UserError, match="is damaged .file is not a database.; run the study again into a new --out"):
         Store(path)
-    with pytest.raises(UserError, match="not a usable result store"):
+    with pytest.raises(UserError, match="is damaged .file is not a database.; run the study again into a new --out"):
         Store(path, readonly=True)
+
+
+# ---- reading never writes (issue 24) -----------------------------------------------------------------
+
+
+def filled(path) -> None:
+    s = Store(path)
+    for i in range(40):
+        s.put(cell(f"h{i}"), {f"m{j}": 0.5 for j in range(20)}, 1.0, per_image={"acc": [True, False] * 2000})
+    s.record_run("s", "smoke", "robustprune run x", {"name": "s"}, [f"h{i}" for i in range(40)])
+    s.close()
+
+
+def damage(path, how: str) -> None:
+    if how == "garbage":
+        path.write_bytes(os.urandom(8192))
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:  # a table dropped
+        with sqlite3.connect(path) as db:
+            db.execute(f"DROP TABLE {how.split(':')[1]}")
+
+
+DAMAGES = ["garbage", "empty", "truncated", "no-table:runs", "no-table:cells", "no-table:results"]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_damaged_store_is_read_as_one_sentence_and_left_as_it_is(tmp_path, how):
+    path = tmp_path / "results.sqlite"
+    filled(path)
+    damage(path, how)
+    before = path.read_bytes()
+    with pytest.raises(UserError) as e:
+        store = Store(path, readonly=True)  # the damage is found on opening, or by the first read
+        store.last_run(), store.cells(), store.per_image(["h1"], "acc")
+    text = str(e.value)
+    assert text.startswith(f"the result store {path} is damaged (") and "\n" not in text, text
+    assert text.endswith("; run the study again into a new --out folder"), text
+    if how == "empty":
+        assert "(the file is empty)" in text
+    assert path.read_bytes() == before  # reading it created no table, repaired nothing
+
+
+def test_reading_an_old_store_creates_no_table(tmp_path):
+    """A store written before per-image results were kept is read as it is, not migrated."""
+    path = tmp_path / "results.sqlite"
+    filled(path)
+    damage(path, "no-table:per_image")
+    before = path.read_bytes()
+    store = Store(path, readonly=True)
+    try:
+        assert len(store.cells()) == 40 and store.per_image(["h1"], "acc") == {}
+        tables = {t for (t,) in store.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    finally:
+        store.close()
+    assert "per_image" not in tables and path.read_bytes() == before
+
+
+READ = (
+    "import sys; from robustprune.study.store import Store; s = Store(sys.argv[1], readonly=True); "
+    "print(len(s.done_hashes()), len(s.cells()), s.last_run()['budget'])"
+)
+
+
+def read_as_a_user(path) -> subprocess.CompletedProcess:
+    """Read the store in a process bound by the file modes (root's override dropped)."""
+    return subprocess.run(
+        [sys.executable, "-c", READ, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=without_root_override,
+    )
+
+
+def test_a_store_in_a_read_only_folder_is_read(tmp_path):
+    """SQLite needs to write an index file beside a WAL store to read it; where the folder is
+    read-only the store is read as an immutable file."""
+    folder = tmp_path / "study"
+    folder.mkdir()
+    filled(folder / "results.sqlite")
+    read_only(folder)
+    try:
+        proc = read_as_a_user(folder / "results.sqlite")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == ["40", "40", "smoke"]
+        assert sorted(p.name for p in folder.iterdir()) == ["results.sqlite"]
+    finally:
+        writable(folder)
+
+
+def test_a_read_only_store_file_is_read(tmp_path):
+    filled(tmp_path / "results.sqlite")
+    read_only(tmp_path / "results.sqlite")
+    try:
+        proc = read_as_a_user(tmp_path / "results.sqlite")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == ["40", "40", "smoke"]
+    finally:
+        writable(tmp_path / "results.sqlite")
+
+
+def test_unmerged_writes_in_a_read_only_folder_are_explained(tmp_path):
+    """A killed writer's -wal file holds rows the store file lacks: reading it as immutable would
+    silently drop them, so the sentence says to copy the folder."""
+    folder = tmp_path / "study"
+    folder.mkdir()
+    filled(folder / "results.sqlite")
+    writer = sqlite3.connect(folder / "results.sqlite")
+    writer.execute("PRAGMA wal_autocheckpoint = 0")
+    writer.execute("UPDATE results SET value = 0.25")
+    writer.commit()
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in folder.iterdir():  # what a killed writer leaves: the store and its -wal, no live index
+        if not p.name.endswith("-shm"):
+            shutil.copy(p, copy / p.name)
+    writer.close()
+    read_only(copy)
+    try:
+        proc = read_as_a_user(copy / "results.sqlite")
+        assert proc.returncode == 1 and "results.sqlite-wal holds writes not yet merged" in proc.stderr
+        assert "copy the folder somewhere writable" in proc.stderr
+    finally:
+        writable(copy)
 
 
 def test_readonly_missing_store(tmp_path):

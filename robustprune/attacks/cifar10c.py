@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from robustprune.errors import UserError, closest
+from robustprune.files import check_regular_file
 
 # the 15 benchmark corruptions and the 4 extra ones of the release
 CIFAR10C_NAMES = (
@@ -40,6 +41,7 @@ _FIX = "download CIFAR-10-C (https://zenodo.org/record/2535967) and pass the fol
 
 
 def _load(path: Path, what: str) -> np.ndarray:
+    check_regular_file(path, "CIFAR-10-C file", _FIX)
     if not path.is_file():
         raise UserError(f"CIFAR-10-C file {path} not found; {_FIX}")
     try:

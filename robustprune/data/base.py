@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from robustprune.errors import UserError
+from robustprune.files import FULL, check_regular_file, write_failed
 from robustprune.registry import Registry
 
 DATA_ENV = "ROBUSTPRUNE_DATA"
@@ -128,6 +129,8 @@ def fetch(urls: list[str], dest: Path, md5: str) -> None:
             os.replace(tmp, dest)
             return
         except (OSError, ValueError, http.client.HTTPException) as e:
+            if isinstance(e, OSError) and e.errno in FULL:  # another mirror would not help
+                raise write_failed(dest, e, "--data-dir", "nothing was half-written") from None
             errors.append(f"{url}: {e}")
         finally:
             if os.path.exists(tmp):
@@ -141,6 +144,7 @@ def fetch(urls: list[str], dest: Path, md5: str) -> None:
 def ensure_file(folder: Path, filename: str, md5: str, urls: list[str], download: bool) -> Path:
     """Return folder/filename with a verified checksum, downloading it when missing."""
     path = folder / filename
+    check_regular_file(path, "data file", f"replace it with the official {filename}")
     if not path.exists():
         if not download:
             raise UserError(

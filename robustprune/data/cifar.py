@@ -27,6 +27,7 @@ import torch
 
 from robustprune.data.base import DATA_ENV, DATASETS, ImageDataset, ensure_file
 from robustprune.errors import UserError
+from robustprune.files import check_regular_file
 
 try:  # numpy >= 2 keeps it in numpy._core; the official batches name numpy.core (numpy 1.x)
     from numpy._core.multiarray import _reconstruct
@@ -231,7 +232,8 @@ def find_cifar_file(data_dir: Path, spec: CifarSpec) -> Path | None:
     folders = (data_dir / spec.name, data_dir)
     for filename in (spec.npz, spec.archive):
         for folder in folders:
-            if (folder / filename).is_file():
+            if (folder / filename).exists():  # a FIFO or folder of that name is refused, not skipped
+                check_regular_file(folder / filename, "data file", f"replace it with a valid {filename}")
                 return folder / filename
     return None
 

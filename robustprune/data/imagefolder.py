@@ -25,6 +25,7 @@ import torch
 
 from robustprune.data.base import DATA_ENV, DATASETS, ImageDataset, ensure_file
 from robustprune.errors import UserError
+from robustprune.files import write_failed
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -205,6 +206,8 @@ def _unzip(archive: Path, dest: Path) -> None:
             f"{archive} is not a readable zip archive, it is truncated or corrupt ({e}); "
             f"delete it and download {TINY_IMAGENET_URL} again"
         ) from None
+    except OSError as e:  # a full disk or read-only folder while extracting: the partial copy is removed below
+        raise write_failed(dest, e, "--data-dir", "nothing was half-written") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -20,11 +20,11 @@ from __future__ import annotations
 import json
 import numbers
 import os
-import tempfile
 from pathlib import Path
 
 from robustprune.attacks.norms import check_norm, check_radius
 from robustprune.errors import UserError
+from robustprune.files import STORE_UNCHANGED, atomic_write
 
 # the fields measured here: extra may not overwrite them
 MEASURED = ("dataset", "eps", "clean_acc", "autoattack_acc", "threat_model", "n_examples")
@@ -109,15 +109,11 @@ def write_robustbench_json(entry: dict, path) -> None:
         text = json.dumps(entry, indent=2, allow_nan=False) + "\n"
     except (TypeError, ValueError) as e:
         raise UserError(f"the RobustBench entry is not plain JSON ({e}); use strings, numbers and booleans") from None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_write(path, write, "--robustbench", STORE_UNCHANGED)

@@ -11,8 +11,6 @@ minimum norm exceeds eps. One run gives the whole curve, for dense and pruned mo
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from robustprune.attacks.fmn import FMN
 from robustprune.attacks.norms import check_norm
 from robustprune.attacks.pgd import check_count
 from robustprune.errors import UserError
+from robustprune.files import STORE_UNCHANGED, atomic_write
 from robustprune.train import to_float
 
 GRID_POINTS = 51  # radii of the default grid, 0 to the largest norm found
@@ -173,15 +172,7 @@ def plot_security_curves(
         ax.legend(fontsize=8)
         ax.set_title(title or f"Security curves (FMN, {norm})", fontsize=9)
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-        os.close(fd)
-        try:
-            fig.savefig(tmp, dpi=150, format="png")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=150, format="png"), "--figures, --out", STORE_UNCHANGED)
     finally:
         plt.close(fig)
     return path

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from robustprune.errors import UserError, excerpt
 from robustprune.registry import Registry
 
 MODELS: Registry = Registry("model")
@@ -30,6 +31,66 @@ def to_device(model: nn.Module, device) -> nn.Module:
 
 def build_model(name: str, *, num_classes: int, image_shape, mean, std, **args) -> nn.Module:
     return MODELS.get(name)(num_classes=num_classes, image_shape=image_shape, mean=mean, std=std, **args)
+
+
+MAX_PARAMS = 1_000_000_000  # 4 GB of fp32 weights; a typo in a width (65536 for 64) asks for terabytes
+
+
+def whole(low: int = 1, high: int = 1 << 16, **values) -> None:
+    """Arguments that count something (channels, a kernel side) are whole numbers in [low, high]."""
+    for key, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            raise UserError(f"{key} must be a whole number from {low} to {high}, got {excerpt(v)}")
+
+
+def positive(high: float = 64.0, **values) -> None:
+    """Multipliers (width_mult) are finite numbers in (0, high]."""
+    for key, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= high:
+            raise UserError(f"{key} must be a number above 0 and at most {high:g}, got {excerpt(v)}")
+
+
+def fraction(**values) -> None:
+    """Probabilities such as dropout lie in [0, 1)."""
+    for key, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise UserError(f"{key} must be a number from 0 up to (not including) 1, got {excerpt(v)}")
+
+
+def meta_model(name: str, **args) -> nn.Module:
+    """The model built on the meta device: its structure and parameter count, with no memory used."""
+    with torch.device("meta"):
+        return MODELS.get(name)(**args)
+
+
+def check_model(name: str, args: dict, *, dataset: str, num_classes: int, image_shape, mean, std) -> None:
+    """Build the model and run one image of the dataset's shape through it, so that arguments that
+    cannot work (a kernel larger than the image, a width of 0) are refused before a run writes
+    anything, in one sentence instead of a torch traceback mid-run."""
+    what = f"model '{name}' with args {excerpt(args)}"
+    size = "x".join(map(str, image_shape))
+    kw = dict(num_classes=num_classes, image_shape=tuple(image_shape), mean=mean, std=std, **args)
+    try:
+        n = sum(p.numel() for p in meta_model(name, **kw).parameters())
+        if n > MAX_PARAMS:
+            raise UserError(
+                f"{what} has {n:,} parameters, over the limit of {MAX_PARAMS:,} (smaller widths); fix its args"
+            )
+        model = build_model(name, **kw).eval()
+        with torch.no_grad():
+            out = model(torch.zeros(1, *image_shape))
+    except UserError as e:
+        if str(e).startswith(what):
+            raise
+        raise UserError(f"{what} cannot be built ({e}); fix its args") from None
+    except Exception as e:  # whatever torch or the model raises: the args do not fit this input
+        reason = excerpt((str(e).strip().splitlines() or [type(e).__name__])[0], 160)
+        raise UserError(f"{what} cannot run on {dataset} images ({size}): {reason}; fix its args") from None
+    if tuple(out.shape) != (1, num_classes):
+        raise UserError(
+            f"{what} gives outputs of shape {tuple(out.shape)} on {dataset} images, not (1, {num_classes}); "
+            "fix its args"
+        )
 
 
 from robustprune.models import (  # noqa: E402,F401  (registers)  # noqa: E402,F401  (registers)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from robustprune.models import MODELS, Normalize
+from robustprune.models import MODELS, Normalize, whole
 
 
 class MnistCNN(nn.Module):
@@ -23,6 +23,8 @@ class MnistCNN(nn.Module):
         padding: int = 0,
     ):
         super().__init__()
+        whole(conv1=conv1, conv2=conv2, fc=fc, kernel_size=kernel_size)
+        whole(low=0, high=1024, padding=padding)
         c, h, w = image_shape
         self.normalize = Normalize(mean, std)
         self.conv1 = nn.Conv2d(c, conv1, kernel_size, padding=padding)

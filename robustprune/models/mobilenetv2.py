@@ -23,7 +23,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from robustprune.models import MODELS, Normalize
+from robustprune.models import MODELS, Normalize, positive, whole
 from robustprune.models.blocks import ResidualBlock
 from robustprune.models.resnet_cifar import CIFAR10_MEAN, CIFAR10_STD, init_weights
 
@@ -101,6 +101,8 @@ class MobileNetV2(nn.Module):
         last_channels: int = 1280,
     ):
         super().__init__()
+        positive(width_mult=width_mult)
+        whole(stem_stride=stem_stride, last_channels=last_channels)
         self.normalize = Normalize(mean, std)
         cin = round_channels(32 * width_mult)
         self.stem = conv_bn(image_shape[0], cin, 3, stem_stride)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustprune.models import MODELS, Normalize, mobilenetv2
+from robustprune.models import MODELS, Normalize, fraction, mobilenetv2, positive, whole
 from robustprune.models.blocks import HiddenLinear, MultiHeadSelfAttention
 from robustprune.models.mobilenetv2 import round_channels
 from robustprune.models.resnet_cifar import CIFAR10_MEAN, CIFAR10_STD, init_weights
@@ -166,6 +166,9 @@ class MobileViT(nn.Module):
         classifier_dropout: float = 0.1,
     ):
         super().__init__()
+        positive(width_mult=width_mult)
+        whole(expansion=expansion, num_heads=num_heads, patch=patch, last_expansion=last_expansion)
+        fraction(dropout=dropout, classifier_dropout=classifier_dropout)
         self.stem_kind = resolve_stem(stem, image_shape)
         cifar = self.stem_kind == "cifar"
         self.normalize = Normalize(mean, std)

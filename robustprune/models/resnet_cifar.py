@@ -16,7 +16,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from robustprune.models import MODELS, Normalize
+from robustprune.models import MODELS, Normalize, whole
 from robustprune.models.blocks import ResidualBlock, StridedPointwiseConv
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -131,6 +131,7 @@ class CifarResNet(StagedResNet):
 
 
 def _he_resnet(n: int, width: int, **kwargs) -> CifarResNet:
+    whole(width=width)
     return CifarResNet([n] * 3, [width, 2 * width, 4 * width], [1, 2, 2], **kwargs)
 
 
@@ -155,4 +156,5 @@ def resnet56(width: int = 16, **kwargs) -> nn.Module:
 @MODELS.register("resnet18")
 def resnet18(width: int = 64, **kwargs) -> nn.Module:
     """ResNet-18, CIFAR variant (3x3 stem, no max-pool, 4 stages of 2 basic blocks); `width` = stem filters."""
+    whole(width=width)
     return CifarResNet([2, 2, 2, 2], [width, 2 * width, 4 * width, 8 * width], [1, 2, 2, 2], **kwargs)

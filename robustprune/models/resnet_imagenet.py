@@ -25,7 +25,7 @@ from collections import OrderedDict
 from torch import nn
 
 from robustprune.errors import UserError
-from robustprune.models import MODELS, Normalize
+from robustprune.models import MODELS, Normalize, whole
 from robustprune.models.blocks import ResidualBlock, StridedPointwiseConv
 from robustprune.models.resnet_cifar import CIFAR10_MEAN, CIFAR10_STD, BasicBlock, StagedResNet, add_head, conv3x3
 
@@ -111,6 +111,7 @@ class ResNet(StagedResNet):
         zero_init_residual: bool = False,
     ):
         super().__init__()
+        whole(width=width)
         self.stem_kind = resolve_stem(stem, image_shape)
         self.normalize = Normalize(mean, std)
         self.stem = make_stem(self.stem_kind, image_shape[0], width)

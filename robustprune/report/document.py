@@ -9,6 +9,7 @@ import io
 import re
 from pathlib import Path
 
+from robustprune.files import STORE_UNCHANGED, write_failed, write_text
 from robustprune.report.tables import Table, all_tables, long_csv, to_markdown
 from robustprune.study.schema import StudyConfig
 
@@ -86,7 +87,6 @@ def write_study(study: StudyConfig, cells: list[dict], folder: Path, source: str
     from robustprune.report.figures import all_figures
 
     tables_dir, figures_dir = folder / "tables", folder / "figures"
-    tables_dir.mkdir(parents=True, exist_ok=True)
     done = [c for c in cells if c["status"] == "done"]
     lines = [
         f"{heading} {study.name}",
@@ -100,8 +100,8 @@ def write_study(study: StudyConfig, cells: list[dict], folder: Path, source: str
     ]
     for i, t in enumerate(all_tables(study, cells), start=1):
         name = f"{i:02d}_{slug(t.title)}"
-        (tables_dir / f"{name}.csv").write_text(to_csv(t))
-        (tables_dir / f"{name}.tex").write_text(to_latex(t))
+        _write(tables_dir / f"{name}.csv", to_csv(t))
+        _write(tables_dir / f"{name}.tex", to_latex(t))
         lines += [
             to_markdown(t).replace("### ", heading + "## ", 1),
             f"[CSV](tables/{name}.csv) · [LaTeX](tables/{name}.tex)",
@@ -111,8 +111,12 @@ def write_study(study: StudyConfig, cells: list[dict], folder: Path, source: str
     if figures:
         lines += [f"{heading}## Figures", ""]
         lines += [f"![{p.stem}](figures/{p.name})\n" for p in figures]
-    (folder / "results.csv").write_text(long_csv(cells))
+    _write(folder / "results.csv", long_csv(cells))
     return lines
+
+
+def _write(path: Path, text: str) -> Path:
+    return write_text(path, text, "--out", STORE_UNCHANGED)
 
 
 def write_report(folders: list[str], out: str | Path) -> Path:
@@ -132,16 +136,13 @@ def write_report(folders: list[str], out: str | Path) -> Path:
             lines = ["# Studies side by side", ""]
             table = side_by_side(loaded)
             if table is not None:
-                (out / "side_by_side.csv").write_text(to_csv(table))
+                _write(out / "side_by_side.csv", to_csv(table))
                 lines += [to_markdown(table), "[CSV](side_by_side.csv)", ""]
             for folder, study, cells in loaded:
                 sub = slug(Path(folder).name)
                 part = write_study(study, cells, out / sub, folder, heading="##")
                 lines += [re.sub(r"\]\((tables|figures)/", f"]({sub}/\\1/", line) for line in part]
-        path = out / "report.md"
-        path.write_text("\n".join(lines) + "\n")
-    except OSError as e:
-        from robustprune.errors import UserError
-
-        raise UserError(f"cannot write the report into {out} ({e.strerror}); choose a writable folder") from None
+        path = _write(out / "report.md", "\n".join(lines) + "\n")  # last: a report.md links only finished files
+    except OSError as e:  # (the folder itself; every file is written by write_text)
+        raise write_failed(out, e, "--out", STORE_UNCHANGED) from None
     return path

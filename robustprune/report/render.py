@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table as RichTable
 
 from robustprune.errors import UserError
+from robustprune.files import STORE_UNCHANGED, write_failed
 from robustprune.report.tables import Table, all_tables, long_csv, to_markdown
 from robustprune.study.schema import StudyConfig
 from robustprune.study.store import Store
@@ -79,9 +80,9 @@ def write_figures(study: StudyConfig, cells: list[dict], folder: Path, console: 
     from robustprune.report.figures import all_figures
 
     try:
-        paths = all_figures(study, cells, folder)
+        paths = all_figures(study, cells, folder)  # each PNG is written whole or not at all
     except OSError as e:
-        raise UserError(f"cannot write figures into {folder} ({e.strerror}); choose a writable folder") from None
+        raise write_failed(folder, e, "--figures", STORE_UNCHANGED) from None
     for path in paths:
         console.print(f"figure: {path}", highlight=False)
 

@@ -101,6 +101,27 @@ def expand(study: StudyConfig) -> list[Cell]:
     return cells
 
 
+def count_cells(study: StudyConfig) -> int:
+    """len(expand(study)), counted without building any cell."""
+    total = 0
+    for model_label, model in study.model_items():
+        seeds = len(study.seeds) if model.seeds is None else len(set(model.seeds) & set(study.seeds))
+        settings = 1  # the dense model
+        for p in study.pruning.values():
+            if p.models is not None and model_label not in p.models:
+                continue
+            method = PRUNING_METHODS.get(p.method)
+            params = method.Params(**p.params)
+            if method.iterative:
+                settings += params.rounds
+                continue
+            schemes = sum(1 for scheme in p.adjust if scheme != "finetune")
+            finetunes = len(p.finetune_epochs) if "finetune" in p.adjust else 0
+            settings += len(p.sparsities) * (schemes + finetunes * getattr(params, "rounds", 1))
+        total += seeds * len(study.regimes) * settings
+    return total
+
+
 def _setting_cells(
     study: StudyConfig, seed: int, regime: str, model_label: str | None, model: ModelConfig
 ) -> list[Cell]:

@@ -165,8 +165,17 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _init_worker(threads: int, q, parent: int) -> None:
+def _helper(parent: int) -> None:
+    """A helper process (worker, queue server) dies with the study process and leaves signals to it.
+    Ctrl-C, and a scheduler's SIGTERM, often reach the whole process group; the study process answers
+    them and kills its helpers, so none prints a traceback or vanishes under it first."""
     _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _init_worker(threads: int, q, parent: int) -> None:
+    _helper(parent)
     torch.set_num_threads(threads)
     _STATE["queue"] = q
 
@@ -245,7 +254,7 @@ def run_parallel(
     dense_threads = max(threads, workers * threads // max(1, min(workers, n_dense)))
     ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
     manager = SyncManager(ctx=ctx)
-    manager.start(_die_with_parent, (os.getpid(),))  # the queue's server process, too, dies with the study
+    manager.start(_helper, (os.getpid(),))  # the queue's server process, too, dies with the study
     with manager:
         q = manager.Queue()
         pool = ProcessPoolExecutor(

@@ -23,7 +23,7 @@ from robustprune.evaluate.suite import evaluate_robustness, first
 from robustprune.metrics.latency import measure_latency
 from robustprune.metrics.size import layer_widths, size_metrics
 from robustprune.metrics.weights import weight_statistics
-from robustprune.models import build_model, to_device
+from robustprune.models import build_model, check_model, to_device
 from robustprune.prune import PRUNING_METHODS
 from robustprune.prune.criteria.replay import Recording, Replay
 from robustprune.prune.methods import MATCHED, Structured
@@ -461,7 +461,20 @@ class Workspace:
     def check_inputs(self) -> None:
         """Everything a study reads (data, weights files, evaluation inputs) is checked before any
         file is written, so a mistake costs nothing and changes nothing."""
-        self.base_data()
+        base = self.base_data()
+        for label, model_cfg in self.study.model_items():
+            try:  # one image of the dataset's shape through each architecture: its args fit these images
+                check_model(
+                    model_cfg.name,
+                    model_cfg.args,
+                    dataset=self.study.dataset,
+                    num_classes=base.num_classes,
+                    image_shape=base.image_shape,
+                    mean=base.mean,
+                    std=base.std,
+                )
+            except UserError as e:
+                raise UserError(f"models.{label}: {e}" if label else str(e)) from None
         for _, model_cfg in self.study.model_items():
             if model_cfg.weights:
                 model = self.new_model({"model": {"name": model_cfg.name, "args": model_cfg.args}})

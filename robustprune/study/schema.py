@@ -4,19 +4,31 @@ budgets (dotted overrides) and command-line --set overrides applied before valid
 from __future__ import annotations
 
 import copy
+import math
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from robustprune.errors import UserError, closest
-from robustprune.train import TrainConfig
+from robustprune.errors import UserError, closest, excerpt
+from robustprune.study.yamlfile import MAX_INT, StudyYAMLError, load_yaml, read_study_text
+from robustprune.train import MAX_BATCH, MAX_EPOCHS, TrainConfig
 
 
 def _no_repeats(values: list) -> None:
     if len(set(values)) != len(values):
-        raise ValueError(f"lists a value twice ({values})")
+        raise ValueError(f"lists a value twice ({excerpt(values)})")
 
 
 def _check_params(params_cls, params: dict, where: str) -> None:
@@ -42,8 +54,43 @@ def _changes_valid(build, where: str) -> None:
         raise ValueError(f"{where}.{key}: {what}") from None
 
 
+def _numbers_in_range(value: Any, where: str) -> None:
+    """Every float of a study is finite and every int fits in 64 bits, in typed fields and free-form
+    ones (model args, params) alike: inf passes a `gt=0` check, and nan slips past most others."""
+    stack = [(value, where)]
+    while stack:
+        v, at = stack.pop()
+        if isinstance(v, dict):
+            stack += [(x, f"{at}.{k}" if at else str(k)) for k, x in v.items()]
+        elif isinstance(v, (list, tuple)):
+            stack += [(x, f"{at}[{i}]") for i, x in enumerate(v)]
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"'{at}' is {v}, not a finite number (every number of a study must be finite)")
+        elif isinstance(v, int) and not isinstance(v, bool) and not -MAX_INT <= v < MAX_INT:
+            raise ValueError(f"'{at}' is {excerpt(v)}, outside the 64-bit integers a study can use")
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite(cls, data):
+        # Before the fields' own checks, so that nan and inf get this one sentence wherever they are.
+        if isinstance(data, dict):
+            _numbers_in_range(data, "")
+        return data
+
+
+def _seed(v: int) -> int:
+    if not 0 <= v < 2**32:
+        raise ValueError(f"seeds must be >= 0 and < 2**32 (torch and numpy take 32-bit seeds), got {excerpt(v)}")
+    return v
+
+
+Seed = Annotated[int, AfterValidator(_seed)]
+MAX_SEEDS = 1000  # --seeds N
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class DataConfig(Strict):
@@ -70,7 +117,7 @@ class ModelConfig(Strict):
         default_factory=dict,
         description="this architecture's changes to the study's train settings, e.g. {epochs: 2, lr: 0.05}",
     )
-    seeds: list[int] | None = Field(
+    seeds: list[Seed] | None = Field(
         None, description="the study's seeds this architecture runs (default all): one seed for an expensive model"
     )
 
@@ -81,14 +128,17 @@ class PruningConfig(Strict):
 
     method: str
     sparsities: list[float] = Field(default_factory=list)
-    finetune_epochs: list[int] = Field(default_factory=lambda: [0])
+    finetune_epochs: list[Annotated[int, Field(le=MAX_EPOCHS)]] = Field(default_factory=lambda: [0])
     params: dict[str, Any] = Field(default_factory=dict)
     adjust: list[Literal["finetune", "scratch_e", "scratch_b", "winning_ticket"]] = Field(
         default_factory=lambda: ["finetune"],
         description="parameter adjustment after pruning (Jordão & Pedrini Table 3); finetune uses finetune_epochs",
     )
     rewind_epoch: int | None = Field(
-        None, ge=0, description="winning_ticket: rewind to the dense weights after this epoch (default 1)"
+        None,
+        ge=0,
+        le=MAX_EPOCHS,
+        description="winning_ticket: rewind to the dense weights after this epoch (default 1)",
     )
     rewind_fraction: float | None = Field(
         None,
@@ -203,7 +253,7 @@ class CorruptionsConfig(Strict):
 
     types: list[str] | Literal["all"] = "all"
     severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     source: Literal["generated", "cifar10c"] = "generated"
     cifar10c_dir: str | None = Field(None, description="folder of the CIFAR-10-C .npy files (source: cifar10c)")
 
@@ -325,7 +375,7 @@ class SingleElementConfig(Strict):
     max_elements: int | None = Field(64, ge=1, description="a seeded sample of this many elements (None: all)")
     images: int = Field(500, ge=1, description="evaluate each removal on the first N test images")
     tolerances: list[float] = Field(default_factory=lambda: [0, 1, 2, 3, 4, 5], description="p.p.")
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     attacks: list[str] | None = Field(
         None,
         description="labels of evaluation.attacks to count (default: every "
@@ -340,9 +390,9 @@ class SecurityConfig(Strict):
 
     norm: Literal["Linf", "L2"] = "Linf"
     eps: list[float] = Field(description="radii at which the curve is stored (pixel scale [0, 1] for Linf)")
-    steps: int = Field(100, ge=1, description="FMN iterations")
+    steps: int = Field(100, ge=1, le=100_000, description="FMN iterations")
     subset: int | None = Field(None, ge=1, description="only the first N of the attacked images (None: all)")
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
 
     @field_validator("eps")
     @classmethod
@@ -357,7 +407,7 @@ class SecurityConfig(Strict):
 
 
 class EvaluationConfig(Strict):
-    batch_size: int = Field(500, ge=1)
+    batch_size: int = Field(500, ge=1, le=MAX_BATCH)
     attack_subset: int | None = Field(1000, ge=1, description="attack the first N test images (None: all)")
     shift_subset: int | None = Field(2000, ge=1, description="occlude / corrupt the first N test images (None: all)")
     attacks: dict[str, AttackEntry] = Field(default_factory=lambda: {"fgsm": AttackEntry(eps=[0.1])})
@@ -373,6 +423,7 @@ class EvaluationConfig(Strict):
     latency_batch: int | None = Field(
         None,
         ge=1,
+        le=4096,  # (the batch is allocated at once)
         description="measure forward latency on a batch this big "
         "(wall-clock, so not reproducible bit for bit; None: off)",
     )
@@ -486,7 +537,7 @@ class PaperTable(Strict):
 
 
 class StudyConfig(Strict):
-    name: str
+    name: str = Field(description="a label: names the default output folder runs/<name> and every stored row")
     description: str = ""
     dataset: str = "mnist"
     data: DataConfig = DataConfig()
@@ -505,13 +556,24 @@ class StudyConfig(Strict):
     claims: list[Claim] = Field(default_factory=list, description="the paper's central claims (report --claims)")
     budgets: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        # The name becomes a folder under runs/: a path ('../x', '/abs/x') or '' would write elsewhere.
+        if not NAME.fullmatch(v):
+            raise ValueError(
+                f"{excerpt(repr(v))} is a label, not a path: use 1 to 100 letters, digits, '-', '_' or '.', "
+                "starting with a letter or digit (e.g. mnist_pruning)"
+            )
+        return v
+
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, v):
         if not v:
             raise ValueError("needs at least one seed")
-        if any(s < 0 for s in v):
-            raise ValueError("seeds must be >= 0")
+        for seed in v:
+            _seed(seed)
         _no_repeats(v)
         return v
 
@@ -545,7 +607,7 @@ class StudyConfig(Strict):
     def _names_exist(self):
         # Unknown names are caught here, with the list of known ones, before anything runs.
         from robustprune.data import DATASETS, REGIMES
-        from robustprune.models import MODELS
+        from robustprune.models import MODELS, meta_model
         from robustprune.prune import PRUNING_METHODS
 
         DATASETS.get(self.dataset)
@@ -557,11 +619,16 @@ class StudyConfig(Strict):
         for label, model in self.model_items():
             if label is not None and not label.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"model label '{label}' may hold only letters, digits, '_' and '-'")
-            builder = MODELS.get(model.name)
-            try:  # catches unknown or ill-typed model arguments before anything runs
-                builder(**model.args)
+            MODELS.get(model.name)
+            who = f"model '{model.name}'" + (f" (models.{label})" if label else "")
+            try:  # unknown or ill-typed args and the model's own checks, on the meta device (no memory used)
+                meta_model(model.name, **model.args)
             except TypeError as e:
-                raise ValueError(f"model '{model.name}' does not accept args {model.args} ({e})") from None
+                raise ValueError(f"{who} does not accept args {excerpt(model.args)} ({excerpt(str(e), 160)})") from None
+            except UserError as e:
+                raise ValueError(f"{who} does not accept args {excerpt(model.args)} ({e})") from None
+            except Exception:
+                pass  # (may depend on the image size: checked on the dataset's images before a run writes anything)
             if model.train:
                 _changes_valid(lambda model=model: self.model_train(model), f"model '{label or model.name}'.train")
             if model.seeds is not None and not set(model.seeds) & set(self.seeds):
@@ -569,6 +636,10 @@ class StudyConfig(Strict):
                     f"model '{label or model.name}' runs seeds {model.seeds}, none of the study's "
                     f"seeds {self.seeds}; list some of those"
                 )
+            if model.weights is not None:
+                from robustprune.files import check_regular_file
+
+                check_regular_file(model.weights, "model.weights file", "give the path of a state dict file")
             if model.weights is not None and not Path(model.weights).is_file():
                 raise ValueError(
                     f"model.weights file {model.weights} does not exist; give the path of a state dict "
@@ -698,13 +769,17 @@ class StudyConfig(Strict):
 
     def _check_blocks(self, label: str, only: list[str] | None) -> None:
         """Layer pruning needs residual blocks with identity shortcuts in every architecture it prunes."""
-        from robustprune.models import MODELS
+        from robustprune.models import meta_model
         from robustprune.models.blocks import residual_blocks
 
         for model_label, model in self.model_items():
             if only is not None and model_label not in only:
                 continue
-            if not any(b.removable for _, b in residual_blocks(MODELS.get(model.name)(**model.args))):
+            try:
+                blocks = residual_blocks(meta_model(model.name, **model.args))
+            except Exception:  # (args that fail are refused on the dataset's images, before any write)
+                continue
+            if not any(b.removable for _, b in blocks):
                 hint = " or list the other architectures under the entry's 'models'" if self.models else ""
                 raise ValueError(
                     f"pruning '{label}' removes residual blocks, but model '{model.name}' has no "
@@ -805,19 +880,26 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     out = {}
     for item in items:
         if "=" not in item:
-            raise UserError(f"--set '{item}' is not KEY=VALUE; write e.g. --set train.epochs=3")
+            raise UserError(f"--set '{excerpt(item)}' is not KEY=VALUE; write e.g. --set train.epochs=3")
         key, raw = item.split("=", 1)
+        if not key.strip():
+            raise UserError(f"--set {excerpt(item)} has no key; write --set KEY=VALUE, e.g. --set train.epochs=3")
         try:
-            out[key.strip()] = yaml.safe_load(raw)
+            out[key.strip()] = load_yaml(raw)
+        except StudyYAMLError as e:
+            raise UserError(f"--set {excerpt(key)}: {e}") from None
         except yaml.YAMLError:
-            raise UserError(f"--set {key}: the value '{raw}' is not valid YAML; quote it or fix its syntax") from None
+            raise UserError(
+                f"--set {excerpt(key)}: the value '{excerpt(raw)}' is not valid YAML; quote it or fix its syntax"
+            ) from None
     return out
 
 
 def describe_validation_error(err: ValidationError, source: str) -> str:
     e = err.errors()[0]
-    where = ".".join(str(p) for p in e["loc"])
-    msg = e["msg"].removeprefix("Value error, ")
+    where = excerpt(".".join(str(p) for p in e["loc"]))
+    # Messages quote values only as excerpts; this bounds any that does not (a sentence, not a dump).
+    msg = excerpt(e["msg"].removeprefix("Value error, "), 400)
     if not where:
         return f"{source}: {msg}; fix the study file"
     if e["type"] == "extra_forbidden":
@@ -831,14 +913,21 @@ def load_study(
     path: str | Path, budget: str | None = "full", seeds: int | None = None, overrides: list[str] | None = None
 ) -> StudyConfig:
     path = Path(path)
+    from robustprune.files import check_regular_file
+
+    check_regular_file(path, "study file", "give the path of a YAML study file")  # a FIFO would block the read
     try:
-        text = path.read_text()
+        text = read_study_text(path)
+    except StudyYAMLError as e:
+        raise UserError(f"study file {path} {e}") from None
     except FileNotFoundError:
         raise UserError(f"study file {path} does not exist; check the path") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read study file {path} ({e}); check the file") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
+    except StudyYAMLError as e:
+        raise UserError(f"study file {path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -868,8 +957,9 @@ def resolve_study(
     for key, value in parse_set(overrides or []).items():
         _set_dotted(tree, key, value, "--set")
     if seeds is not None:
-        if seeds < 1:
-            raise UserError(f"--seeds must be at least 1, got {seeds}")
+        if not 1 <= seeds <= MAX_SEEDS:  # (before the list of seeds is made: --seeds 10**12 would fill memory)
+            what = "at least 1" if seeds < 1 else f"at most {MAX_SEEDS}"
+            raise UserError(f"--seeds must be {what}, got {excerpt(seeds)}")
         tree["seeds"] = list(range(seeds))
     for section in REMOVABLE:  # a budget removes an entry by setting it to null
         if isinstance(tree.get(section), dict):

@@ -4,13 +4,16 @@ transaction, so a killed run leaves either all of a cell or none of it."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sqlite3
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
 from robustprune.errors import UserError
+from robustprune.files import check_regular_file, write_failed
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
@@ -58,30 +61,61 @@ def unpack(blob: bytes, n: int):
     return np.unpackbits(np.frombuffer(blob, dtype=np.uint8), count=n).astype(bool)
 
 
+TABLES = ("cells", "results", "runs")  # per_image is optional: stores written before it existed lack it
+DAMAGED = ("no such table", "not a database", "malformed", "file is not", "corrupt")
+
+
 class Store:
     def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
+        self.readonly = readonly
         if readonly and not self.path.exists():
             raise UserError(f"no result store at {self.path}; run the study first or check the folder")
+        check_regular_file(self.path, "the result store", "move it away or point to another folder")
         try:
-            if not readonly:
+            if readonly:
+                self.db = self._open_readonly()
+                missing = set(TABLES) - self._tables()
+                if missing:
+                    raise sqlite3.DatabaseError(f"no such table: {sorted(missing)[0]}")
+            else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            uri = self.path.resolve().as_uri() + ("?mode=ro" if readonly else "")
-            self.db = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None)
-            if not readonly:
+                self.db = self._connect("")
                 self._set_up()
-            self.db.execute("SELECT count(*) FROM cells").fetchone()
-        except sqlite3.OperationalError as e:
-            raise self._write_error(e) from None
+                self.db.execute("SELECT count(*) FROM cells").fetchone()
         except sqlite3.DatabaseError as e:
-            raise UserError(
-                f"{self.path} is not a usable result store ({e}); point to another folder or move the file away"
-            ) from None
+            raise self._error(e) from None
         except OSError as e:
-            raise UserError(
-                f"cannot write the result store {self.path} ({e.strerror}); choose a writable --out folder"
-            ) from None
+            raise write_failed(self.path, e, "--out", "the cells stored before are kept") from None
         self._versions = None
+
+    def _connect(self, query: str) -> sqlite3.Connection:
+        return sqlite3.connect(self.path.resolve().as_uri() + query, uri=True, timeout=60, isolation_level=None)
+
+    def _tables(self) -> set[str]:
+        return {t for (t,) in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+    def _open_readonly(self) -> sqlite3.Connection:
+        """Reading never needs write access. SQLite reads a WAL store through an index file it makes
+        beside it; where the folder is read-only, the store is read as an immutable file instead,
+        which is exact when no writes wait in its -wal file."""
+        db = self._connect("?mode=ro")
+        try:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return db
+        except sqlite3.OperationalError as e:
+            db.close()
+            if any(s in str(e) for s in DAMAGED) or not os.access(self.path, os.R_OK):
+                raise
+            wal = self.path.with_name(self.path.name + "-wal")
+            if wal.exists() and wal.stat().st_size > 0:
+                raise UserError(
+                    f"cannot read the result store {self.path} ({e}): its folder is read-only and {wal.name} "
+                    "holds writes not yet merged into it; copy the folder somewhere writable and report from the copy"
+                ) from None
+        db = self._connect("?mode=ro&immutable=1")
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return db
 
     def _set_up(self) -> None:
         """WAL mode and the tables."""
@@ -110,21 +144,44 @@ class Store:
     def close(self):
         self.db.close()
 
-    def _write_error(self, e: sqlite3.OperationalError) -> UserError:
-        """One sentence for a store SQLite cannot write (full disk, read-only folder, lock held too long)."""
+    def _error(self, e: sqlite3.DatabaseError) -> UserError:
+        """One sentence for a store SQLite cannot read or write: damaged, full disk, read-only folder,
+        lock held too long."""
         text = str(e)
-        if "full" in text:
-            fix = "free some space or choose another --out folder"
+        if any(s in text for s in DAMAGED) or type(e) is sqlite3.DatabaseError:
+            if "no such table" in text and self.path.stat().st_size == 0:
+                text = "the file is empty"
+            return UserError(
+                f"the result store {self.path} is damaged ({text}); run the study again into a new --out folder"
+            )
+        if "full" in text or "disk I/O error" in text:
+            fix = f"free some space in {self.path.parent} or choose another --out folder"
         elif "locked" in text or "busy" in text:
             fix = "another process held it for over a minute; wait for it or use another --out folder"
+        elif self.readonly:
+            why = f"cannot read the result store {self.path} ({text})"
+            return UserError(f"{why}; check that the file and its folder are readable")
         else:
             fix = "choose a writable --out folder"
         return UserError(f"cannot write the result store {self.path} ({text}); {fix}; the cells stored before are kept")
 
+    @contextmanager
+    def _reading(self):
+        """A damaged page found while reading (a truncated file) is one sentence too."""
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            raise self._error(e) from None
+
     def done_hashes(self) -> set[str]:
-        return {h for (h,) in self.db.execute("SELECT hash FROM cells WHERE status IN ('done', 'failed')")}
+        with self._reading():
+            return {h for (h,) in self.db.execute("SELECT hash FROM cells WHERE status IN ('done', 'failed')")}
 
     def is_done(self, h: str) -> bool:
+        with self._reading():
+            return self._is_done(h)
+
+    def _is_done(self, h: str) -> bool:
         return (
             self.db.execute("SELECT 1 FROM cells WHERE hash=? AND status IN ('done','failed')", (h,)).fetchone()
             is not None
@@ -156,7 +213,7 @@ class Store:
 
         def attempt() -> bool:
             self.db.execute("BEGIN IMMEDIATE")
-            if self.is_done(cell.hash):
+            if self._is_done(cell.hash):
                 self.db.execute("ROLLBACK")
                 return False
             self.db.execute(
@@ -194,8 +251,8 @@ class Store:
         except BaseException as e:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
-            if isinstance(e, sqlite3.OperationalError):
-                raise self._write_error(e) from None
+            if isinstance(e, sqlite3.DatabaseError):
+                raise self._error(e) from None
             raise
 
     def per_image(self, hashes: Iterable[str], metric: str) -> dict:
@@ -203,7 +260,9 @@ class Store:
         results were kept have none)."""
         hashes = list(hashes)
         out = {}
-        try:
+        if "per_image" not in self._tables():  # a store written before the table existed, opened read-only
+            return out
+        with self._reading():
             for i in range(0, len(hashes), 500):
                 part = hashes[i : i + 500]
                 rows = self.db.execute(
@@ -211,8 +270,6 @@ class Store:
                     (metric, *part),
                 )
                 out.update({h: unpack(blob, n) for h, n, blob in rows})
-        except sqlite3.OperationalError:  # a store written before the table existed, opened read-only
-            return {}
         return out
 
     def record_run(
@@ -220,8 +277,8 @@ class Store:
     ) -> None:
         try:
             self._patiently(lambda: self._record_run(study, budget, command, study_config, hashes))
-        except sqlite3.OperationalError as e:
-            raise self._write_error(e) from None
+        except sqlite3.DatabaseError as e:
+            raise self._error(e) from None
 
     def _record_run(self, study, budget, command, study_config, hashes) -> None:
         self.db.execute(
@@ -237,9 +294,11 @@ class Store:
         )
 
     def last_run(self) -> dict | None:
-        row = self.db.execute(
-            "SELECT study, budget, command, started_at, study_config, cell_hashes FROM runs ORDER BY id DESC LIMIT 1"
-        ).fetchone()
+        with self._reading():
+            row = self.db.execute(
+                "SELECT study, budget, command, started_at, study_config, cell_hashes FROM runs "
+                "ORDER BY id DESC LIMIT 1"
+            ).fetchone()
         if row is None:
             return None
         return {
@@ -253,18 +312,20 @@ class Store:
 
     def cells(self, hashes: Iterable[str] | None = None) -> list[dict]:
         """Stored cells (optionally only those hashes) with their metrics."""
+        with self._reading():
+            return self._cells(hashes)
+
+    def _cells(self, hashes: Iterable[str] | None) -> list[dict]:
         rows = self.db.execute("SELECT hash, axes, config, status, error, wall_time_s, history FROM cells").fetchall()
         wanted = set(hashes) if hashes is not None else None
         metrics: dict[str, dict[str, float]] = {}
         for h, m, v in self.db.execute("SELECT hash, metric, value FROM results"):
             metrics.setdefault(h, {})[m] = v
         per_image: dict[str, dict] = {}
-        try:
+        if "per_image" in self._tables():  # a store written before per-image results were kept has none
             for h, m, n, blob in self.db.execute("SELECT hash, metric, n, correct FROM per_image"):
                 if wanted is None or h in wanted:
                     per_image.setdefault(h, {})[m] = unpack(blob, n)
-        except sqlite3.OperationalError:  # a store written before per-image results were kept
-            pass
         out = []
         for h, axes, config, status, error, wall, history in rows:
             if wanted is not None and h not in wanted:
