@@ -41,6 +41,10 @@ def _console():
             finally:
                 self.width = width
 
+        def on_broken_pipe(self) -> None:  # rich would exit 1 here; main() ends quietly instead
+            self.quiet = True
+            raise BrokenPipeError
+
     console = Console(highlight=False)
     if not console.is_terminal:  # logs and pipes
         console = WholeLines(highlight=False, width=160)
@@ -388,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"robustprune: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped early (`robustprune report DIR | head`): nothing is wrong
+        _quiet_stdout()
+        return 0
     except KeyboardInterrupt:  # (run prints its own line and returns 130; this is every other moment)
         print("robustprune: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

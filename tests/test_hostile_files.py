@@ -287,3 +287,20 @@ def test_a_link_to_a_regular_file_is_a_regular_file(tmp_path):
     (tmp_path / "link.yaml").symlink_to(target)
     files.check_regular_file(tmp_path / "link.yaml", "study file", "fix")
     files.check_regular_file(tmp_path / "missing.yaml", "study file", "fix")  # missing: the caller's sentence
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    """`robustprune list | head -1`: the closed pipe is the reader's choice, not an error."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line: every write meets a broken pipe
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "robustprune", "list"], stdout=write_end, stderr=subprocess.PIPE, timeout=120
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and proc.stderr.decode() == ""
