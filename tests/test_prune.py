@@ -314,3 +314,41 @@ def test_unknown_pruning_method_lists_known_names():
 def test_near_miss_suggests_the_name():
     with pytest.raises(UserError, match="did you mean 'global_magnitude'"):
         PRUNING_METHODS.get("global_magnitud")
+
+
+def test_filter_plan_on_a_residual_model_removes_the_ratio_once_per_coupled_group():
+    """The channels tied by a residual addition are one group: a 30 % plan leaves 11 of 16 in it,
+    not 6 (each coupled conv's plan applied on top of the others')."""
+    from torch import nn
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.a = nn.Conv2d(16, 16, 3, padding=1)
+            self.b = nn.Conv2d(16, 16, 3, padding=1)
+            self.head = nn.Linear(16, 10)
+
+        def forward(self, x):
+            s = self.stem(x)
+            return self.head((s + self.b(torch.relu(self.a(s)))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = Residual(), torch.rand(2, 3, 8, 8)
+    plan = filters_to_remove(model, 0.3)
+    remove_filters_(model, plan, x[:1])
+    assert channel_widths(model) == {"stem": 11, "a": 11, "b": 11}
+    assert model(x).shape == (2, 10)
+    assert all(len(idxs) == 5 for idxs in plan.values())
+
+
+def test_channel_l1_on_resnet20_keeps_the_ratio_in_every_group():
+    from robustprune.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10, image_shape=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3, width=8)
+    model.eval()
+    before = channel_widths(model)
+    remove_filters_(model, filters_to_remove(model, 0.5), torch.rand(1, 3, 32, 32))
+    after = channel_widths(model)
+    assert all(after[name] == before[name] - round(0.5 * before[name]) for name in before), (before, after)

@@ -69,12 +69,26 @@ def filters_to_remove(model: nn.Module, fraction: float, score=l1_filter_scores)
 
 
 def remove_filters_(model: nn.Module, plan: dict[str, list[int]], example_input: torch.Tensor) -> nn.Module:
-    """Physically remove the planned filters (and everything that depends on them)."""
+    """Physically remove the planned filters (and everything that depends on them).
+
+    Convolutions coupled by a residual addition share their output channels: removing one's filters
+    removes the same channels of the others. Each coupled group is therefore pruned once, by the
+    plan of its first planned layer; the other layers' plans are not applied on top (they would
+    compound the ratio and name channels that no longer exist)."""
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
     modules = dict(model.named_modules())
+    name_of = {id(m): n for n, m in modules.items()}
+    done: set[str] = set()
     for name, idxs in plan.items():
-        if idxs:
-            graph.get_pruning_group(modules[name], tp.prune_conv_out_channels, idxs=sorted(idxs)).prune()
+        if not idxs or name in done:
+            continue
+        # built only now, on the model as earlier groups left it, so every index is current
+        group = graph.get_pruning_group(modules[name], tp.prune_conv_out_channels, idxs=sorted(idxs))
+        for item in group:
+            module = item.dep.target.module
+            if isinstance(module, nn.Conv2d) and item.dep.handler.__name__ == "prune_out_channels":
+                done.add(name_of.get(id(module), ""))
+        group.prune()
     return model
 
 
