@@ -203,3 +203,13 @@ def test_every_claim_of_the_claims_budget_names_cells_and_metrics_it_runs(path):
                 assert {a["seed"] for a in hits} == set(s.seeds), (claim.name, side)
         for m in metric_names(s, claim):
             assert m in evaluated or m == "acc_clean" or m.startswith("acc_fgsm_data"), (claim.name, m)
+
+
+def test_an_arm_without_finetune_epochs_takes_the_budgets_and_refuses_ambiguity():
+    s = study([claim(1.0, a={"pruning": "mag", "sparsity": 0.5})])
+    assert one(s, cells_with([0.01, 0.012, 0.011])).verdict == HOLDS  # the budget's one fine-tuning length
+    twice = cells_with([0.01, 0.012, 0.011]) + [
+        c | {"axes": c["axes"] | {"finetune_epochs": 5}} for c in cells_with([0.01]) if c["axes"]["pruning"] == "mag"
+    ]
+    with pytest.raises(UserError, match="matches several models of seed 0; name its finetune_epochs"):
+        measure(s, twice)

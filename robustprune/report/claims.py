@@ -14,6 +14,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
+from robustprune.errors import UserError
 from robustprune.evaluate import names
 from robustprune.report.paper_tables import column_metric
 from robustprune.report.tables import Table
@@ -67,7 +68,16 @@ def arm_cells(study: StudyConfig, cells: list[dict], arm: Arm) -> dict[int, dict
     regime = _default_regime(study, arm)
     mine = [c for c in cells if c["status"] == "done" and c["axes"]["regime"] == regime]
     if arm.round != "best":
-        return {c["axes"]["seed"]: c for c in mine if arm.matches(c["axes"])}
+        out: dict[int, dict] = {}
+        for c in mine:
+            if arm.matches(c["axes"]):
+                if c["axes"]["seed"] in out:
+                    raise UserError(
+                        f"a claim's arm {arm.model_dump(exclude_defaults=True)} matches several models of seed "
+                        f"{c['axes']['seed']}; name its finetune_epochs (or sparsity, adjust) in the study file"
+                    )
+                out[c["axes"]["seed"]] = c
+        return out
     out: dict[int, dict] = {}
     for c in mine:
         ax = c["axes"]

@@ -306,11 +306,19 @@ class Arm(ModelSelector):
 
     regime: str | None = Field(None, description="the regime (default: the study's only one)")
     round: int | Literal["best"] | None = None
+    finetune_epochs: int | None = Field(
+        None, description="default: whatever the budget fine-tunes for (claims then hold across budgets)"
+    )
     paper_clean: float | None = Field(
         None,
         description="this model's clean accuracy in the paper (%): a claim is not measurable when ours is "
         "more than 10 points under it",
     )
+
+    def matches(self, axes: dict) -> bool:
+        if self.finetune_epochs is None and self.pruning != "dense" and axes.get("round") is None:
+            return ModelSelector.matches(self.model_copy(update={"finetune_epochs": axes["finetune_epochs"]}), axes)
+        return super().matches(axes)
 
 
 class Claim(Strict):
