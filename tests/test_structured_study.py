@@ -184,7 +184,7 @@ def test_cifar_study_smoke_budget_through_the_cli(tmp_path, data_dir):
     with sqlite3.connect(out / "results.sqlite") as db:
         # dense + pls_filters x (no FT, FT, Scratch-E, Scratch-B, W-ticket) + 6 other entries with FT
         # + 2 iterations of pls_filters_iterative
-        assert db.execute("SELECT count(*) FROM cells WHERE status = 'done'").fetchone()[0] == 14
+        assert db.execute("SELECT count(*) FROM cells WHERE status = 'done'").fetchone()[0] == 15
         params = dict(
             db.execute(
                 "SELECT json_extract(axes, '$.pruning') || ':' || json_extract(axes, "
@@ -194,7 +194,7 @@ def test_cifar_study_smoke_budget_through_the_cli(tmp_path, data_dir):
     assert params["pls_layers:1"] < params["dense:0"] and params["pls_both:1"] < params["pls_filters:1"]
     with sqlite3.connect(out / "results.sqlite") as db:
         latency = [v for (v,) in db.execute("SELECT value FROM results WHERE metric = 'latency_ms'")]
-    assert len(latency) == 14 and all(v > 0 for v in latency)
+    assert len(latency) == 15 and all(v > 0 for v in latency)
     assert "Latency (ms)" in text
     # Algorithm 2 on the dense model: 8 sampled filters, fractions per attack and tolerance
     assert "Single-element removal (regime 'clean')" in text
@@ -222,7 +222,7 @@ def test_bad_single_element_settings(single, expected):
     assert expected in str(e.value)
 
 
-@pytest.mark.parametrize("budget, cells", [("full", 35), ("smoke", 14), ("cpu", 14)])  # full: 7 cells of ResNet-50
+@pytest.mark.parametrize("budget, cells", [("full", 39), ("smoke", 15), ("cpu", 15)])  # full: 8 cells of ResNet-50
 def test_every_budget_of_the_cifar_study_is_valid(budget, cells):
     from conftest import REPO_ROOT
 
