@@ -227,3 +227,19 @@ def group_members(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             out.append(int(stat.parent.name))
     return out
+
+
+def damage_store(path, how: str) -> None:
+    """Damage a result store in place: 'garbage', 'empty', 'truncated', or a table to drop
+    ('runs', or 'no-table:runs')."""
+    import sqlite3
+
+    if how == "garbage":
+        path.write_bytes(os.urandom(8192))
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        with sqlite3.connect(path) as db:
+            db.execute(f"DROP TABLE {how.split(':')[-1]}")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import read_only, without_root_override, writable
+from conftest import damage_store, read_only, without_root_override, writable
 
 from robustprune.cli import main
 
@@ -168,15 +168,7 @@ class Env:
             os.mkfifo(path)
             return folder
         shutil.copy(self.out / "results.sqlite", path)
-        if how == "garbage":
-            path.write_bytes(os.urandom(8192))
-        elif how == "empty":
-            path.write_bytes(b"")
-        elif how == "truncated":
-            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-        else:
-            with sqlite3.connect(path) as db:
-                db.execute(f"DROP TABLE {how}")
+        damage_store(path, how)
         return folder
 
 

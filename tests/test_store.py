@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
@@ -13,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import read_only, without_root_override, writable
+from conftest import damage_store, read_only, without_root_override, writable
 
 from robustprune.errors import UserError
 from robustprune.report.tables import long_csv
@@ -185,18 +184,6 @@ def filled(path) -> None:
     s.close()
 
 
-def damage(path, how: str) -> None:
-    if how == "garbage":
-        path.write_bytes(os.urandom(8192))
-    elif how == "empty":
-        path.write_bytes(b"")
-    elif how == "truncated":
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    else:  # a table dropped
-        with sqlite3.connect(path) as db:
-            db.execute(f"DROP TABLE {how.split(':')[1]}")
-
-
 DAMAGES = ["garbage", "empty", "truncated", "no-table:runs", "no-table:cells", "no-table:results"]
 
 
@@ -204,7 +191,7 @@ DAMAGES = ["garbage", "empty", "truncated", "no-table:runs", "no-table:cells", "
 def test_a_damaged_store_is_read_as_one_sentence_and_left_as_it_is(tmp_path, how):
     path = tmp_path / "results.sqlite"
     filled(path)
-    damage(path, how)
+    damage_store(path, how)
     before = path.read_bytes()
     with pytest.raises(UserError) as e:
         store = Store(path, readonly=True)  # the damage is found on opening, or by the first read
@@ -221,7 +208,7 @@ def test_reading_an_old_store_creates_no_table(tmp_path):
     """A store written before per-image results were kept is read as it is, not migrated."""
     path = tmp_path / "results.sqlite"
     filled(path)
-    damage(path, "no-table:per_image")
+    damage_store(path, "no-table:per_image")
     before = path.read_bytes()
     store = Store(path, readonly=True)
     try:
