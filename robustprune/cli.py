@@ -211,12 +211,9 @@ def _workers(text: str):
     if text == "auto":
         return text
     try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number of workers >= 1 or 'auto'")
-    return n
+        return _at_least_one(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"'{excerpt(text, 40)}' is not a number of workers >= 1 or 'auto'") from None
 
 
 def _at_least_one(text: str) -> int:
