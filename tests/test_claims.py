@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from robustprune.errors import UserError
 from robustprune.report.claims import (
@@ -136,6 +137,41 @@ def test_best_lottery_round_is_chosen_on_validation_never_on_test():
     assert arm_cells(s, no_val, s.claims[0].arms("a")[0]) == {}
 
 
+def test_an_arm_listing_entries_takes_per_seed_the_one_best_on_validation():
+    s = StudyConfig(
+        name="t",
+        regimes={"clean": {}},
+        pruning={
+            "mag": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [1]},
+            "pen": {"method": "global_magnitude", "sparsities": [0.5], "finetune_epochs": [1]},
+        },
+        claims=[{"name": "best penalty vs mag", "a": {"pruning": ["mag", "pen"], "sparsity": 0.5}, "b": MAG,
+                 "metric": "acc_clean", "paper": 1.0}],
+    )  # fmt: skip
+    cells = []
+    for seed, (val_mag, val_pen) in enumerate([(0.9, 0.8), (0.7, 0.95), (0.6, 0.99)]):
+        # the test accuracy favours the other entry each time: a choice made on it would differ
+        cells += [cell("mag", seed, acc_clean=0.9 - 0.1 * (val_mag > val_pen), val_acc=val_mag),
+                  cell("pen", seed, acc_clean=0.9 - 0.1 * (val_pen > val_mag), val_acc=val_pen)]  # fmt: skip
+    arm = s.claims[0].arms("a")[0]
+    assert arm.chooses() and not s.claims[0].arms("b")[0].chooses()
+    picked = arm_cells(s, cells, arm)
+    assert [picked[seed]["axes"]["pruning"] for seed in range(3)] == ["mag", "pen", "pen"]
+    assert [picked[seed]["metrics"]["acc_clean"] for seed in range(3)] == pytest.approx([0.8, 0.8, 0.8])
+    t = claims_table(s, cells)
+    assert any("seed 0: mag (val 90.0 %), seed 1: pen (val 95.0 %)" in n for n in t.notes)
+    # an entry listed twice, or an empty list, is refused with the rule
+    for bad in (["mag", "mag"], []):
+        with pytest.raises(ValidationError, match="needs at least one entry, each once"):
+            Claim(name="x", a={"pruning": bad}, b="dense", metric="acc_clean", paper=1.0)
+    # a listed entry the study lacks is refused at load like a single one
+    raw = {"name": "t", "pruning": {"mag": {"method": "global_magnitude", "sparsities": [0.5]}},
+           "claims": [{"name": "x", "a": {"pruning": ["mag", "pen"]}, "b": "dense", "metric": "clean",
+                       "paper": 1}]}  # fmt: skip
+    with pytest.raises(UserError, match="names pruning 'pen'"):
+        resolve_study(raw, "study.yaml")
+
+
 def test_composite_metric_is_averaged_per_seed():
     s = study([claim(1.0, metric=["acc_a", "acc_b"])])
     cells = []
@@ -196,11 +232,14 @@ def test_every_claim_of_the_claims_budget_names_cells_and_metrics_it_runs(path):
             for arm in claim.arms(side):
                 regime = arm.regime or next(iter(s.regimes))
                 mine = [a for a in axes if a["regime"] == regime]
-                if arm.round == "best":
-                    hits = [a for a in mine if a["pruning"] == arm.pruning and a["round"] is not None]
-                else:
-                    hits = [a for a in mine if arm.matches(a)]
-                assert {a["seed"] for a in hits} == set(s.seeds), (claim.name, side)
+                for entry in arm.prunings():
+                    if arm.round == "best":
+                        hits = [a for a in mine if a["pruning"] == entry and a["round"] is not None]
+                    else:
+                        hits = [a for a in mine if arm.model_copy(update={"pruning": entry}).matches(a)]
+                    assert {a["seed"] for a in hits} == set(s.seeds), (claim.name, side, entry)
+                if arm.chooses():  # a choice is made on the validation split, so the budget must hold one out
+                    assert s.data.validation > 0, (claim.name, side)
         for m in metric_names(s, claim):
             assert m in evaluated or m == "acc_clean" or m.startswith("acc_fgsm_data"), (claim.name, m)
 

@@ -62,33 +62,60 @@ def _default_regime(study: StudyConfig, arm: Arm) -> str:
     return arm.regime or next(iter(study.regimes))
 
 
+def _candidates(arm: Arm) -> list[Arm]:
+    """The single models an arm chooses among: one per pruning entry it lists."""
+    return [arm.model_copy(update={"pruning": p}) for p in arm.prunings()]
+
+
+def _is_candidate(arm: Arm, axes: dict) -> bool:
+    if arm.round == "best":  # any lottery round of the entry
+        return arm.pruning == axes["pruning"] and axes["round"] is not None and arm.model in (None, axes.get("model"))
+    return arm.matches(axes)
+
+
 def arm_cells(study: StudyConfig, cells: list[dict], arm: Arm) -> dict[int, dict]:
-    """The cell of each seed this arm names; `round: best` takes, per seed, the lottery round with
-    the highest validation accuracy (never a test metric)."""
+    """The cell of each seed this arm names. An arm that chooses (`round: best`, or a list of pruning
+    entries such as one per penalty weight) takes, per seed, the candidate with the highest
+    validation accuracy (val_acc); never a test metric, and no choice without a validation split."""
     regime = _default_regime(study, arm)
     mine = [c for c in cells if c["status"] == "done" and c["axes"]["regime"] == regime]
-    if arm.round != "best":
-        out: dict[int, dict] = {}
+    per_seed: dict[int, list[dict]] = {}
+    for one in _candidates(arm):
         for c in mine:
-            if arm.matches(c["axes"]):
-                if c["axes"]["seed"] in out:
-                    raise UserError(
-                        f"a claim's arm {arm.model_dump(exclude_defaults=True)} matches several models of seed "
-                        f"{c['axes']['seed']}; name its finetune_epochs (or sparsity, adjust) in the study file"
-                    )
-                out[c["axes"]["seed"]] = c
-        return out
+            if _is_candidate(one, c["axes"]):
+                per_seed.setdefault(c["axes"]["seed"], []).append(c)
     out: dict[int, dict] = {}
-    for c in mine:
-        ax = c["axes"]
-        if ax["pruning"] != arm.pruning or ax["round"] is None or (arm.model and arm.model != ax.get("model")):
-            continue
-        if names.VALIDATION not in c["metrics"]:
-            continue  # without a validation split there is nothing to choose on
-        best = out.get(ax["seed"])
-        if best is None or c["metrics"][names.VALIDATION] > best["metrics"][names.VALIDATION]:
-            out[ax["seed"]] = c
+    for seed, found in per_seed.items():
+        if len(found) == 1:
+            out[seed] = found[0]
+        elif not arm.chooses():
+            raise UserError(
+                f"a claim's arm {arm.model_dump(exclude_defaults=True)} matches several models of seed {seed}; "
+                "name its finetune_epochs (or sparsity, adjust) in the study file"
+            )
+        else:
+            scored = [c for c in found if names.VALIDATION in c["metrics"]]
+            if scored:  # without a validation split there is nothing to choose on
+                out[seed] = max(scored, key=lambda c: c["metrics"][names.VALIDATION])
     return out
+
+
+def chosen_note(study: StudyConfig, cells: list[dict], claim: Claim) -> str:
+    """Which candidate each choosing arm took per seed (a choice must be traceable to the cells)."""
+    parts = []
+    for side in ("a", "b"):
+        for arm in claim.arms(side):
+            if not arm.chooses():
+                continue
+            picks = arm_cells(study, cells, arm)
+            what = ", ".join(
+                f"seed {s}: {c['axes']['pruning']}"
+                + (f" round {c['axes']['round']}" if arm.round == "best" else "")
+                + f" (val {100 * c['metrics'][names.VALIDATION]:.1f} %)"
+                for s, c in sorted(picks.items())
+            )
+            parts.append(f"arm {side} chosen on val_acc: {what or 'nothing (no validation split)'}")
+    return "; ".join(parts)
 
 
 def arm_values(study: StudyConfig, cells: list[dict], arms: list[Arm], metrics: list[str]) -> dict[int, float]:
@@ -201,9 +228,10 @@ def claims_table(study: StudyConfig, cells: list[dict]) -> Table | None:
             ]
         )
     seeds = sorted({s for m in measured for s in m.a} & {s for m in measured for s in m.b})
+    n_seeds = f"{len(seeds)} seed" + ("s" if len(seeds) != 1 else "")
     caption = (
         f"Each claim is arm a minus arm b in percentage points, paired per seed (the unit of replication; "
-        f"{len(seeds)} seeds here). Measured: the mean difference and its 95 % Student-t interval over seeds. "
+        f"{n_seeds} here). Measured: the mean difference and its 95 % Student-t interval over seeds. "
         f"Holm p: the paired t-test's p-value, Holm-corrected across this paper's {len(measured)} claims. "
         f"Verdicts: holds (Holm p < {ALPHA:g}, the paper's sign), contradicted (Holm p < {ALPHA:g}, the other "
         "sign), no effect (not significant, the interval excludes the paper's value), inconclusive (neither), "
@@ -224,8 +252,18 @@ def claims_table(study: StudyConfig, cells: list[dict]) -> Table | None:
         ],
         rows,
         caption,
-        reading_notes(study, measured),
+        reading_notes(study, measured) + choice_notes(study, cells),
     )
+
+
+def choice_notes(study: StudyConfig, cells: list[dict]) -> list[str]:
+    """One note per distinct choice of a claim's arms on the validation split."""
+    notes: list[str] = []
+    for claim in study.claims:
+        note = chosen_note(study, cells, claim)
+        if note and f": {note}" not in "".join(notes):  # several claims share one choice
+            notes.append(f"{claim.name}: {note}")
+    return notes
 
 
 def reading_notes(study: StudyConfig, measured: list[Measured]) -> list[str]:

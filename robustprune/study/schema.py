@@ -100,8 +100,8 @@ class DataConfig(Strict):
         0,
         ge=0,
         description="hold out the last N training images (after the regime is applied) as a validation split: "
-        "every model reports val_acc on it, and every choice of a 'best' model (the lottery ticket's round) is "
-        "made on it, never on the test set",
+        "every model reports val_acc on it, and every choice of a 'best' model (the lottery ticket's round, a "
+        "claim arm's choice among entries such as penalty weights) is made on it, never on the test set",
     )
 
 
@@ -301,9 +301,14 @@ class ModelSelector(Strict):
 
 
 class Arm(ModelSelector):
-    """One side of a claim: a model of each seed (as in transfer.models) in one regime. `round:
-    best` is the lottery round with the highest validation accuracy (val_acc), chosen per seed."""
+    """One side of a claim: a model of each seed (as in transfer.models) in one regime. An arm may
+    choose, per seed, on validation accuracy (val_acc, never a test metric): `round: best` is the
+    lottery round with the highest val_acc; a list of pruning entries (e.g. one per penalty weight)
+    is the entry with the highest val_acc."""
 
+    pruning: str | list[str] = Field(  # type: ignore[assignment]
+        description="a pruning entry (or 'dense'); a list: the one with the best val_acc, per seed"
+    )
     regime: str | None = Field(None, description="the regime (default: the study's only one)")
     round: int | Literal["best"] | None = None
     finetune_epochs: int | None = Field(
@@ -315,7 +320,23 @@ class Arm(ModelSelector):
         "more than 10 points under it",
     )
 
+    @field_validator("pruning")
+    @classmethod
+    def _some_entries(cls, v):
+        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
+            raise ValueError("a list of pruning entries to choose among needs at least one entry, each once")
+        return v
+
+    def prunings(self) -> list[str]:
+        return self.pruning if isinstance(self.pruning, list) else [self.pruning]
+
+    def chooses(self) -> bool:
+        """Whether this arm picks one of several models per seed (on the validation split)."""
+        return self.round == "best" or isinstance(self.pruning, list)
+
     def matches(self, axes: dict) -> bool:
+        if isinstance(self.pruning, list):
+            return any(self.model_copy(update={"pruning": p}).matches(axes) for p in self.pruning)
         if self.finetune_epochs is None and self.pruning != "dense" and axes.get("round") is None:
             return ModelSelector.matches(self.model_copy(update={"finetune_epochs": axes["finetune_epochs"]}), axes)
         return super().matches(axes)
@@ -599,9 +620,10 @@ class StudyConfig(Strict):
             for side in ("a", "b"):
                 for arm in claim.arms(side):
                     where = f"claims[{i}] ('{claim.name}'), arm {side}"
-                    if arm.pruning != "dense" and arm.pruning not in self.pruning:
-                        known = ", ".join(["dense", *self.pruning])
-                        raise ValueError(f"{where} names pruning '{arm.pruning}', not an entry of this study ({known})")
+                    for entry in arm.prunings():
+                        if entry != "dense" and entry not in self.pruning:
+                            known = ", ".join(["dense", *self.pruning])
+                            raise ValueError(f"{where} names pruning '{entry}', not an entry of this study ({known})")
                     if arm.regime is not None and arm.regime not in self.regimes:
                         raise ValueError(
                             f"{where} names regime '{arm.regime}'; the study has {', '.join(self.regimes)}"
