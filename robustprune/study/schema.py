@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     AfterValidator,
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -94,6 +95,18 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class DataConfig(Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, populate_by_name=True)
+    # the study's own data instead of a registered dataset (at most one of these)
+    folder: str | None = Field(None, description="an image folder: train/<class>/*.png|jpg and test/<class>/ (or val/)")
+    image_size: int | None = Field(None, ge=1, le=4096, description="folder: resize every image to this side")
+    npz: str | None = Field(None, description="an .npz file holding x_train, y_train, x_test and y_test")
+    import_: str | None = Field(
+        None,
+        alias="import",
+        description="'package.module:function' returning (train, test) (each (x, y) tensors, a Dataset or a "
+        "DataLoader) or a dict with x_train, y_train, x_test and y_test; images in [0, 1] or uint8",
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="import: the function's arguments")
     train_subset: int | None = Field(None, ge=1, description="use only the first N training images")
     test_subset: int | None = Field(None, ge=1, description="use only the first N test images")
     validation: int = Field(
@@ -106,13 +119,39 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, populate_by_name=True)
     name: str = "mnist_cnn"
-    args: dict[str, Any] = Field(default_factory=dict)
+    import_: str | None = Field(
+        None,
+        alias="import",
+        description="your own architecture: 'package.module:function' (or a class) that builds it from args (and "
+        "num_classes, image_shape, mean, std where it names them); it takes images in [0, 1]",
+    )
+    args: dict[str, Any] = Field(
+        default_factory=dict, validation_alias=AliasChoices("args", "kwargs"), description="the builder's arguments"
+    )
     weights: str | None = Field(
         None,
-        description="a state-dict file (torch.save(model.state_dict(), path)) that "
-        "is the dense model instead of training one; relative to the working folder",
+        description="weights that are the dense model instead of training one: a .safetensors file (rp.save, "
+        "pruned structure included) or a state dict (torch.save(model.state_dict(), path)); relative to the "
+        "working folder",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_model(cls, data):
+        # an imported builder is registered under its own name, so everything that builds by name builds it
+        spec = data.get("import", data.get("import_")) if isinstance(data, dict) else None
+        if spec is None:
+            return data
+        if not isinstance(spec, str):
+            raise ValueError("import must be a string 'package.module:function'")
+        from robustprune.models.user import register_import, registered_name
+
+        if data.get("name") not in (None, registered_name(spec)):
+            raise ValueError(f"give either name ('{data['name']}', a registered model) or import, not both")
+        return {**data, "name": register_import(spec)}
+
     train: dict[str, Any] = Field(
         default_factory=dict,
         description="this architecture's changes to the study's train settings, e.g. {epochs: 2, lr: 0.05}",
@@ -584,6 +623,28 @@ class StudyConfig(Strict):
     seeds: list[int] = Field(default_factory=lambda: [0])
     claims: list[Claim] = Field(default_factory=list, description="the paper's central claims (report --claims)")
     budgets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_data(cls, data):
+        # the study's own data is registered as a dataset named after its source
+        if not isinstance(data, dict) or not isinstance(data.get("data"), dict):
+            return data
+        d = data["data"]
+        given = {k: d[k] for k in ("folder", "npz", "import", "import_") if d.get(k) is not None}
+        if not given:
+            return data
+        if len(given) > 1:
+            raise ValueError(f"data gives {' and '.join(given)}; give one source of images")
+        ((kind, value),) = given.items()
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"data.{kind} must be a path or import string")
+        from robustprune.data.user import register_source
+
+        name = register_source(kind.rstrip("_"), value, d.get("image_size"), d.get("kwargs") or None)
+        if data.get("dataset") not in (None, "mnist", name):
+            raise ValueError(f"give either dataset ('{data['dataset']}') or data.{kind.rstrip('_')}, not both")
+        return {**data, "dataset": name}
 
     @field_validator("name")
     @classmethod
