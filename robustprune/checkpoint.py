@@ -107,3 +107,14 @@ def load_state_into(model: torch.nn.Module, state: dict, source: str) -> None:
         raise UserError(
             f"{source} does not fit this model ({first}); it was made for another architecture or width"
         ) from None
+
+
+def load_user_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """A user's weights into `model`: a .safetensors file written by rp.save (its pruned structure
+    is rebuilt first) or a torch state dict. Returns the model (the same object)."""
+    if str(path).endswith(".safetensors"):
+        from robustprune.saving import load as load_safetensors
+
+        return load_safetensors(path, model)
+    load_state_into(model, load_weights(path), f"weights file {path}")
+    return model

@@ -1,4 +1,4 @@
-"""`robustprune run | report | list | bench`."""
+"""`robustprune run | report | prune | evaluate | list | bench`."""
 
 from __future__ import annotations
 
@@ -316,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(one per cell and eps) instead of printing tables",
     )
     rep.set_defaults(func=cmd_report)
+    from robustprune.cli_model import add_parsers
+
+    add_parsers(sub, _at_least_one, _console)
     ls = sub.add_parser("list", help="registered datasets, models, regimes, pruning methods, attacks")
     ls.set_defaults(func=cmd_list)
     b = sub.add_parser("bench", help="training throughput vs the matrix-multiply peak; attack and corruption speed")

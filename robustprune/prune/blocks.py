@@ -11,7 +11,7 @@ from torch import nn
 from robustprune.errors import UserError
 from robustprune.models.blocks import ResidualBlock, residual_blocks, residual_stages
 from robustprune.prune.criteria.base import Criterion
-from robustprune.prune.structured import check_ratio
+from robustprune.prune.structured import check_ratio, record_step_
 
 
 def removable_blocks(model: nn.Module) -> list[tuple[str, ResidualBlock]]:
@@ -93,4 +93,5 @@ def prune_blocks_(
     _check_stages(model, set(chosen))
     for name in chosen:
         replace_with_identity_(model, name)
+        record_step_(model, {"kind": "identity", "name": name})  # (robustprune.saving replays it)
     return chosen

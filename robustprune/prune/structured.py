@@ -24,6 +24,7 @@ always give the same pruned model.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Callable, Literal
 
@@ -32,7 +33,7 @@ import torch_pruning as tp
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from robustprune.errors import UserError
+from robustprune.errors import UserError, excerpt
 from robustprune.models.blocks import HiddenLinear, MultiHeadSelfAttention
 from robustprune.prune.criteria.base import Criterion
 from robustprune.registry import Registry
@@ -89,6 +90,11 @@ def remove_filters_(model: nn.Module, plan: dict[str, list[int]], example_input:
             if isinstance(module, nn.Conv2d) and item.dep.handler.__name__ == "prune_out_channels":
                 done.add(name_of.get(id(module), ""))
         group.prune()
+    history = graph.pruning_history()
+    if history:  # the record rp.save keeps, so a fresh model can be given the same shapes
+        recorder = _Recorder(model, graph, example_input)
+        recorder.seen = 0
+        recorder(None)
     return model
 
 
@@ -151,17 +157,24 @@ def output_layer(model: nn.Module, example_input: torch.Tensor) -> nn.Module | N
             out = model(example_input[:1])
     finally:
         model.train(was_training)
+    if not isinstance(out, torch.Tensor) and hasattr(out, "logits"):  # a Hugging Face ModelOutput
+        raise UserError(
+            f"model {type(model).__name__} returns {type(out).__name__}, not a tensor of logits; "
+            f"wrap it as robustprune.prune.hf.HFClassifier(model)"
+        )
     if not isinstance(out, torch.Tensor) or out.dim() < 2:
         return None
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == out.shape[1]]
     return linears[-1] if linears else None
 
 
-def _channel_groups(graph, group) -> int:
+def _channel_groups(graph, group, names: dict | None = None) -> int:
     """How many interleaved channel groups a group has (grouped convs, GroupNorm), as Torch-Pruning's
-    pruner counts them; depthwise convs are not grouping (their channels follow their input)."""
+    pruner counts them; depthwise convs are not grouping (their channels follow their input). A group
+    that fills only some of a layer's channel groups (one branch of a concatenation read by a grouped
+    conv) is refused: Torch-Pruning can only remove the same positions from every channel group."""
     counts = [1]
-    for dep, _ in group:
+    for dep, idxs in group:
         m = dep.target.module
         if not isinstance(m, nn.Module) or (isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.out_channels):
             continue
@@ -169,7 +182,17 @@ def _channel_groups(graph, group) -> int:
         if pruner is None:
             continue
         out = graph.is_out_channel_pruning_fn(dep.handler)
-        counts.append(pruner.get_out_channel_groups(m) if out else pruner.get_in_channel_groups(m))
+        n = pruner.get_out_channel_groups(m) if out else pruner.get_in_channel_groups(m)
+        width = graph.get_out_channels(m) if out else graph.get_in_channels(m)
+        if n > 1 and len(idxs) != width:
+            names = names or {}
+            root = names.get(group[0].dep.target.module, "?")
+            raise UserError(
+                f"layer '{names.get(m, '?')}' ({type(m).__name__}, {n} channel groups) reads the channels of "
+                f"'{root}' in only some of its groups (a concatenation), and Torch-Pruning can only remove the "
+                f"same channels from every group; pass '{root}' and the layers concatenated with it in ignored_layers"
+            )
+        counts.append(n)
     return max(counts)
 
 
@@ -206,6 +229,16 @@ class _HeadUnit(_Unit):
         self.root.prune_heads_(self.remove)
 
 
+class _SplitHeadUnit(_Unit):
+    """The heads of an attention with separate q, k, v and output layers (root: the attention, see
+    _split_attention), one score per head; as for _HeadUnit, a high ratio keeps one head."""
+
+    keeps_one = True
+
+    def prune(self, graph) -> None:
+        prune_attention_heads_(self.root, self.remove)
+
+
 # Layers whose output channels root a group of coupled filters: convolutions, and the Linear layers
 # a model marks as a hidden width (HiddenLinear, a transformer MLP); other Linear layers (classifiers,
 # the MNIST CNN's fc) are only narrowed as consumers, so the stored MNIST/VGG numbers stay as they are.
@@ -233,13 +266,16 @@ def _units(model, graph, criterion, ignored) -> list[_Unit]:
 def _channel_units(model, graph, criterion, ignored) -> list[_Unit]:
     """Torch-Pruning's groups of coupled channels rooted at ROOT_TYPES layers."""
     names = {m: n for n, m in model.named_modules()}
+    own = {id(p) for m in ignored for p in m.parameters(recurse=False)}
     units = []
     groups = graph.get_all_groups(ignored_layers=ignored, root_module_types=list(ROOT_TYPES))
     for group in groups:
+        if any(id(dep.target.module) in own for dep, _ in group):
+            continue  # Torch-Pruning sees an ignored layer's weight as a loose parameter of this group
         imp = _scores(criterion, group)
         if imp is None:
             continue
-        ch_groups = _channel_groups(graph, group)
+        ch_groups = _channel_groups(graph, group, names)
         if imp.numel() % ch_groups:
             raise ValueError(f"criterion returned {imp.numel()} scores for a group of {ch_groups} channel groups")
         scores = imp.view(ch_groups, -1).mean(0)  # as Torch-Pruning: one score per position of a channel group
@@ -271,15 +307,16 @@ def _head_group(graph, attn: MultiHeadSelfAttention):
 
 @UNIT_KINDS.register("heads")
 def _head_units(model, graph, criterion, ignored) -> list[_Unit]:
-    """One unit per MultiHeadSelfAttention with at least two heads: a head's score is the mean of
-    its query, key and value rows' scores."""
+    """One unit per attention with at least two heads: a MultiHeadSelfAttention (a head's score is
+    the mean of its query, key and value rows' scores), or an attention with separate q, k, v and
+    output layers (_split_head_unit)."""
     units = []
     for name, attn in model.named_modules():
-        if (
-            not isinstance(attn, MultiHeadSelfAttention)
-            or attn.num_heads < 2
-            or any(m in ignored for m in (attn, attn.qkv, attn.proj))
-        ):
+        if not isinstance(attn, MultiHeadSelfAttention):
+            if (unit := _split_head_unit(name, attn, graph, criterion, ignored)) is not None:
+                units.append(unit)
+            continue
+        if attn.num_heads < 2 or any(m in ignored for m in (attn, attn.qkv, attn.proj)):
             continue
         imp = _scores(criterion, _head_group(graph, attn))
         if imp is None:
@@ -288,6 +325,74 @@ def _head_units(model, graph, criterion, ignored) -> list[_Unit]:
         scores = torch.stack([imp[attn.head_rows([h])].mean() for h in heads])
         units.append(_HeadUnit(attn, None, [f"{name}.qkv", name], scores, 1))
     return units
+
+
+def _split_attention(module: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear, int] | None:
+    """The q, k, v and output layers and the head size of an attention that keeps them apart, as
+    Hugging Face's do (q_proj, k_proj, v_proj, o_proj, num_attention_heads, head_dim: ViT, DeiT,
+    CLIP...), else None; grouped-query attention (fewer key/value heads) is not one."""
+    layers = [getattr(module, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    heads, d = getattr(module, "num_attention_heads", None), getattr(module, "head_dim", None)
+    if not all(isinstance(m, nn.Linear) for m in layers) or not isinstance(heads, int) or not isinstance(d, int):
+        return None
+    q, k, v, o = layers
+    if not q.out_features == k.out_features == v.out_features == o.in_features == heads * d:
+        return None
+    return q, k, v, o, d
+
+
+def _split_head_group(graph, q: nn.Linear, k: nn.Linear, v: nn.Linear, o: nn.Linear):
+    """A group for scoring the heads of a split attention, built by hand as _head_group: position i
+    is row i of q (the root), k and v, and column i of o."""
+    n = q.out_features
+    out_fn, in_fn = tp.prune_linear_out_channels, tp.prune_linear_in_channels
+    root = graph.module2node[q]
+    group = tp.dependency.Group()
+    for layer, fn in ((q, out_fn), (k, out_fn), (v, out_fn), (o, in_fn)):
+        dep = tp.dependency.Dependency(out_fn, fn, source=root, target=graph.module2node[layer])
+        group.add_dep(dep, list(range(n)))
+    for item in group:
+        item.root_idxs = list(range(n))
+    return group
+
+
+def _split_head_unit(name: str, attn: nn.Module, graph, criterion, ignored) -> _Unit | None:
+    """The heads of a split attention with at least two heads: a head's score is the mean over its
+    positions of the group's per-position scores (its q, k and v rows, as the criterion combines them)."""
+    parts = _split_attention(attn)
+    if parts is None or attn.num_attention_heads < 2:
+        return None
+    q, k, v, o, d = parts
+    if any(m in ignored for m in (attn, q, k, v, o)) or any(m not in graph.module2node for m in (q, k, v, o)):
+        return None
+    imp = _scores(criterion, _split_head_group(graph, q, k, v, o))
+    if imp is None:
+        return None
+    scores = imp.reshape(attn.num_attention_heads, d).mean(1)
+    return _SplitHeadUnit(attn, None, [f"{name}.q_proj", name], scores, 1)
+
+
+def prune_attention_heads_(attn: nn.Module, heads) -> None:
+    """Remove the given heads (indices into the current ones) of a MultiHeadSelfAttention or of an
+    attention with separate q/k/v/o layers (_split_attention: their rows of q, k and v, their columns
+    of o, and `num_attention_heads`). At least one head must stay."""
+    if isinstance(attn, MultiHeadSelfAttention):
+        attn.prune_heads_(heads)
+        return
+    parts = _split_attention(attn)
+    if parts is None:
+        raise ValueError(f"{type(attn).__name__} is not an attention whose heads can be removed")
+    q, k, v, o, d = parts
+    gone = sorted({int(h) for h in heads})
+    if not set(gone) <= set(range(attn.num_attention_heads)) or len(gone) >= attn.num_attention_heads:
+        raise ValueError(f"cannot remove heads {gone} of {attn.num_attention_heads}")
+    if not gone:
+        return
+    rows = [h * d + i for h in gone for i in range(d)]
+    for layer in (q, k, v):
+        tp.prune_linear_out_channels(layer, rows)
+    tp.prune_linear_in_channels(o, rows)
+    attn.num_attention_heads -= len(gone)
 
 
 def _plan_local(unit: _Unit, ratio: float, why: str) -> None:
@@ -430,21 +535,195 @@ def prune_filters_(
             if normalize is None:
                 normalize = not getattr(criterion, "normalized", False)
             _plan_global(rest, ratio, normalize)
+        _dry_run(model, units, example_input)
+        record = _Recorder(model, graph, example_input)
         for u in units:
             if u.remove:
                 u.prune(graph)
+                record(u)
     finally:
         model.train(was_training)  # Torch-Pruning's tracing leaves the model in eval mode
     return model
 
 
+# ---- the record of what structured pruning removed (robustprune.saving replays it) ------------------
+
+STRUCTURE_ATTR = "_robustprune_structure"
+
+
+def record_step_(model: nn.Module, step: dict) -> None:
+    """Append one pruning step (plain JSON data) to the model's structure record, a list attribute
+    that is neither a parameter, a buffer nor a submodule. Steps accumulate in the order they ran."""
+    # a new list each time: a copy of the model made before this step keeps its own record
+    object.__setattr__(model, STRUCTURE_ATTR, [*model.__dict__.get(STRUCTURE_ATTR, []), step])
+
+
+def _plain_history(entries) -> list:
+    """Torch-Pruning history entries [root layer name, out-channel pruning?, root indices] as plain
+    JSON values (an index may be a (idx, root_idx) pair, both equal at the root)."""
+    return [[str(name), bool(out), [int(getattr(i, "idx", i)) for i in idxs]] for name, out, idxs in entries]
+
+
+class _Recorder:
+    """Records each pruned unit on the model as it goes, so the record always matches the model.
+    Channel groups become Torch-Pruning's own history (replayed on a graph traced from an input of
+    the same shape); consecutive groups of one graph share a step. Heads are their own step."""
+
+    def __init__(self, model: nn.Module, graph, example_input: torch.Tensor):
+        self.model, self.graph, self.seen, self.step = model, graph, len(graph.pruning_history()), None
+        one = isinstance(example_input, torch.Tensor)  # other inputs cannot be rebuilt: load then asks for them
+        dtype = str(example_input.dtype).removeprefix("torch.") if one else None
+        self.input = {"input_shape": [1, *example_input.shape[1:]] if one else None, "input_dtype": dtype}
+
+    def __call__(self, unit: _Unit) -> None:
+        new = self.graph.pruning_history()[self.seen :]
+        self.seen += len(new)
+        if new:
+            if self.step is None:
+                self.step = {"kind": "channels", **self.input, "history": []}
+                record_step_(self.model, self.step)
+            self.step["history"].extend(_plain_history(new))
+            return
+        self.step = None  # a later channel group is replayed on a graph traced after this step
+        if isinstance(unit, _HeadUnit):
+            name = next(n for n, m in self.model.named_modules() if m is unit.root)
+            record_step_(self.model, {"kind": "heads", "name": name, "heads": sorted(int(h) for h in unit.remove)})
+        else:  # a kind of structure that does not say what it removed: saving refuses this model
+            record_step_(self.model, {"kind": "unrecorded", "unit": type(unit).__name__})
+
+
 def _never_pruned(model: nn.Module, example_input: torch.Tensor, ignored_layers) -> list[nn.Module]:
-    """The classifier and the ignored layers, with all their submodules."""
+    """The classifier, the ignored layers and every nn.MultiheadAttention, with all their submodules.
+    nn.MultiheadAttention cuts its width into equal heads (head_dim = embed_dim // num_heads) and
+    has no way to drop a head, so the channels it reads and writes stay: Torch-Pruning would remove
+    single channels and leave heads that mix or a module that fails."""
     ignored = _resolve_modules(model, ignored_layers, "ignored layer")
     head = output_layer(model, example_input)
     if head is not None:
         ignored.append(head)
+    ignored += [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
     return [sub for m in ignored for sub in m.modules()]
+
+
+# ---- a dry run on a copy: what Torch-Pruning cannot follow fails there, as one UserError ------------
+
+
+def _dry_run(model: nn.Module, units: list[_Unit], example_input: torch.Tensor) -> None:
+    """Prune a copy of the model as planned and run it. Where Torch-Pruning cannot trace (a weight
+    used by a functional op, a loose parameter whose channel dimension it guesses, a reshape to a
+    fixed size) it mis-prunes without an error and the model fails later; here the copy fails, and
+    the first unit that breaks it becomes one UserError naming the layer, before the model changes.
+    A model that cannot be deep-copied is pruned unchecked."""
+    planned = [u for u in units if u.remove]
+    if not planned:
+        return
+    try:
+        twin = _Twin(model, example_input)
+    except Exception:
+        return
+    if twin.survives(planned):
+        return
+    twin = _Twin(model, example_input)  # again, one unit at a time, to name the one that breaks it
+    for unit in planned:
+        error = twin.failure(unit)
+        if error is not None:
+            raise UserError(error)
+
+
+class _Twin:
+    """A deep copy of a model with its own dependency graph, on which units are pruned on trial."""
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor):
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.model = copy.deepcopy(model)
+        self.modules = dict(self.model.named_modules())
+        self.input = example_input
+        self.graph = tp.DependencyGraph().build_dependency(self.model, example_inputs=example_input, verbose=False)
+
+    def prune(self, unit: _Unit) -> None:
+        twin = copy.copy(unit)
+        twin.root = self.modules[self.names[id(unit.root)]]
+        twin.prune(self.graph)
+
+    def survives(self, units: list[_Unit]) -> bool:
+        try:
+            for unit in units:
+                self.prune(unit)
+            return _failing_layer(self.model, self.input) is None
+        except Exception:
+            return False
+
+    def failure(self, unit: _Unit) -> str | None:
+        """Prune one more unit and run the copy: None if it still works, else why it does not."""
+        root = self.names[id(unit.root)]
+        loose = self._loose_parameters(unit)
+        try:
+            self.prune(unit)
+        except Exception as e:
+            return _cannot_prune(_layer_label(self.model, root), f"Torch-Pruning fails ({_short(e)})", root)
+        failed = _failing_layer(self.model, self.input)
+        if failed is None:
+            return None
+        where, e = failed
+        if loose:  # the likely culprit: a layer whose weight Torch-Pruning only saw as a loose tensor
+            (owner, _, param), shape = loose[0][0].rpartition("."), loose[0][1]
+            why = (
+                f"Torch-Pruning cannot tell which dimension of its parameter '{param}' {shape} follows the "
+                f"channels of '{root}', and the pruned model fails ({_short(e)})"
+            )
+            return _cannot_prune(_layer_label(self.model, owner), why, owner)
+        why = (
+            f"once its channels are removed, {_layer_label(self.model, where)} fails ({_short(e)}), as Torch-Pruning "
+            f"cannot follow channels through a functional op, a custom layer or a reshape to a fixed size"
+        )
+        return _cannot_prune(_layer_label(self.model, root), why, root)
+
+    def _loose_parameters(self, unit: _Unit) -> list[tuple[str, tuple[int, ...]]]:
+        """Name and shape of each parameter outside any layer Torch-Pruning knows that the unit prunes."""
+        if unit.pruning_fn is None:
+            return []
+        group = self.graph.get_pruning_group(self.modules[self.names[id(unit.root)]], unit.pruning_fn, unit.idxs())
+        params = {id(p): (n, tuple(p.shape)) for n, p in self.model.named_parameters()}
+        return [params[id(dep.target.module)] for dep, _ in group if id(dep.target.module) in params]
+
+
+def _failing_layer(model: nn.Module, x: torch.Tensor) -> tuple[str, Exception] | None:
+    """Run the model; on an error, the name of the innermost module that was running ('' for the
+    model's own forward) and the error."""
+    running: list[str] = []
+
+    def enter(name: str):
+        return lambda module, args: running.append(name)  # (None: the input is left as it is)
+
+    def leave(module, args, out) -> None:
+        running.pop()
+
+    hooks = []
+    for name, m in model.named_modules():
+        hooks += [m.register_forward_pre_hook(enter(name)), m.register_forward_hook(leave)]
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as e:
+        return (running[-1] if running else ""), e
+    finally:
+        for h in hooks:
+            h.remove()
+    return None
+
+
+def _layer_label(model: nn.Module, name: str) -> str:
+    if not name:
+        return f"the forward of {type(model).__name__}"
+    return f"layer '{name}' ({type(model.get_submodule(name)).__name__})"
+
+
+def _short(e: Exception) -> str:
+    return excerpt(f"{type(e).__name__}: {e}")
+
+
+def _cannot_prune(label: str, why: str, fix: str) -> str:
+    return f"{label} cannot be pruned through the dependency graph: {why}; pass '{fix}' in ignored_layers"
 
 
 def filter_groups(model: nn.Module, example_input: torch.Tensor, ignored_layers=None) -> list[list[str]]:

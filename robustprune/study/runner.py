@@ -197,8 +197,7 @@ class Workspace:
         if state is not None and "diverged" in state:  # every cell of this dense model fails at once
             raise TrainingDiverged(f"the dense model diverged: {state['diverged']}")
         if key["model"].get("weights"):  # a user's trained model is the dense model
-            weights = key["model"]["weights"]
-            checkpoint.load_state_into(model, checkpoint.load_weights(weights), f"weights file {weights}")
+            model = checkpoint.load_user_weights(model, key["model"]["weights"])
             out = DenseModel(to_device(model, self.device), copy.deepcopy(model.state_dict()), [], {})
         elif state is not None and wanted <= set(state.get("rewind", {})):
             checkpoint.load_state_into(model, state["state"], f"checkpoint {path}")
@@ -478,9 +477,7 @@ class Workspace:
         for _, model_cfg in self.study.model_items():
             if model_cfg.weights:
                 model = self.new_model({"model": {"name": model_cfg.name, "args": model_cfg.args}})
-                checkpoint.load_state_into(
-                    model, checkpoint.load_weights(model_cfg.weights), f"weights file {model_cfg.weights}"
-                )
+                checkpoint.load_user_weights(model, model_cfg.weights)
         self.check_evaluation_inputs()
 
     def check_evaluation_inputs(self) -> None:
