@@ -28,7 +28,7 @@ _PUBLIC = {
     "export_onnx": "robustprune.export",
     "latency": "robustprune.export",
 }
-__all__ = [*_PUBLIC, "__version__"]
+__all__ = ["prune", "finetune", "evaluate", "masks_of", "save", "load", "export_onnx", "latency", "__version__"]
 
 if TYPE_CHECKING:  # what a type checker and an IDE see
     from robustprune.api import evaluate, finetune, masks_of, prune

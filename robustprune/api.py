@@ -55,7 +55,7 @@ def prune(
     state dict saved before training). `example_inputs`: one batch of images, needed to trace a
     structured pruning (default: the first image of `data`). `data`: training images for
     data-driven criteria (the first 512 are used)."""
-    from robustprune.prune import PRUNING_METHODS
+    from robustprune.pruning import PRUNING_METHODS
 
     cls = PRUNING_METHODS.get(method)
     pruner = cls()
@@ -97,7 +97,7 @@ def prune(
     masks = pruner.prune(target, ratio, example_inputs, settings, batch)
     target.train(was_training)
     if method == "lottery_ticket":
-        from robustprune.prune.unstructured import rewind_
+        from robustprune.pruning.unstructured import rewind_
 
         rewind_(target, rewind_to, masks)
     if masks is not None:
@@ -109,7 +109,7 @@ def prune(
 
 
 def _unstructured(pruner) -> bool:
-    from robustprune.prune.methods import GlobalMagnitude, LotteryTicket
+    from robustprune.pruning.methods import GlobalMagnitude, LotteryTicket
 
     return isinstance(pruner, (GlobalMagnitude, LotteryTicket))
 
@@ -221,7 +221,7 @@ def evaluate(
     `attack_subset` images (None: all), shifts on the first `shift_subset`. `record`, if given,
     receives the per-image results (for paired comparisons)."""
     from robustprune.attacks.corruptions import corrupt
-    from robustprune.evaluate.suite import evaluate_robustness, first
+    from robustprune.evaluation.suite import evaluate_robustness, first
     from robustprune.study.schema import EvaluationConfig
     from robustprune.train import accuracy
 

@@ -117,8 +117,8 @@ def pruning_speed(repeats: int = 7, ratio: float = 0.3) -> dict[str, float]:
     physical removal included, model copy excluded) for filters, blocks and both."""
     import copy
 
-    from robustprune.prune.criteria import build_criterion
-    from robustprune.prune.structured import prune_structured_
+    from robustprune.pruning.criteria import build_criterion
+    from robustprune.pruning.structured import prune_structured_
 
     torch.manual_seed(0)
     base = build_model("resnet56", **STATS)

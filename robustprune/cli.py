@@ -178,8 +178,8 @@ def cmd_list(args) -> int:
     from robustprune.data import DATASETS, REGIMES
     from robustprune.data.augment import BATCH_TRANSFORMS
     from robustprune.models import MODELS
-    from robustprune.prune import PRUNING_METHODS
-    from robustprune.prune.criteria import CRITERIA
+    from robustprune.pruning import PRUNING_METHODS
+    from robustprune.pruning.criteria import CRITERIA
 
     console = _console()
     for title, reg in [

@@ -203,7 +203,7 @@ def train(
                 "magnitude_penalty.threshold_from_reverse needs the dense model: it is resolved when a "
                 "study fine-tunes a pruned model; give threshold (tau) to train from scratch"
             )
-        from robustprune.prune.unstructured import prunable_weights
+        from robustprune.pruning.unstructured import prunable_weights
 
         penalised = list(prunable_weights(model).values())
     bf16 = use_bf16(cfg.precision, device)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from robustprune.errors import UserError
-from robustprune.prune import PRUNING_METHODS
-from robustprune.prune.unstructured import prunable_weights
+from robustprune.pruning import PRUNING_METHODS
+from robustprune.pruning.unstructured import prunable_weights
 from robustprune.study.cells import expand
 from robustprune.study.runner import Progress, Workspace
 from robustprune.study.schema import resolve_study

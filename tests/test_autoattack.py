@@ -257,7 +257,7 @@ class Quantised(nn.Module):
 
 
 def test_masking_by_a_zero_gradient_is_flagged():
-    from robustprune.evaluate.suite import evaluate_robustness
+    from robustprune.evaluation.suite import evaluate_robustness
     from robustprune.study.schema import EvaluationConfig
 
     torch.manual_seed(0)
@@ -288,7 +288,7 @@ def test_masking_by_a_zero_gradient_is_flagged():
 
 
 def test_eps_sweep_attacks_only_the_survivors(mnist_cnns, monkeypatch):
-    from robustprune.evaluate.suite import attack_metrics
+    from robustprune.evaluation.suite import attack_metrics
     from robustprune.study.schema import EvaluationConfig
 
     model, x, y = mnist_cnns["clean"], mnist_cnns["x"][:100], mnist_cnns["y"][:100]

@@ -215,7 +215,7 @@ STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml"
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
 def test_every_claim_of_the_claims_budget_names_cells_and_metrics_it_runs(path):
     """A claims budget that misses an arm or a metric would spend its 90 minutes and say 'not run'."""
-    from robustprune.evaluate.names import adv
+    from robustprune.evaluation.names import adv
     from robustprune.report.claims import metric_names
     from robustprune.study.cells import expand
     from robustprune.study.schema import load_study

@@ -12,8 +12,8 @@ from torch import nn
 
 from robustprune.errors import UserError
 from robustprune.models.blocks import ResidualBlock, residual_blocks
-from robustprune.prune.criteria import CRITERIA, block_criteria, build_criterion
-from robustprune.prune.criteria.activation import feature_map_ranks, vip_scores
+from robustprune.pruning.criteria import CRITERIA, block_criteria, build_criterion
+from robustprune.pruning.criteria.activation import feature_map_ranks, vip_scores
 
 ALL = CRITERIA.names()
 SCORED = [n for n in ALL if n != "random"]
@@ -328,7 +328,7 @@ def test_layers_without_statistics_score_zero_and_stale_ones_raise():
 
 def test_feature_maps_are_read_after_bn_and_activation():
     from robustprune.models import build_model
-    from robustprune.prune.criteria.common import channel_sites
+    from robustprune.pruning.criteria.common import channel_sites
 
     m = tiny_cnn(plant=False)
     sites = channel_sites(m, data()[0][:1])

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from robustprune.attacks import ATTACKS
-from robustprune.evaluate import names
-from robustprune.evaluate.checks import masking_checks, pairs
-from robustprune.evaluate.suite import evaluate_robustness
+from robustprune.evaluation import names
+from robustprune.evaluation.checks import masking_checks, pairs
+from robustprune.evaluation.suite import evaluate_robustness
 from robustprune.study.runner import Progress, craft
 from robustprune.study.schema import EvaluationConfig
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from robustprune.evaluate import names
-from robustprune.evaluate.checks import masking_checks, pairs
+from robustprune.evaluation import names
+from robustprune.evaluation.checks import masking_checks, pairs
 from robustprune.study.schema import AttackEntry, EvaluationConfig, SecurityConfig
 
 
@@ -86,7 +86,7 @@ def test_eps_flat_fails_only_when_nothing_falls():
 
 
 def test_worst_case_is_per_image(tiny_cnn):
-    from robustprune.evaluate.suite import attack_metrics
+    from robustprune.evaluation.suite import attack_metrics
 
     class Quiet:
         def advance(self, *a):

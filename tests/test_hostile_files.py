@@ -111,7 +111,7 @@ def test_figure_on_a_full_disk(tmp_path, full_disk):
 
 
 def test_security_figure_on_a_full_disk(tmp_path, full_disk):
-    from robustprune.evaluate.security import plot_security_curves
+    from robustprune.evaluation.security import plot_security_curves
 
     path = tmp_path / "security.png"
     with pytest.raises(UserError) as e:
@@ -121,7 +121,7 @@ def test_security_figure_on_a_full_disk(tmp_path, full_disk):
 
 
 def test_robustbench_entry_on_a_full_disk(tmp_path, full_disk):
-    from robustprune.evaluate.robustbench import robustbench_entry, write_robustbench_json
+    from robustprune.evaluation.robustbench import robustbench_entry, write_robustbench_json
 
     path = tmp_path / "model_info" / "m.json"
     with pytest.raises(UserError) as e:

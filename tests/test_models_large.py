@@ -18,11 +18,11 @@ from robustprune.models import MODELS, Normalize, build_model
 from robustprune.models.blocks import HiddenLinear, MultiHeadSelfAttention, residual_blocks
 from robustprune.models.mobilevit import MobileViTBlock, fold, unfold
 from robustprune.models.resnet_imagenet import Bottleneck
-from robustprune.prune.blocks import prune_blocks_, removable_blocks
-from robustprune.prune.criteria import CRITERIA, build_criterion
-from robustprune.prune.criteria.replay import Recording, Replay
-from robustprune.prune.mrpf import adaptive_ratios, module_robust_sensitivity
-from robustprune.prune.structured import filter_groups, prune_filters_, prune_structured_
+from robustprune.pruning.blocks import prune_blocks_, removable_blocks
+from robustprune.pruning.criteria import CRITERIA, build_criterion
+from robustprune.pruning.criteria.replay import Recording, Replay
+from robustprune.pruning.mrpf import adaptive_ratios, module_robust_sensitivity
+from robustprune.pruning.structured import filter_groups, prune_filters_, prune_structured_
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 NARROW = {"resnet34": {"width": 8}, "resnet50": {"width": 8}, "mobilevit_xs": {"width_mult": 0.5}}

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from robustprune.errors import UserError
-from robustprune.prune.mrpf import (
+from robustprune.pruning.mrpf import (
     adaptive_ratios,
     adversarial_loss,
     inverse_mrs_ratios,
@@ -176,7 +176,7 @@ def test_bad_adversarial_training_settings(adv, expected):
 
 def test_filter_groups_of_a_resnet_couple_the_residual_stream():
     from robustprune.models import build_model
-    from robustprune.prune.structured import filter_groups
+    from robustprune.pruning.structured import filter_groups
 
     model = build_model("resnet20", num_classes=10, image_shape=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3)
     groups = filter_groups(model, torch.zeros(1, 3, 32, 32))
@@ -212,9 +212,9 @@ def tiny_resnet():
 
 def test_mrpf_method_prunes_each_group_at_its_ratio_and_replays_from_the_plan():
     from robustprune.metrics.size import layer_widths
-    from robustprune.prune import PRUNING_METHODS
-    from robustprune.prune.criteria.replay import Recording, Replay
-    from robustprune.prune.structured import filter_groups
+    from robustprune.pruning import PRUNING_METHODS
+    from robustprune.pruning.criteria.replay import Recording, Replay
+    from robustprune.pruning.structured import filter_groups
 
     method = PRUNING_METHODS.get("mrpf")()
     params = method.Params(criterion="l1", r_min=0.1, r_max=0.6, mrs_lr=0.1)
@@ -241,8 +241,8 @@ def test_mrpf_method_prunes_each_group_at_its_ratio_and_replays_from_the_plan():
 
 
 def test_mrs_is_computed_once_per_dense_model_and_mrs_setting(tmp_path, monkeypatch):
-    import robustprune.prune.mrpf as mrpf
-    from robustprune.prune import PRUNING_METHODS
+    import robustprune.pruning.mrpf as mrpf
+    from robustprune.pruning import PRUNING_METHODS
     from robustprune.study.runner import MRSCache
 
     calls = []
@@ -274,8 +274,8 @@ def flops_reduction(model, dense, example) -> float:
 
 def test_match_flops_removes_the_flops_of_uniform_pruning_and_replays_from_the_plan():
     from robustprune.metrics.size import layer_widths
-    from robustprune.prune import PRUNING_METHODS
-    from robustprune.prune.criteria.replay import Recording, Replay
+    from robustprune.pruning import PRUNING_METHODS
+    from robustprune.pruning.criteria.replay import Recording, Replay
 
     method = PRUNING_METHODS.get("mrpf")()
     g = torch.Generator().manual_seed(0)
@@ -304,7 +304,7 @@ def test_match_flops_removes_the_flops_of_uniform_pruning_and_replays_from_the_p
 
 
 def test_match_flops_that_cannot_be_reached_names_the_numbers():
-    from robustprune.prune import PRUNING_METHODS
+    from robustprune.pruning import PRUNING_METHODS
 
     method = PRUNING_METHODS.get("mrpf")()
     g = torch.Generator().manual_seed(0)
@@ -409,7 +409,7 @@ def test_match_flops_off_keeps_the_hash_of_old_cells():
 
 def test_a_flops_matched_mrpf_cell_is_rebuilt_from_its_checkpoint(tmp_path, data_dir, monkeypatch):
     from robustprune.metrics.size import layer_widths
-    from robustprune.prune.methods import MRPF
+    from robustprune.pruning.methods import MRPF
     from robustprune.study.cells import expand
     from robustprune.study.runner import Progress, Workspace
     from robustprune.study.schema import resolve_study

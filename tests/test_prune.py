@@ -11,9 +11,9 @@ from torch import nn
 from robustprune.errors import UserError
 from robustprune.metrics.size import count_macs, count_params, size_metrics
 from robustprune.models.mnist_cnn import MnistCNN
-from robustprune.prune import PRUNING_METHODS
-from robustprune.prune.structured import channel_widths, filters_to_remove, l1_filter_scores, remove_filters_
-from robustprune.prune.unstructured import apply_masks_, global_magnitude_masks, prunable_weights, rewind_
+from robustprune.pruning import PRUNING_METHODS
+from robustprune.pruning.structured import channel_widths, filters_to_remove, l1_filter_scores, remove_filters_
+from robustprune.pruning.unstructured import apply_masks_, global_magnitude_masks, prunable_weights, rewind_
 
 X1 = torch.zeros(1, 1, 28, 28)
 

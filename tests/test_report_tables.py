@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from robustprune.evaluate import names
+from robustprune.evaluation import names
 from robustprune.report import robustness as rb
 from robustprune.report.render import to_rich
 from robustprune.report.tables import MARK_NOTE, Table, all_tables, marked, sweep_table, table1, to_markdown

@@ -9,8 +9,8 @@ from torch import nn
 
 from robustprune.errors import UserError
 from robustprune.metrics.weights import layer_bound, quantiles, weight_statistics
-from robustprune.prune import PRUNING_METHODS
-from robustprune.prune.unstructured import magnitude_masks, reverse_threshold
+from robustprune.pruning import PRUNING_METHODS
+from robustprune.pruning.unstructured import magnitude_masks, reverse_threshold
 from robustprune.train import MagnitudePenalty, TrainConfig, magnitude_penalty, train
 
 

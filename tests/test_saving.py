@@ -19,9 +19,9 @@ import torch
 from robustprune import files, saving
 from robustprune.errors import UserError
 from robustprune.models import build_model
-from robustprune.prune.criteria import build_criterion
-from robustprune.prune.structured import prune_filters_, prune_structured_, record_step_
-from robustprune.prune.unstructured import apply_masks_, global_magnitude_masks
+from robustprune.pruning.criteria import build_criterion
+from robustprune.pruning.structured import prune_filters_, prune_structured_, record_step_
+from robustprune.pruning.unstructured import apply_masks_, global_magnitude_masks
 
 # The architectures, as a user's own module: the new process imports them from this file.
 MODELS_SRC = '''

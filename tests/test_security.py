@@ -1,5 +1,5 @@
-"""Security curves from FMN (robustprune.evaluate.security) and the RobustBench export
-(robustprune.evaluate.robustbench). The curve tests run FMN and APGD-CE on the real MNIST CNNs of
+"""Security curves from FMN (robustprune.evaluation.security) and the RobustBench export
+(robustprune.evaluation.robustbench). The curve tests run FMN and APGD-CE on the real MNIST CNNs of
 the mnist_cnns fixture: at a fixed eps, FMN's curve must not claim more robustness than APGD-CE
 finds (a minimum-norm attack that misses breaks overstates robustness)."""
 
@@ -16,9 +16,9 @@ import torch
 from robustprune.attacks import adversarial_accuracy
 from robustprune.attacks.apgd import APGDCE
 from robustprune.errors import UserError
-from robustprune.evaluate import security
-from robustprune.evaluate.robustbench import eps_string, percent, robustbench_entry, write_robustbench_json
-from robustprune.evaluate.security import curve_from_norms, default_grid, median_norm, security_curve
+from robustprune.evaluation import security
+from robustprune.evaluation.robustbench import eps_string, percent, robustbench_entry, write_robustbench_json
+from robustprune.evaluation.security import curve_from_norms, default_grid, median_norm, security_curve
 
 N_LINF, N_L2 = 200, 100
 # FMN (100 steps) may leave this many more points robust than APGD-CE (100 steps) at the same eps.

@@ -12,7 +12,7 @@ from torch import nn
 from robustprune.attacks import ATTACKS
 from robustprune.models.blocks import ResidualBlock
 from robustprune.models.mnist_cnn import MnistCNN
-from robustprune.prune.single_element import (
+from robustprune.pruning.single_element import (
     improvement_fractions,
     make_evaluator,
     remove_filter_copy,

@@ -17,9 +17,9 @@ from torch import nn
 
 from robustprune.errors import UserError
 from robustprune.models.blocks import ResidualBlock
-from robustprune.prune.blocks import prune_blocks_, removable_blocks
-from robustprune.prune.criteria import Criterion
-from robustprune.prune.structured import (
+from robustprune.pruning.blocks import prune_blocks_, removable_blocks
+from robustprune.pruning.criteria import Criterion
+from robustprune.pruning.structured import (
     StructuredParams,
     channel_widths,
     check_ratio,
@@ -741,7 +741,7 @@ def test_resnet56_blocks_and_both(target):
 def test_registered_criteria_drive_the_engine(scope):
     """Every registered criterion (once the criteria module has them) prunes filters, and blocks
     when it can score them, through the engine on the mini ResNet."""
-    from robustprune.prune.criteria import CRITERIA, block_criteria, build_criterion
+    from robustprune.pruning.criteria import CRITERIA, block_criteria, build_criterion
 
     if not CRITERIA.names():
         pytest.skip("no criteria registered yet")

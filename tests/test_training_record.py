@@ -11,9 +11,9 @@ import torch
 
 from robustprune import checkpoint
 from robustprune.metrics.size import layer_widths
-from robustprune.prune.criteria import build_criterion
-from robustprune.prune.criteria.replay import Recording, Replay
-from robustprune.prune.structured import prune_structured_
+from robustprune.pruning.criteria import build_criterion
+from robustprune.pruning.criteria.replay import Recording, Replay
+from robustprune.pruning.structured import prune_structured_
 from robustprune.report.training import dynamics_tables, shown_epochs, widths_tables
 from robustprune.study.schema import resolve_study
 from robustprune.train import TrainConfig, train

@@ -52,7 +52,7 @@ def not_a_model(**kwargs):
     return "a string"
 '''
 
-DATA = '''
+DATA = """
 import numpy as np
 
 
@@ -60,7 +60,7 @@ def load(n=1500):
     f = np.load("digits.npz")
     train = (f["x_train"][:n].astype("float32") / 255, f["y_train"][:n])
     return train, (f["x_test"], f["y_test"])
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +106,7 @@ def study(folder: Path, name: str, data: str, model: str, extra: str = "", epoch
 
 def test_a_study_on_the_users_model_and_npz_data(user_folder):
     extra = (
-        "pruning:\n"
-        "  channels: {method: structured, sparsities: [0.3], finetune_epochs: [1], params: {criterion: l1}}\n"
+        "pruning:\n  channels: {method: structured, sparsities: [0.3], finetune_epochs: [1], params: {criterion: l1}}\n"
     )
     study(user_folder, "own", "{npz: digits.npz}", '{import: "mynets:make_net", kwargs: {width: 8}}', extra)
     r = cli(user_folder, "run", "own.yaml", "--out", "runs/own", "--workers", "2")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from robustprune.prune.unstructured import prunable_weights
+from robustprune.pruning.unstructured import prunable_weights
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -43,7 +43,7 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]
 def layer_widths(model: nn.Module) -> dict[str, float]:
     """width:<layer> for every conv (output channels) and linear layer (output features), in module
     order: what structured pruning left of each layer (a removed residual block's layers are absent)."""
-    from robustprune.evaluate.names import width
+    from robustprune.evaluation.names import width
 
     return {
         width(name): float(m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features)

@@ -15,7 +15,7 @@ import statistics
 from dataclasses import dataclass
 
 from robustprune.errors import UserError
-from robustprune.evaluate import names
+from robustprune.evaluation import names
 from robustprune.report.paper_tables import column_metric
 from robustprune.report.tables import Table
 from robustprune.stats import Interval, holm, paired_seeds

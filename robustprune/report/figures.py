@@ -254,7 +254,7 @@ def sparsity_figures(study: StudyConfig, cells: list[dict], folder, regime: str 
 
 
 def strength_figures(study: StudyConfig, cells: list[dict], folder, regime: str = "clean") -> list[Path]:
-    from robustprune.evaluate import names
+    from robustprune.evaluation import names
     from robustprune.report.robustness import attack_title
     from robustprune.report.tables import setting_label
 
@@ -408,8 +408,8 @@ def security_figures(study: StudyConfig, cells: list[dict], folder, regime: str 
     """Robust accuracy against eps from the security curve (FMN minimum norms), one line per setting
     (mean over seeds), and each setting's AutoAttack result at the study's eps as a star: the point
     of the curve that the strongest attack checked."""
-    from robustprune.evaluate import names
-    from robustprune.evaluate.security import plot_security_curves
+    from robustprune.evaluation import names
+    from robustprune.evaluation.security import plot_security_curves
     from robustprune.report.tables import setting_label
 
     sec = study.evaluation.security

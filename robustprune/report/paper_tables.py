@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 
-from robustprune.evaluate import names
+from robustprune.evaluation import names
 from robustprune.report.stats import compare, compared
 from robustprune.report.tables import (
     Setting,

@@ -9,8 +9,8 @@ import re
 from pathlib import Path
 
 from robustprune.errors import UserError
-from robustprune.evaluate import names
-from robustprune.evaluate.robustbench import robustbench_entry, write_robustbench_json
+from robustprune.evaluation import names
+from robustprune.evaluation.robustbench import robustbench_entry, write_robustbench_json
 from robustprune.report.tables import key_of, setting_label
 from robustprune.study.schema import StudyConfig
 

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
-from robustprune.evaluate import checks, names
+from robustprune.evaluation import checks, names
 from robustprune.metrics.correlation import pearson
 from robustprune.report.stats import compare, compared
 from robustprune.report.tables import (

@@ -11,7 +11,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from robustprune.evaluate import names
+from robustprune.evaluation import names
 from robustprune.report.stats import compare, compared, family_notes, finish
 from robustprune.study.schema import StudyConfig
 

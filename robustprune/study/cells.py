@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from robustprune.data import REGIMES
-from robustprune.prune import PRUNING_METHODS
+from robustprune.pruning import PRUNING_METHODS
 from robustprune.study.schema import ModelConfig, StudyConfig
 
 

@@ -17,18 +17,18 @@ from robustprune.attacks.corruptions import corrupt
 from robustprune.data import REGIMES, ImageDataset, load_dataset
 from robustprune.device import pick_device
 from robustprune.errors import UserError
-from robustprune.evaluate import names
-from robustprune.evaluate.names import setting_key
-from robustprune.evaluate.suite import evaluate_robustness, first
+from robustprune.evaluation import names
+from robustprune.evaluation.names import setting_key
+from robustprune.evaluation.suite import evaluate_robustness, first
 from robustprune.metrics.latency import measure_latency
 from robustprune.metrics.size import layer_widths, size_metrics
 from robustprune.metrics.weights import weight_statistics
 from robustprune.models import build_model, check_model, to_device
-from robustprune.prune import PRUNING_METHODS
-from robustprune.prune.criteria.replay import Recording, Replay
-from robustprune.prune.methods import MATCHED, Structured
-from robustprune.prune.single_element import improvement_fractions, make_evaluator, single_element_study
-from robustprune.prune.unstructured import (
+from robustprune.pruning import PRUNING_METHODS
+from robustprune.pruning.criteria.replay import Recording, Replay
+from robustprune.pruning.methods import MATCHED, Structured
+from robustprune.pruning.single_element import improvement_fractions, make_evaluator, single_element_study
+from robustprune.pruning.unstructured import (
     apply_masks_,
     global_magnitude_masks,
     prunable_weights,
@@ -326,7 +326,7 @@ class Workspace:
     def plan_metrics(self, cell: Cell) -> dict[str, float]:
         """mrs:<group> and ratio:<group> of a cell pruned by a method that set per-group ratios; with
         MRPF's match_flops also the global ratio it chose and the FLOPs reductions it matched."""
-        from robustprune.evaluate.names import plan_metric
+        from robustprune.evaluation.names import plan_metric
 
         pr = cell.config["pruning"]
         plan = self._plans.get(config_hash({"dense": cell.dense_key, "pruning": pr})) if pr else None

@@ -699,7 +699,7 @@ class StudyConfig(Strict):
         # Unknown names are caught here, with the list of known ones, before anything runs.
         from robustprune.data import DATASETS, REGIMES
         from robustprune.models import MODELS, meta_model
-        from robustprune.prune import PRUNING_METHODS
+        from robustprune.pruning import PRUNING_METHODS
 
         DATASETS.get(self.dataset)
         if self.models and self.model != ModelConfig():  # (a dumped and reloaded study repeats the default)
@@ -891,7 +891,7 @@ class StudyConfig(Strict):
         return list(self.models.items()) if self.models else [(None, self.model)]
 
     def _check_selector(self, m: ModelSelector) -> None:
-        from robustprune.prune import PRUNING_METHODS
+        from robustprune.pruning import PRUNING_METHODS
 
         where = f"evaluation.transfer.models entry {m.model_dump(exclude_none=True)}"
         if m.model is not None and m.model not in self.models:

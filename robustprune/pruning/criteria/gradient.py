@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustprune.prune.criteria.base import CRITERIA, Criterion
-from robustprune.prune.criteria.common import (
+from robustprune.pruning.criteria.base import CRITERIA, Criterion
+from robustprune.pruning.criteria.common import (
     as_batch,
     check_positive,
     check_scope,

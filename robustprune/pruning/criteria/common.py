@@ -163,7 +163,7 @@ def need_labels(name: str, x: torch.Tensor, y: torch.Tensor | None) -> None:
 
 def need_data(criterion, x) -> None:
     """The base class's 'no data' UserError, for block scoring that does not go through prepare()."""
-    from robustprune.prune.criteria.base import Criterion
+    from robustprune.pruning.criteria.base import Criterion
 
     Criterion.prepare(criterion, None, x)
 

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from robustprune.errors import UserError
-from robustprune.prune.criteria.base import CRITERIA, Criterion
-from robustprune.prune.criteria.common import (
+from robustprune.pruning.criteria.base import CRITERIA, Criterion
+from robustprune.pruning.criteria.common import (
     Site,
     as_batch,
     block_body_outputs,

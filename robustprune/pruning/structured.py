@@ -12,12 +12,12 @@ Two layers of API:
     share of the filters of every group of coupled channels (uniform), or the globally lowest
     (global), or per-layer shares; a transformer's MLP hidden units and attention heads are groups
     too (ROOT_TYPES, UNIT_KINDS);
-  - `prune_blocks_` (robustprune.prune.blocks) removes whole residual blocks (layer pruning);
+  - `prune_blocks_` (robustprune.pruning.blocks) removes whole residual blocks (layer pruning);
   - `prune_structured_` runs filters, blocks or both; `iterative_prune` is Algorithm 1 of Jordão &
     Pedrini (K rounds of prune p % of what remains, then adjust).
 
 A criterion is a Torch-Pruning importance callable, `criterion(group) -> one score per channel`
-(robustprune.prune.criteria); the lowest scores go first. Counts are exact: round(ratio * n)
+(robustprune.pruning.criteria); the lowest scores go first. Counts are exact: round(ratio * n)
 (Python's round, half to even), ties broken by channel position, so the same model and criterion
 always give the same pruned model.
 """
@@ -35,7 +35,7 @@ from torch import nn
 
 from robustprune.errors import UserError, excerpt
 from robustprune.models.blocks import HiddenLinear, MultiHeadSelfAttention
-from robustprune.prune.criteria.base import Criterion
+from robustprune.pruning.criteria.base import Criterion
 from robustprune.registry import Registry
 
 TARGETS = ("filters", "blocks", "both")
@@ -160,7 +160,7 @@ def output_layer(model: nn.Module, example_input: torch.Tensor) -> nn.Module | N
     if not isinstance(out, torch.Tensor) and hasattr(out, "logits"):  # a Hugging Face ModelOutput
         raise UserError(
             f"model {type(model).__name__} returns {type(out).__name__}, not a tensor of logits; "
-            f"wrap it as robustprune.prune.hf.HFClassifier(model)"
+            f"wrap it as robustprune.pruning.hf.HFClassifier(model)"
         )
     if not isinstance(out, torch.Tensor) or out.dim() < 2:
         return None
@@ -462,7 +462,9 @@ def prune_filters_(
     channels of the convolutions. `criterion(group)` scores each group's channels on the unpruned
     model (after `criterion.prepare(model, x, y)`), then the lowest-scored ones are removed:
 
-    - scope="uniform": round(ratio * n) of the n channels of every group;
+    - scope="uniform": round(ratio * n) of the n channels of every group (a group that runs through
+      a grouped conv or GroupNorm of g groups: round(ratio * n / g) positions, removed from each of
+      the g groups);
     - scope="global": round(ratio * N) of all N channels, ranked across groups on scores divided
       by their group's mean (Torch-Pruning's default normaliser). normalize=False ranks raw
       scores, for criteria such as LAMP that are already comparable across layers; the default
@@ -482,8 +484,20 @@ def prune_filters_(
     transformer MLP's hidden width), whose output features are filters like a conv's. Every
     MultiHeadSelfAttention with two or more heads is one more group whose structures are its heads
     (scored by the mean of their q/k/v rows' scores; at least one head stays, even at high ratios;
-    `layer_ratios` may name the attention or its qkv layer; ignoring either keeps its heads). The
-    model keeps its train/eval mode and is returned, smaller."""
+    `layer_ratios` may name the attention or its qkv layer; ignoring either keeps its heads). So is
+    every attention with separate q_proj/k_proj/v_proj/o_proj layers and `num_attention_heads`
+    (Hugging Face's; `layer_ratios` may name it or its q_proj). A transformers model is pruned
+    through robustprune.pruning.hf.HFClassifier, which returns its logits and marks its MLP expansion
+    layers as HiddenLinear; a ViT's groups are its embedding width (patch conv, class token,
+    position embeddings and every residual addition: one group), each MLP width and each
+    attention's heads. An nn.MultiheadAttention cannot lose single channels or heads: it and every
+    group coupled to it stay whole.
+
+    The plan is first carried out on a copy of the model, which must still run: a layer
+    Torch-Pruning cannot follow (a weight used through a functional op, a parameter whose channel
+    dimension it guesses wrong, a reshape to a fixed size) is a UserError naming it and what to pass
+    in `ignored_layers`, and the model is left as it was. The model keeps its train/eval mode and
+    is returned, smaller."""
     ratio = check_ratio(ratio)
     check_choice(scope, SCOPES, "pruning scope")
     layer_ratios = {k: check_ratio(v, f"pruning ratio of layer '{k}'") for k, v in (layer_ratios or {}).items()}
@@ -585,7 +599,7 @@ class _Recorder:
             self.step["history"].extend(_plain_history(new))
             return
         self.step = None  # a later channel group is replayed on a graph traced after this step
-        if isinstance(unit, _HeadUnit):
+        if isinstance(unit, (_HeadUnit, _SplitHeadUnit)):
             name = next(n for n, m in self.model.named_modules() if m is unit.root)
             record_step_(self.model, {"kind": "heads", "name": name, "heads": sorted(int(h) for h in unit.remove)})
         else:  # a kind of structure that does not say what it removed: saving refuses this model
@@ -790,7 +804,7 @@ def prune_structured_(
         _resolve_modules(model, layer_ratios, "layer")  # typos are refused before anything is removed
     removed: list[str] = []
     if target in ("blocks", "both"):
-        from robustprune.prune.blocks import prune_blocks_
+        from robustprune.pruning.blocks import prune_blocks_
 
         removed = prune_blocks_(model, criterion, block_ratio, x=x, y=y)
     if target in ("filters", "both"):
@@ -839,7 +853,7 @@ class StructuredParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    criterion: str = Field("l1", description="a registered criterion (robustprune.prune.criteria)")
+    criterion: str = Field("l1", description="a registered criterion (robustprune.pruning.criteria)")
     criterion_params: dict[str, Any] = Field(default_factory=dict, description="arguments of the criterion")
     target: Literal["filters", "blocks", "both"] = Field("filters", description="what is removed")
     scope: Literal["uniform", "global"] = Field("uniform", description="same share per group, or ranked across layers")

@@ -10,8 +10,8 @@ from torch import nn
 
 from robustprune.errors import UserError
 from robustprune.models.blocks import ResidualBlock, residual_blocks, residual_stages
-from robustprune.prune.criteria.base import Criterion
-from robustprune.prune.structured import check_ratio, record_step_
+from robustprune.pruning.criteria.base import Criterion
+from robustprune.pruning.structured import check_ratio, record_step_
 
 
 def removable_blocks(model: nn.Module) -> list[tuple[str, ResidualBlock]]:

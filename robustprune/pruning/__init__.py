@@ -1,3 +1,3 @@
 """Pruning methods. A method is one registered class; the study runner only orchestrates."""
 
-from robustprune.prune.methods import PRUNING_METHODS  # noqa: F401
+from robustprune.pruning.methods import PRUNING_METHODS  # noqa: F401

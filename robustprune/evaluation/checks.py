@@ -9,7 +9,7 @@ accuracy cannot rise with eps; for it the check is that it falls at all (eps_fla
 from __future__ import annotations
 
 from robustprune.attacks.norms import check_norm
-from robustprune.evaluate import names
+from robustprune.evaluation import names
 
 
 def comparable(a, b) -> bool:

@@ -10,15 +10,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from robustprune.prune.criteria import build_criterion
-from robustprune.prune.structured import (
+from robustprune.pruning.criteria import build_criterion
+from robustprune.pruning.structured import (
     StructuredParams,
     filters_to_remove,
     prune_filters_,
     prune_structured_,
     remove_filters_,
 )
-from robustprune.prune.unstructured import apply_masks_, global_magnitude_masks, magnitude_masks
+from robustprune.pruning.unstructured import apply_masks_, global_magnitude_masks, magnitude_masks
 from robustprune.registry import Registry
 
 PRUNING_METHODS: Registry = Registry("pruning method")
@@ -230,8 +230,8 @@ class MRPF(Structured):
         return build_attack(params.attack, params.attack_eps)
 
     def mrs_plan(self, model, sparsity, example_input, params, x, y) -> dict:
-        from robustprune.prune.mrpf import module_robust_sensitivity
-        from robustprune.prune.structured import filter_groups
+        from robustprune.pruning.mrpf import module_robust_sensitivity
+        from robustprune.pruning.structured import filter_groups
 
         mrs = self.mrs_cache.get(self.mrs_key(params)) if self.mrs_cache is not None else None
         if mrs is None:
@@ -254,7 +254,7 @@ class MRPF(Structured):
 
     @staticmethod
     def ratios(mrs: dict, r_global: float, params) -> dict[str, float]:
-        from robustprune.prune.mrpf import adaptive_ratios, inverse_mrs_ratios
+        from robustprune.pruning.mrpf import adaptive_ratios, inverse_mrs_ratios
 
         if params.rule == "adaptive":
             return adaptive_ratios(mrs, r_global, params.r_min, params.r_max)
@@ -267,7 +267,7 @@ class MRPF(Structured):
         group go does not change the FLOPs, only how many)."""
         from robustprune.errors import UserError
         from robustprune.metrics.size import count_macs
-        from robustprune.prune.criteria.replay import Recording, Replay
+        from robustprune.pruning.criteria.replay import Recording, Replay
 
         dense = count_macs(model, example_input)[0]
 

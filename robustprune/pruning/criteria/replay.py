@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from robustprune.prune.criteria.base import Criterion
+from robustprune.pruning.criteria.base import Criterion
 
 
 class Recording(Criterion):

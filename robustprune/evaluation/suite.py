@@ -13,8 +13,8 @@ from torch import nn
 from robustprune.attacks.autoattack import BLACK_BOX, AutoAttack
 from robustprune.attacks.base import frozen_eval
 from robustprune.attacks.occlusion import occlude
-from robustprune.evaluate import names
-from robustprune.evaluate.checks import masking_checks, pairs
+from robustprune.evaluation import names
+from robustprune.evaluation.checks import masking_checks, pairs
 from robustprune.train import accuracy, to_float
 
 # corrupted(type) -> (images uint8 (severities, n, C, H, W), labels (severities, n)), severities as listed
@@ -90,7 +90,7 @@ def attack_metrics(
 
 def curve_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ev, progress) -> dict[str, float]:
     """acc_curve:<norm>@<eps> at every eps of the grid from one FMN run, and the median minimum norm."""
-    from robustprune.evaluate.security import security_curve
+    from robustprune.evaluation.security import security_curve
 
     sec = ev.security
     xc, yc = first(x, sec.subset), first(y, sec.subset)

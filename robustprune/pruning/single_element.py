@@ -45,7 +45,7 @@ from torch import nn
 from torch_pruning import _helpers
 
 from robustprune.models.blocks import residual_blocks
-from robustprune.prune.structured import conv_layers
+from robustprune.pruning.structured import conv_layers
 
 Evaluate = Callable[[nn.Module], Mapping[str, float]]
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from robustprune.prune.criteria.base import CRITERIA, Criterion
-from robustprune.prune.criteria.common import WEIGHT_LAYERS, check_scope, weight_group_scores
+from robustprune.pruning.criteria.base import CRITERIA, Criterion
+from robustprune.pruning.criteria.common import WEIGHT_LAYERS, check_scope, weight_group_scores
 
 
 class _Magnitude(Criterion):
