@@ -27,12 +27,25 @@ _PUBLIC = {
     "load": "robustprune.saving",
     "export_onnx": "robustprune.export",
     "latency": "robustprune.export",
+    "HFClassifier": "robustprune.pruning.hf",
 }
-__all__ = ["prune", "finetune", "evaluate", "masks_of", "save", "load", "export_onnx", "latency", "__version__"]
+__all__ = [
+    "prune",
+    "finetune",
+    "evaluate",
+    "masks_of",
+    "save",
+    "load",
+    "export_onnx",
+    "latency",
+    "HFClassifier",
+    "__version__",
+]
 
 if TYPE_CHECKING:  # what a type checker and an IDE see
     from robustprune.api import evaluate, finetune, masks_of, prune
     from robustprune.export import export_onnx, latency
+    from robustprune.pruning.hf import HFClassifier
     from robustprune.saving import load, save
 
 

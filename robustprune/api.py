@@ -123,7 +123,8 @@ def _first_line(e: Exception) -> str:
     if callable(errors):  # pydantic: the first error, where and what
         first = errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return f"{where}: {first.get('msg', '')}" if where else str(first.get("msg", ""))
+        msg = str(first.get("msg", "")).removeprefix("Value error, ")
+        return f"{where}: {msg}" if where else msg
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 

@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from robustprune.errors import UserError, excerpt
 
 
@@ -158,6 +160,12 @@ def cmd_prune(args, console) -> int:
         f", fine-tuned {args.finetune_epochs} epochs" if args.finetune_epochs else ""
     )
     _print(console, title, {"dense": dense, "pruned": small})
+    if args.latency:
+        from robustprune.export import latency
+
+        one = x[:1].float() / 255 if x.dtype == torch.uint8 else x[:1].float()
+        report = latency(model, pruned, example_inputs=one, runtime=args.latency)
+        console.print(report.table(), highlight=False)
     if args.save:
         console.print(f"pruned model: {args.save}", highlight=False)
     _write_json(args.json, {"model": args.model, "data": args.data, "dense": dense, "pruned": small})
@@ -212,4 +220,6 @@ def add_parsers(sub, whole_number, console) -> None:
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (default 0.01)")
     p.add_argument("--seed", type=int, default=0, help="fine-tuning seed (default 0)")
     p.add_argument("--save", metavar="FILE.safetensors", help="write the pruned model (weights and structure)")
+    p.add_argument("--latency", choices=["torch", "onnxruntime", "both"],
+                   help="also measure dense and pruned latency (batch 1 and 64, median) and the speed-up")  # fmt: skip
     p.set_defaults(func=lambda args: cmd_prune(args, console()))

@@ -167,9 +167,10 @@ def test_prune_and_evaluate_one_model_from_the_command_line(user_folder):
     common = ["--model", "mynets:make_net", "--arg", "width=8", "--data", "digits.npz", "--test-subset", "300"]
     r = cli(user_folder, "prune", *common, "--method", "structured", "--ratio", "0.3", "--param", "criterion=l1",
             "--finetune-epochs", "1", "--attack", "fgsm:eps=0.1", "--save", "pruned.safetensors",
-            "--json", "pruned.json")  # fmt: skip
+            "--json", "pruned.json", "--latency", "both")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "acc_adv:fgsm@0.1" in r.stdout
+    assert "onnxruntime" in r.stdout and "speed-up" in r.stdout  # dense vs pruned latency, measured
     result = json.loads((user_folder / "pruned.json").read_text())
     assert result["pruned"]["parameters"] < result["dense"]["parameters"]
     assert result["pruned"]["acc_clean"] > 0.5  # fine-tuned for one epoch
