@@ -246,6 +246,12 @@ def evaluate(
 
     def corrupted(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         c, xs = ev.corruptions, first(x, ev.shift_subset)
+        if c.source == "cifar10c":  # the official files: they are CIFAR-10's test images, in order
+            from robustprune.attacks.cifar10c import load_cifar10c
+
+            parts = [load_cifar10c(c.cifar10c_dir, kind, s) for s in c.severities]
+            images = torch.stack([first(xc, ev.shift_subset) for xc, _ in parts])
+            return images.to(device), torch.stack([first(yc, ev.shift_subset) for _, yc in parts]).to(device)
         # uint8 images stay uint8, as the official CIFAR-10-C files (and a study's cached sets) are
         as_given = (lambda z: (z * 255).round_().to(torch.uint8)) if xs.dtype == torch.uint8 else (lambda z: z)
         images = torch.stack([as_given(corrupt(xs, kind, s, c.seed)) for s in c.severities])

@@ -185,3 +185,17 @@ def test_prune_and_evaluate_one_model_from_the_command_line(user_folder):
     assert bad.returncode == 2 and "attack 'pgd' needs its eps" in bad.stderr
     bad = cli(user_folder, "evaluate", "--model", "mynets:make_net", "--data", "nothing-here")
     assert bad.returncode == 2 and "is neither a dataset" in bad.stderr
+
+
+def test_the_example_study_of_a_users_own_model_runs_as_documented(tmp_path, data_dir):
+    """examples/own_model: the README's and docs/api.md's complete example, run from its folder."""
+    folder = Path(__file__).resolve().parents[1] / "examples" / "own_model"
+    out = tmp_path / "own_model"
+    kwargs = f"data.kwargs={{folder: {data_dir}, n_train: 4000, n_test: 300}}"
+    r = cli(folder, "run", "study.yaml", "--budget", "smoke", "--out", str(out), "--set", kwargs)
+    assert r.returncode == 0, r.stderr
+    rows = stored_results(out)
+    assert rows[("dense", "acc_clean")] > 0.5
+    assert {("channels", "acc_adv:autoattack@0.1"), ("magnitude", "acc_corruption")} <= set(rows)
+    report = cli(folder, "report", str(out))
+    assert report.returncode == 0 and "channels s=0.3" in report.stdout, report.stderr

@@ -635,7 +635,8 @@ def evaluate(
         out.update(single_element_metrics(model, x_test, y_test, ev, ws.progress))
     if ev.latency_batch:  # the real speed-up of a pruned model, not only its FLOPs
         batch = to_float(x_test[: ev.latency_batch])
-        out["latency_ms"] = measure_latency(model, batch)["median_ms"]
+        # one thread: comparable across cells whatever else the machine runs (threads wait on busy cores)
+        out["latency_ms"] = measure_latency(model, batch, threads=1)["median_ms"]
     return out
 
 
