@@ -310,15 +310,35 @@ def sweep_table(study: StudyConfig, cells: list[dict], regime: str, flags: set |
         return None
     shown = core_metrics([c for k in keys for c in groups[k]])
     rows = [[setting_label(k), *[show(groups[k], m, k, flags) for m in shown]] for k in keys]
-    n = n_seeds([c for k in keys for c in groups[k]])
-    return Table(
-        f"Sweep: regime '{regime}'",
-        ["Setting", *map(metric_label, shown)],
-        rows,
-        f"Accuracies and sparsity in %, mean ± std over {seeds_text(n)}; "
-        "sparsity = share of the dense model's conv/linear weights removed.",
-        [MARK_NOTE] if marked(rows) else [],
+    headers = ["Setting", *map(metric_label, shown)]
+    caption = (
+        f"Accuracies and sparsity in %, mean ± std over {seeds_text(n_seeds([c for k in keys for c in groups[k]]))}; "
+        "sparsity = share of the dense model's conv/linear weights removed."
     )
+    if "latency_ms" in shown:  # the measured speed-up, per seed against that seed's dense model
+        headers.append("Speed-up")
+        for row, k in zip(rows, keys):
+            row.append(speedup_text(groups, keys, k))
+        caption += " Speed-up: the dense model's latency over this model's (same seed), mean over seeds."
+    return Table(f"Sweep: regime '{regime}'", headers, rows, caption, [MARK_NOTE] if marked(rows) else [])
+
+
+def speedup_text(groups: dict, keys: list, k) -> str:
+    """Mean over seeds of dense latency / this setting's latency ('—' without both)."""
+    dense = {
+        (c["axes"].get("model"), c["axes"]["seed"]): c["metrics"].get("latency_ms")
+        for d in keys
+        if d.pruning == "dense"
+        for c in groups[d]
+    }
+    ratios = [
+        dense[key] / c["metrics"]["latency_ms"]
+        for c in groups[k]
+        if (key := (c["axes"].get("model"), c["axes"]["seed"])) in dense
+        and dense[key]
+        and c["metrics"].get("latency_ms")
+    ]
+    return f"{statistics.fmean(ratios):.2f}×" if ratios else "—"
 
 
 def sweep_tables(study: StudyConfig, cells: list[dict], flags: set | None = None) -> list[Table]:
