@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from robustprune.report.tables import speedup_text, sweep_table
 from robustprune.study.schema import StudyConfig
 
