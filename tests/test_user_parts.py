@@ -191,11 +191,22 @@ def test_the_example_study_of_a_users_own_model_runs_as_documented(tmp_path, dat
     """examples/own_model: the README's and docs/api.md's complete example, run from its folder."""
     folder = Path(__file__).resolve().parents[1] / "examples" / "own_model"
     out = tmp_path / "own_model"
-    kwargs = f"data.kwargs={{folder: {data_dir}, n_train: 4000, n_test: 300}}"
-    r = cli(folder, "run", "study.yaml", "--budget", "smoke", "--out", str(out), "--set", kwargs)
+    r = cli(
+        folder, "run", "study.yaml", "--budget", "smoke", "--out", str(out), "--set", f"data.kwargs.folder={data_dir}"
+    )
     assert r.returncode == 0, r.stderr
     rows = stored_results(out)
     assert rows[("dense", "acc_clean")] > 0.5
     assert {("channels", "acc_adv:autoattack@0.1"), ("magnitude", "acc_corruption")} <= set(rows)
     report = cli(folder, "report", str(out))
     assert report.returncode == 0 and "channels s=0.3" in report.stdout, report.stderr
+
+
+def test_the_readme_shows_the_example_study_as_it_is():
+    import re
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    shown = re.search(r"```yaml\n(name: own_model.*?)```", (root / "README.md").read_text(), re.S).group(1)
+    assert yaml.safe_load(shown) == yaml.safe_load((root / "examples" / "own_model" / "study.yaml").read_text())
