@@ -69,6 +69,11 @@ def prune(
         raise UserError(f"pruning method '{method}' cannot take {params or 'its defaults'}: {_first_line(e)}") from None
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio < 1:
         raise UserError(f"ratio must be a number in [0, 1), not {ratio!r}")
+    if method != "lottery_ticket" and getattr(settings, "rounds", 1) > 1:  # interleaves fine-tuning: a loop
+        raise UserError(
+            f"rounds={settings.rounds} alternates pruning and fine-tuning; call rp.prune (ratio per round) and "
+            "rp.finetune in a loop of your own, or use a study file"
+        )
     if method == "lottery_ticket" and rewind_to is None:
         raise UserError(
             "lottery_ticket rewinds the surviving weights to their values before training; pass rewind_to="

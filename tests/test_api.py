@@ -90,6 +90,8 @@ def test_bad_method_settings_are_one_sentence(trained, mnist):
         rp.prune(trained, "magnitude", ratio=0.5)
     with pytest.raises(UserError, match="pruning method 'structured' cannot take"):
         rp.prune(trained, "structured", ratio=0.3, example_inputs=xt[:1], target="neurons")
+    with pytest.raises(UserError, match="rounds=3 alternates pruning and fine-tuning"):
+        rp.prune(trained, "structured", ratio=0.3, example_inputs=xt[:1], rounds=3)
     with pytest.raises(UserError, match=r"ratio must be a number in \[0, 1\)"):
         rp.prune(trained, "global_magnitude", ratio=1.5)
     with pytest.raises(UserError, match="pass example_inputs"):
