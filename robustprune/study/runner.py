@@ -38,7 +38,8 @@ from robustprune.pruning.unstructured import (
 from robustprune.study.cells import Cell, config_hash, dump, expand
 from robustprune.study.schema import StudyConfig
 from robustprune.study.store import Store
-from robustprune.train import TrainConfig, TrainingDiverged, accuracy, to_float, train
+from robustprune.tensors import to_float
+from robustprune.train import TrainConfig, TrainingDiverged, accuracy, train
 
 # Derived seeds keep the random streams of one cell apart (init/shuffle, fine-tuning, regime noise).
 FINETUNE_SEED_OFFSET = 1
