@@ -227,8 +227,8 @@ def evaluate(
     `attack_subset` images (None: all), shifts on the first `shift_subset`. `record`, if given,
     receives the per-image results (for paired comparisons)."""
     from robustprune.attacks.corruptions import corrupt
+    from robustprune.evaluation.config import EvaluationConfig
     from robustprune.evaluation.suite import evaluate_robustness, first
-    from robustprune.study.schema import EvaluationConfig
     from robustprune.train import accuracy
 
     x, y = as_tensors(data, "the evaluation data")

@@ -18,25 +18,24 @@ import time
 from pathlib import Path
 
 import torch
-from rich.table import Table
 
 from robustprune.attacks import ATTACKS, adversarial_accuracy
+from robustprune.bench_common import (
+    STUDY_CNN_ARGS,
+    results_table,
+    sync_device,
+    torchattacks_missing,
+    trained_study_cnn,
+)
 from robustprune.device import pick_device
 from robustprune.errors import UserError
 from robustprune.files import write_text
 from robustprune.metrics.size import count_macs
-from robustprune.models import build_model, to_device
+from robustprune.models import build_model
 from robustprune.train import TrainConfig, accuracy, train
 
-# model.args of studies/mnist_pruning_robustness.yaml (tests/test_bench.py checks they stay equal)
-STUDY_CNN_ARGS = {"conv1": 8, "conv2": 16, "fc": 128, "kernel_size": 5, "padding": 0}
 DEFAULT_MODEL = ("mnist_cnn", STUDY_CNN_ARGS, (1, 28, 28))  # the MNIST study's CNN
 PGD_EPS, PGD_STEPS, PGD_BATCH = 0.1, 20, 500
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def matmul_peak(device: torch.device, seconds: float, n: int = 2048) -> float:
@@ -46,10 +45,10 @@ def matmul_peak(device: torch.device, seconds: float, n: int = 2048) -> float:
     torch.mm(a, b)
     best, t_end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < t_end:
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         torch.mm(a, b)
-        _sync(device)
+        sync_device(device)
         best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
     return best
 
@@ -68,7 +67,7 @@ def training_throughput(device: torch.device, seconds: float, batch_size: int) -
     while time.perf_counter() - t0 < seconds:
         train(model, x, y, cfg, seed=images)
         images += len(x)
-    _sync(device)
+    sync_device(device)
     return images / (time.perf_counter() - t0), macs
 
 
@@ -109,7 +108,7 @@ def _training_section(console, device, args) -> dict:
     workers, _ = worker_layout("auto", str(device))
     par_s = parallel_training_throughput(device, args.seconds, args.batch_size, workers) if workers > 1 else img_s
     fgsm_s = fgsm_throughput(device, args.seconds)
-    t = _table("robustprune bench: training")
+    t = results_table("robustprune bench: training")
     t.add_row("fp32 matmul peak (2048x2048)", f"{peak:,.1f} GFLOP/s")
     t.add_row(
         f"training, {DEFAULT_MODEL[0]}, batch {args.batch_size}, {torch.get_num_threads()} threads",
@@ -134,13 +133,6 @@ def _training_section(console, device, args) -> dict:
     }
 
 
-def _table(title: str) -> Table:
-    t = Table(title=title, title_justify="left")
-    t.add_column("measurement")
-    t.add_column("value", justify="right")
-    return t
-
-
 # ---- evaluation section --------------------------------------------------------------------------
 
 
@@ -159,37 +151,6 @@ def load_mnist_or_explain(data_dir):
             f"studies/mnist_pruning_robustness.yaml --budget smoke` once to download it"
         )
     return load_dataset("mnist", folder, download=False)
-
-
-def trained_study_cnn(data, device, train_images: int | None, seed: int = 0, cfg: TrainConfig | None = None):
-    """The study's CNN trained on the first `train_images` images, by default for one epoch (attack
-    accuracies of an untrained model mean nothing); `cfg` trains it otherwise (e.g. adversarially)."""
-    torch.manual_seed(seed)
-    model = to_device(
-        build_model(
-            "mnist_cnn",
-            num_classes=data.num_classes,
-            image_shape=data.image_shape,
-            mean=data.mean,
-            std=data.std,
-            **STUDY_CNN_ARGS,
-        ),
-        device,
-    )
-    x, y = data.x_train[:train_images], data.y_train[:train_images]
-    t0 = time.perf_counter()
-    train(model, x.to(device), y.to(device), cfg or TrainConfig(epochs=1, lr=0.05), seed=seed)
-    _sync(device)
-    return model.eval(), {"train_images": len(x), "train_seconds": time.perf_counter() - t0}
-
-
-def torchattacks_missing() -> str | None:
-    """One sentence for the PGD row when torchattacks is absent, else None."""
-    try:
-        import torchattacks  # noqa: F401
-    except ImportError:
-        return "torchattacks is missing; install it with `pip install --no-deps torchattacks`"
-    return None
 
 
 def pgd_comparison(model, x, y) -> dict:
@@ -228,7 +189,7 @@ def _evaluation_section(console, device, args, data) -> dict:
 
 
 def _print_evaluation(console, n: int, clean: float, pgd: dict, corr: dict) -> None:
-    t = _table("robustprune bench: evaluation")
+    t = results_table("robustprune bench: evaluation")
     t.add_row("model: the study's CNN trained 1 epoch (so attack accuracies mean something)", f"{clean:.2%} clean")
     label = f"PGD-{PGD_STEPS}, eps {PGD_EPS}, {n:,} MNIST test images, batch {PGD_BATCH}"
     if "skipped" in pgd:

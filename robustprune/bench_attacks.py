@@ -10,6 +10,7 @@ most points survive APGD-CE, so APGD-T, FAB-T and Square carry the cost).
 from __future__ import annotations
 
 from robustprune.attacks.benchmark import autoattack_benchmark, pgd_benchmark
+from robustprune.bench_common import results_table, torchattacks_missing, trained_study_cnn
 from robustprune.train import AdversarialTraining, TrainConfig, accuracy
 
 # the adversarially trained CNN: each batch plus its PGD-5 copies at eps 0.3 (Madry's last iterate)
@@ -27,15 +28,11 @@ CASES = (("clean", 0.3), ("clean", 0.1), ("adversarially trained", 0.3))
 
 def robust_study_cnn(data, device, train_images: int | None = None, seed: int = 0):
     """The study's CNN adversarially trained (PGD-5 at eps 0.3, 3 epochs on 20 000 images)."""
-    from robustprune.bench import trained_study_cnn
-
     n = min(train_images or ROBUST_TRAIN_IMAGES, ROBUST_TRAIN_IMAGES)
     return trained_study_cnn(data, device, n, seed, ROBUST_TRAINING)
 
 
 def attacks_section(console, device, args, data) -> dict:
-    from robustprune.bench import _table, torchattacks_missing, trained_study_cnn
-
     missing = torchattacks_missing()
     if missing:
         console.print(f"attacks section skipped: {missing}")
@@ -43,7 +40,7 @@ def attacks_section(console, device, args, data) -> dict:
     clean_model, _ = trained_study_cnn(data, device, args.train_images)
     robust_model, fit = robust_study_cnn(data, device, args.train_images)
     out: dict = {}
-    t = _table("robustprune bench: attacks (same model, images and run; robustprune vs torchattacks)")
+    t = results_table("robustprune bench: attacks (same model, images and run; robustprune vs torchattacks)")
     models = {"clean": clean_model, "adversarially trained": robust_model}
     for label, eps in CASES:
         model = models[label]

@@ -8,7 +8,7 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from robustprune.study.runner import Progress as ProgressBase
+from robustprune.study.workspace import Progress as ProgressBase
 
 
 class RichProgress(ProgressBase):

@@ -2,7 +2,7 @@
 JSON metadata beside them, and never pickle (loading a file runs no code from it).
 
 Structured pruning changes the architecture, so a state dict alone does not fit a fresh instance.
-The pruning functions record each step on the model (robustprune.pruning.structured.record_step_):
+The pruning functions record each step on the model (robustprune.pruning.record.record_step_):
 blocks replaced by identities, attention heads removed, and Torch-Pruning's own history of the
 channel groups removed with the input shape its graph was traced from. `load` replays these steps
 on a fresh instance of the user's architecture, then loads the weights. Unstructured pruning only
@@ -28,7 +28,7 @@ from torch import nn
 from robustprune import __version__
 from robustprune.errors import UserError, excerpt
 from robustprune.files import atomic_write, check_regular_file
-from robustprune.pruning.structured import STRUCTURE_ATTR, record_step_
+from robustprune.pruning.record import STRUCTURE_ATTR, record_step_
 
 FORMAT = "robustprune"
 FORMAT_VERSION = 1

@@ -14,6 +14,7 @@ from torch import nn
 from robustprune.data.augment import BATCH_TRANSFORMS, crop_flip
 from robustprune.device import use_bf16
 from robustprune.errors import UserError
+from robustprune.tensors import to_float  # (robustprune.train.to_float stays a public path)
 
 # The augmentation generator's seed is the training seed plus this (random choices never share a stream).
 AUGMENT_SEED_OFFSET = 1 << 32
@@ -41,8 +42,7 @@ class AdversarialTraining(BaseModel):
     def build(self):
         import inspect
 
-        from robustprune.attacks import ATTACKS
-        from robustprune.attacks.base import build_attack
+        from robustprune.attacks.registry import ATTACKS, build_attack
 
         params = dict(self.params)
         # training wants the loss maximiser (Madry's last PGD iterate), not an evaluation attack's first
@@ -123,12 +123,6 @@ class TrainConfig(BaseModel):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-def to_float(x_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float in [0, 1] (channels-last: ~1.5x faster convolutions on CPU)."""
-    x = x_u8.float().div_(255.0) if x_u8.dtype == torch.uint8 else x_u8.float()
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -1,5 +1,6 @@
 """Attacks share one call shape, attack(model, x, y) -> x_adv, inputs in [0, 1] (as torchattacks).
-Importing a module registers its attacks; the order below is the registry's dependency order."""
+Importing a module registers its attacks in ATTACKS (registry.py, which the attack modules import
+instead of this package); the order below is the registry's dependency order."""
 
 from robustprune.attacks import (  # noqa: F401  (registers)
     apgd,
@@ -14,5 +15,6 @@ from robustprune.attacks import (  # noqa: F401  (registers)
     square,
     vmifgsm,
 )
-from robustprune.attacks.base import ATTACKS, adversarial_accuracy  # noqa: F401
+from robustprune.attacks.base import adversarial_accuracy  # noqa: F401  (public here)
+from robustprune.attacks.registry import ATTACKS  # noqa: F401  (public here)
 from robustprune.attacks.shifts import SHIFTS  # noqa: F401  (distribution shifts: shift(x) -> x)

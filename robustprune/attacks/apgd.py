@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustprune.attacks.base import ATTACKS, attack_autocast, check_image_range, check_precision, frozen_eval
+from robustprune.attacks.base import attack_autocast, check_image_range, check_precision, frozen_eval
 from robustprune.attacks.norms import (
     ascent_direction,
     check_norm,
@@ -31,6 +31,7 @@ from robustprune.attacks.norms import (
     verified,
 )
 from robustprune.attacks.pgd import check_count, check_seed, make_generator
+from robustprune.attacks.registry import ATTACKS
 from robustprune.errors import UserError
 
 MOMENTUM = 0.75

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from robustprune.attacks.base import ATTACKS, check_image_range, check_precision, frozen_eval
+from robustprune.attacks.base import check_image_range, check_precision, frozen_eval
 from robustprune.attacks.norms import check_norm, check_radius, verified
 from robustprune.attacks.pgd import check_seed
+from robustprune.attacks.registry import ATTACKS
 from robustprune.errors import UserError
 
 # (registered attack, its parameters) in cascade order; eps, norm and seed come from AutoAttack

@@ -5,11 +5,9 @@ import contextlib
 import torch
 from torch import nn
 
+from robustprune.attacks.registry import ATTACKS, build_attack  # noqa: F401  (still importable from here)
 from robustprune.errors import UserError
-from robustprune.registry import Registry
-from robustprune.train import to_float
-
-ATTACKS: Registry = Registry("attack")
+from robustprune.tensors import to_float
 
 
 @contextlib.contextmanager
@@ -94,16 +92,3 @@ def adversarial_accuracy(
     if record is not None:
         record[name] = hits
     return int(hits.sum()) / len(x)
-
-
-def build_attack(name: str, eps: float, params: dict | None = None, what: str | None = None):
-    """ATTACKS[name](eps=eps, **params), for config validators: an unknown name, a missing or unknown
-    argument or a bad value (steps 0, ...) becomes one ValueError naming `what` (default: the name)."""
-    params = params or {}
-    attack = ATTACKS.get(name)  # an unknown name raises its own error, with the known names
-    try:
-        return attack(eps=eps, **params)
-    except TypeError as e:
-        raise ValueError(f"attack '{what or name}' does not accept params {params} ({e})") from None
-    except UserError as e:
-        raise ValueError(f"attack '{what or name}': {e}") from None

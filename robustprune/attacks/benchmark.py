@@ -11,7 +11,7 @@ from torch import nn
 from robustprune.attacks.base import frozen_eval
 from robustprune.attacks.pgd import PGD
 from robustprune.errors import UserError
-from robustprune.train import to_float
+from robustprune.tensors import to_float
 
 
 def _sync(device: torch.device) -> None:

@@ -19,9 +19,10 @@ import math
 import torch
 from torch import nn
 
-from robustprune.attacks.base import ATTACKS, attack_autocast, check_image_range, check_precision, frozen_eval
+from robustprune.attacks.base import attack_autocast, check_image_range, check_precision, frozen_eval
 from robustprune.attacks.norms import check_norm, check_radius, verified
 from robustprune.attacks.pgd import check_count, check_seed, make_generator
+from robustprune.attacks.registry import ATTACKS
 from robustprune.errors import UserError
 
 # ---- the projection onto a hyperplane intersected with the [0, 1] box ----------------------------------------

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustprune.attacks.base import ATTACKS, check_image_range, frozen_eval
+from robustprune.attacks.base import check_image_range, frozen_eval
+from robustprune.attacks.registry import ATTACKS
 from robustprune.errors import UserError
-from robustprune.train import to_float
+from robustprune.tensors import to_float
 
 
 @ATTACKS.register("fgsm")

@@ -34,9 +34,10 @@ import math
 import torch
 from torch import nn
 
-from robustprune.attacks.base import ATTACKS, check_image_range, frozen_eval
+from robustprune.attacks.base import check_image_range, frozen_eval
 from robustprune.attacks.norms import check_norm, check_radius, distance, project, verified
 from robustprune.attacks.pgd import check_count, check_seed, make_generator
+from robustprune.attacks.registry import ATTACKS
 from robustprune.errors import UserError
 
 ALPHA_INIT = {"Linf": 10.0, "L2": 1.0}  # the paper's step sizes; alpha_final defaults to alpha_init / 100

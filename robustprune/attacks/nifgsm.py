@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from robustprune.attacks.base import ATTACKS, check_image_range, frozen_eval
+from robustprune.attacks.base import check_image_range, frozen_eval
 from robustprune.attacks.pgd import check_count, check_eps, check_nonneg, input_grad, linf_box
+from robustprune.attacks.registry import ATTACKS
 
 
 def mean_abs_normalised(grad: torch.Tensor) -> torch.Tensor:

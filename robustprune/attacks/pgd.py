@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustprune.attacks.base import ATTACKS, check_image_range, frozen_eval
+from robustprune.attacks.base import check_image_range, frozen_eval
 from robustprune.attacks.norms import ascent_direction, check_norm, check_radius, project, random_start, verified
+from robustprune.attacks.registry import ATTACKS
 from robustprune.errors import UserError
 
 # ---- shared by the iterative attacks ----------------------------------------------------------------

@@ -25,9 +25,10 @@ import math
 import torch
 from torch import nn
 
-from robustprune.attacks.base import ATTACKS, attack_autocast, check_image_range, check_precision, frozen_eval
+from robustprune.attacks.base import attack_autocast, check_image_range, check_precision, frozen_eval
 from robustprune.attacks.norms import check_norm, check_radius, verified
 from robustprune.attacks.pgd import check_count, check_seed, make_generator
+from robustprune.attacks.registry import ATTACKS
 from robustprune.errors import UserError
 
 # Iterations (of 10 000) after which the window area p halves (Andriushchenko et al. 2020, Sec. 4)

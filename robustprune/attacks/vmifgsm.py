@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from robustprune.attacks.base import ATTACKS, check_image_range, frozen_eval
+from robustprune.attacks.base import check_image_range, frozen_eval
 from robustprune.attacks.nifgsm import mean_abs_normalised
 from robustprune.attacks.pgd import (
     check_count,
@@ -20,6 +20,7 @@ from robustprune.attacks.pgd import (
     make_generator,
     uniform_like,
 )
+from robustprune.attacks.registry import ATTACKS
 
 CHUNK_IMAGES = 1024  # small batches: stack neighbour samples up to this many images per pass
 

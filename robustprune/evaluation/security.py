@@ -22,7 +22,7 @@ from robustprune.attacks.norms import check_norm
 from robustprune.attacks.pgd import check_count
 from robustprune.errors import UserError
 from robustprune.files import STORE_UNCHANGED, atomic_write
-from robustprune.train import to_float
+from robustprune.tensors import to_float
 
 GRID_POINTS = 51  # radii of the default grid, 0 to the largest norm found
 

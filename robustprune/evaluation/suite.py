@@ -15,7 +15,8 @@ from robustprune.attacks.base import frozen_eval
 from robustprune.attacks.occlusion import occlude
 from robustprune.evaluation import names
 from robustprune.evaluation.checks import masking_checks, pairs
-from robustprune.train import accuracy, to_float
+from robustprune.tensors import to_float
+from robustprune.train import accuracy
 
 # corrupted(type) -> (images uint8 (severities, n, C, H, W), labels (severities, n)), severities as listed
 CorruptedSets = Callable[[str], tuple[torch.Tensor, torch.Tensor]]

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustprune.train import to_float
+from robustprune.tensors import to_float
 
 
 def _batches(

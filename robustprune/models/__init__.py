@@ -1,5 +1,8 @@
 """Model registry. Every model takes images in [0, 1]; normalisation is its first layer so that
-attacks work in pixel space. Any nn.Module works through the Python API."""
+attacks work in pixel space. Any nn.Module works through the Python API.
+
+MODELS and the helpers the architectures share live in registry.py, which the architecture modules
+import (never this package); importing them here registers every architecture."""
 
 from __future__ import annotations
 
@@ -7,21 +10,15 @@ import torch
 from torch import nn
 
 from robustprune.errors import UserError, excerpt
-from robustprune.registry import Registry
-
-MODELS: Registry = Registry("model")
-
-
-class Normalize(nn.Module):
-    """(x - mean) / std per channel, as a layer so attacks see [0, 1] inputs."""
-
-    def __init__(self, mean, std):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x):
-        return (x - self.mean) / self.std
+from robustprune.models import (  # noqa: F401  (registers)
+    mnist_cnn,
+    mobilenetv2,
+    mobilevit,
+    resnet_cifar,
+    resnet_imagenet,
+    vgg,
+)
+from robustprune.models.registry import MODELS, Normalize, fraction, positive, whole  # noqa: F401  (public here)
 
 
 def to_device(model: nn.Module, device) -> nn.Module:
@@ -34,27 +31,6 @@ def build_model(name: str, *, num_classes: int, image_shape, mean, std, **args) 
 
 
 MAX_PARAMS = 1_000_000_000  # 4 GB of fp32 weights; a typo in a width (65536 for 64) asks for terabytes
-
-
-def whole(low: int = 1, high: int = 1 << 16, **values) -> None:
-    """Arguments that count something (channels, a kernel side) are whole numbers in [low, high]."""
-    for key, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
-            raise UserError(f"{key} must be a whole number from {low} to {high}, got {excerpt(v)}")
-
-
-def positive(high: float = 64.0, **values) -> None:
-    """Multipliers (width_mult) are finite numbers in (0, high]."""
-    for key, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= high:
-            raise UserError(f"{key} must be a number above 0 and at most {high:g}, got {excerpt(v)}")
-
-
-def fraction(**values) -> None:
-    """Probabilities such as dropout lie in [0, 1)."""
-    for key, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
-            raise UserError(f"{key} must be a number from 0 up to (not including) 1, got {excerpt(v)}")
 
 
 def meta_model(name: str, **args) -> nn.Module:
@@ -91,13 +67,3 @@ def check_model(name: str, args: dict, *, dataset: str, num_classes: int, image_
             f"{what} gives outputs of shape {tuple(out.shape)} on {dataset} images, not (1, {num_classes}); "
             "fix its args"
         )
-
-
-from robustprune.models import (  # noqa: E402,F401  (registers)  # noqa: E402,F401  (registers)
-    mnist_cnn,  # noqa: E402,F401  (registers)
-    mobilenetv2,
-    mobilevit,
-    resnet_cifar,
-    resnet_imagenet,
-    vgg,
-)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from robustprune.models import MODELS, Normalize, whole
+from robustprune.models.registry import MODELS, Normalize, whole
 
 
 class MnistCNN(nn.Module):

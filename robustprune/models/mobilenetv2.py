@@ -23,8 +23,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from robustprune.models import MODELS, Normalize, positive, whole
 from robustprune.models.blocks import ResidualBlock
+from robustprune.models.registry import MODELS, Normalize, positive, whole
 from robustprune.models.resnet_cifar import CIFAR10_MEAN, CIFAR10_STD, init_weights
 
 # (expansion t, output channels c, blocks n, stride s of the first block), CIFAR strides.

@@ -39,9 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustprune.models import MODELS, Normalize, fraction, mobilenetv2, positive, whole
+from robustprune.models import mobilenetv2
 from robustprune.models.blocks import HiddenLinear, MultiHeadSelfAttention
 from robustprune.models.mobilenetv2 import round_channels
+from robustprune.models.registry import MODELS, Normalize, fraction, positive, whole
 from robustprune.models.resnet_cifar import CIFAR10_MEAN, CIFAR10_STD, init_weights
 from robustprune.models.resnet_imagenet import resolve_stem
 

@@ -16,8 +16,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from robustprune.models import MODELS, Normalize, whole
 from robustprune.models.blocks import ResidualBlock, StridedPointwiseConv
+from robustprune.models.registry import MODELS, Normalize, whole
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)

@@ -25,8 +25,8 @@ from collections import OrderedDict
 from torch import nn
 
 from robustprune.errors import UserError
-from robustprune.models import MODELS, Normalize, whole
 from robustprune.models.blocks import ResidualBlock, StridedPointwiseConv
+from robustprune.models.registry import MODELS, Normalize, whole
 from robustprune.models.resnet_cifar import CIFAR10_MEAN, CIFAR10_STD, BasicBlock, StagedResNet, add_head, conv3x3
 
 STEMS = ("auto", "imagenet", "cifar")

@@ -12,7 +12,7 @@ from torch import nn
 
 from robustprune.data.user import import_object
 from robustprune.errors import UserError
-from robustprune.models import MODELS
+from robustprune.models.registry import MODELS
 
 DATASET_ARGS = ("num_classes", "image_shape", "mean", "std")
 PREFIX = "import:"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from robustprune.models import MODELS, Normalize, positive
+from robustprune.models.registry import MODELS, Normalize, positive
 from robustprune.models.resnet_cifar import CIFAR10_MEAN, CIFAR10_STD, init_weights
 
 VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")

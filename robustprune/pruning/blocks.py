@@ -10,8 +10,9 @@ from torch import nn
 
 from robustprune.errors import UserError
 from robustprune.models.blocks import ResidualBlock, residual_blocks, residual_stages
+from robustprune.pruning.checks import check_ratio
 from robustprune.pruning.criteria.base import Criterion
-from robustprune.pruning.structured import check_ratio, record_step_
+from robustprune.pruning.record import record_step_
 
 
 def removable_blocks(model: nn.Module) -> list[tuple[str, ResidualBlock]]:

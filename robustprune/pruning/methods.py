@@ -225,7 +225,7 @@ class MRPF(Structured):
 
     @staticmethod
     def attack(params):
-        from robustprune.attacks.base import build_attack
+        from robustprune.attacks.registry import build_attack
 
         return build_attack(params.attack, params.attack_eps)
 

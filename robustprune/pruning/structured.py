@@ -25,7 +25,6 @@ always give the same pruned model.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Callable, Literal
 
 import torch
@@ -35,7 +34,9 @@ from torch import nn
 
 from robustprune.errors import UserError, excerpt
 from robustprune.models.blocks import HiddenLinear, MultiHeadSelfAttention
+from robustprune.pruning.checks import check_choice, check_ratio
 from robustprune.pruning.criteria.base import Criterion
+from robustprune.pruning.record import record_step_
 from robustprune.registry import Registry
 
 TARGETS = ("filters", "blocks", "both")
@@ -100,25 +101,6 @@ def remove_filters_(model: nn.Module, plan: dict[str, list[int]], example_input:
 
 def channel_widths(model: nn.Module) -> dict[str, int]:
     return {name: conv.out_channels for name, conv in conv_layers(model)}
-
-
-# ---- validation ------------------------------------------------------------------------------------
-
-
-def check_ratio(value: Any, what: str = "pruning ratio") -> float:
-    """A share of structures to remove: a number in [0, 1). Returns it as a float."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not 0 <= value < 1:
-        raise UserError(
-            f"{what} must be a number in [0, 1), the share of structures removed, not {value!r}; use e.g. 0.3"
-        )
-    return float(value)
-
-
-def check_choice(value: Any, choices: tuple[str, ...], what: str) -> str:
-    if value not in choices:
-        raise UserError(f"unknown {what} {value!r}; use one of {', '.join(choices)}")
-    return value
 
 
 def _names_hint(names: list[str], n: int = 6) -> str:
@@ -560,16 +542,7 @@ def prune_filters_(
     return model
 
 
-# ---- the record of what structured pruning removed (robustprune.saving replays it) ------------------
-
-STRUCTURE_ATTR = "_robustprune_structure"
-
-
-def record_step_(model: nn.Module, step: dict) -> None:
-    """Append one pruning step (plain JSON data) to the model's structure record, a list attribute
-    that is neither a parameter, a buffer nor a submodule. Steps accumulate in the order they ran."""
-    # a new list each time: a copy of the model made before this step keeps its own record
-    object.__setattr__(model, STRUCTURE_ATTR, [*model.__dict__.get(STRUCTURE_ATTR, []), step])
+# ---- the record of what structured pruning removed (robustprune.saving replays it; record.py) ------
 
 
 def _plain_history(entries) -> list:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from robustprune.errors import UserError
 from robustprune.evaluation import names
+from robustprune.report.base import Table
 from robustprune.report.paper_tables import column_metric
-from robustprune.report.tables import Table
 from robustprune.stats import Interval, holm, paired_seeds
 from robustprune.study.schema import Arm, Claim, StudyConfig
 

@@ -23,7 +23,7 @@ import statistics
 from pathlib import Path
 
 from robustprune.files import STORE_UNCHANGED, atomic_write
-from robustprune.report.tables import group
+from robustprune.report.base import group, network_order, setting_label
 from robustprune.study.schema import StudyConfig
 
 DPI = 150
@@ -37,20 +37,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def network_order(study: StudyConfig, model: str | None, groups: list[str]) -> list[str]:
-    """The groups sorted by where their first layer sits in the architecture (stored order is the
-    dependency graph's)."""
-    from robustprune.models import MODELS
-
-    config = study.models[model] if model else study.model
-    try:
-        modules = [name for name, _ in MODELS.get(config.name)(**config.args).named_modules()]
-    except Exception:  # an architecture that no longer builds: keep the stored order
-        return groups
-    where = {name: i for i, name in enumerate(modules)}
-    return sorted(groups, key=lambda g: where.get(g, len(where)))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -256,7 +242,6 @@ def sparsity_figures(study: StudyConfig, cells: list[dict], folder, regime: str 
 def strength_figures(study: StudyConfig, cells: list[dict], folder, regime: str = "clean") -> list[Path]:
     from robustprune.evaluation import names
     from robustprune.report.robustness import attack_title
-    from robustprune.report.tables import setting_label
 
     view = _view(study, cells, regime)
     if view is None:
@@ -366,7 +351,6 @@ def dynamics_figures(study: StudyConfig, cells: list[dict], folder, regime: str 
 
 
 def weight_figures(study: StudyConfig, cells: list[dict], folder, regime: str = "clean") -> list[Path]:
-    from robustprune.report.tables import setting_label
 
     view = _view(study, cells, regime)
     if view is None:
@@ -410,7 +394,6 @@ def security_figures(study: StudyConfig, cells: list[dict], folder, regime: str 
     of the curve that the strongest attack checked."""
     from robustprune.evaluation import names
     from robustprune.evaluation.security import plot_security_curves
-    from robustprune.report.tables import setting_label
 
     sec = study.evaluation.security
     view = _view(study, cells, regime)

@@ -11,8 +11,7 @@ from __future__ import annotations
 import statistics
 
 from robustprune.evaluation import names
-from robustprune.report.stats import compare, compared
-from robustprune.report.tables import (
+from robustprune.report.base import (
     Setting,
     Table,
     finished,
@@ -21,8 +20,9 @@ from robustprune.report.tables import (
     n_seeds,
     seeds_text,
     show,
-    study_flags,
 )
+from robustprune.report.masking import study_flags
+from robustprune.report.stats import compare, compared
 from robustprune.study.schema import PaperTable, StudyConfig
 
 FLOPS_AGREE = 0.005  # entries whose mean FLOPs reductions differ by less share one FLOPs column (flops layout)

@@ -11,7 +11,7 @@ from pathlib import Path
 from robustprune.errors import UserError
 from robustprune.evaluation import names
 from robustprune.evaluation.robustbench import robustbench_entry, write_robustbench_json
-from robustprune.report.tables import key_of, setting_label
+from robustprune.report.base import key_of, setting_label
 from robustprune.study.schema import StudyConfig
 
 

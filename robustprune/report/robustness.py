@@ -2,7 +2,7 @@
 accuracy, each attack at the report eps, occlusion, corruptions, masking checks), attack-strength and
 occlusion sweeps, corruptions by type and by severity, and the transfer matrix (source x target);
 then, for the whole study, the gradient-masking checks that failed. Numbers that a failed check puts
-in doubt carry a ⚠ wherever they are shown (see masking_flags). Metric names: evaluate/names.py."""
+in doubt carry a ⚠ wherever they are shown (see masking.py). Metric names: evaluate/names.py."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
-from robustprune.evaluation import checks, names
+from robustprune.evaluation import names
 from robustprune.metrics.correlation import pearson
-from robustprune.report.stats import compare, compared
-from robustprune.report.tables import (
+from robustprune.report.base import (
     MARK_NOTE,
     Table,
     finished,
@@ -29,9 +28,15 @@ from robustprune.report.tables import (
     seeds_text,
     setting_label,
     show,
-    study_flags,
     values,
 )
+from robustprune.report.masking import (  # noqa: F401  (masking_flags: still importable from here)
+    check_metrics,
+    masking_flags,
+    study_flags,
+    violations,
+)
+from robustprune.report.stats import compare, compared
 from robustprune.study.schema import StudyConfig
 
 # Short column headers for the 16-column corruptions-by-type table.
@@ -50,57 +55,7 @@ CORRUPTION_ABBREV = {
 }
 
 
-# ---- gradient-masking checks ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Violation:
-    cell: dict
-    kind: str
-    stronger: str
-    weaker: str
-    gap: float  # acc(stronger) - acc(weaker), above the tolerance
-
-    @property
-    def key(self) -> tuple:
-        return key_of(self.cell)
-
-
-def check_metrics(cells: list[dict]):
-    """(cell, parsed check name, gap) for every check stored in a finished cell."""
-    for c in cells:
-        if c["status"] != "done":
-            continue
-        for m, gap in c["metrics"].items():
-            if m.startswith("check:"):
-                yield c, names.parse(m), gap
-
-
-def violations(study: StudyConfig, cells: list[dict]) -> list[Violation]:
-    tol = study.evaluation.masking_tolerance
-    return [
-        Violation(c, p.name, p.stronger, p.weaker, gap)
-        for c, p, gap in check_metrics(cells)
-        if gap is not None and checks.violated(gap, tol, p.name, c["metrics"].get(p.weaker))
-    ]
-
-
-def masking_flags(study: StudyConfig, cells: list[dict]) -> set[tuple[tuple, str]]:
-    """(setting key, metric) of every number a violated check puts in doubt, in any seed.
-
-    The stronger side is the suspicious one: an attack that should be at least as strong left more
-    images correct, so the model's gradients misled it and its number overstates robustness (for
-    iterative_vs_fgsm, steps and eps the stronger attack; for 'transfer' the white-box attack).
-    Transfer numbers crafted on another model (the transfer matrix) do not use the model's gradients
-    and stay unmarked. The exception is a regime's own transfer test set (acc_fgsm_data), the weaker
-    side of its 'transfer' check: it is the only adversarial number Table 1 shows for that regime, so
-    it is marked too, or Table 1 would hide that the model masks gradients."""
-    flags = set()
-    for v in violations(study, cells):
-        flags.add((v.key, v.stronger))
-        if v.kind == "transfer" and names.parse(v.weaker).family == "test":
-            flags.add((v.key, v.weaker))
-    return flags
+# ---- gradient-masking checks (the flags: masking.py) -----------------------------------------------
 
 
 def describe(metric: str) -> str:

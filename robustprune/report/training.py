@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import statistics
 
-from robustprune.report.figures import network_order
+from robustprune.report.base import Table, network_order, setting_label
 from robustprune.report.robustness import regime_view
-from robustprune.report.tables import Table, setting_label
 from robustprune.study.schema import StudyConfig
 
 DYNAMICS = {  # history key -> (title, what the caption says about it)

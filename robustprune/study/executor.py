@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from robustprune.study.cells import Cell, training_epochs
-from robustprune.study.runner import Progress, Workspace, compute_and_store
 from robustprune.study.schema import StudyConfig
 from robustprune.study.store import Store
+from robustprune.study.workspace import Progress, Workspace, compute_and_store
 
 
 def worker_layout(workers: int | str, device: str) -> tuple[int, int]:
@@ -93,7 +93,7 @@ def _merge_transfer_jobs(jobs: list[Job], models) -> list[Job]:
     (seed, regime)) instead of two workers training the same source at once. Dense models join
     the job only when the matrix spans several architectures; with one, every pruned model waits
     for the dense job anyway."""
-    from robustprune.study.runner import selected
+    from robustprune.study.workspace import selected
 
     def merge_key(job: Job) -> tuple | None:
         picked = [c for c in job.cells if selected(c, models)]

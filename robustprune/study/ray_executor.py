@@ -19,9 +19,9 @@ import torch
 from robustprune.errors import UserError
 from robustprune.study.cells import Cell
 from robustprune.study.executor import pending_jobs
-from robustprune.study.runner import Progress, Workspace, compute_and_store
 from robustprune.study.schema import StudyConfig
 from robustprune.study.store import Store
+from robustprune.study.workspace import Progress, Workspace, compute_and_store
 
 TASK_RETRIES = 3  # a task whose worker process dies is run again (its stored cells are skipped)
 _STATE: dict = {}  # per Ray worker process: the workspace of the study it last ran

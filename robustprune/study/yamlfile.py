@@ -10,11 +10,11 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from robustprune.errors import excerpt
+from robustprune.settings import MAX_INT
 
 MAX_FILE_BYTES = 1_000_000  # a study file; the largest in studies/ is ~20 kB
 MAX_VALUES = 100_000  # YAML values after expanding every alias (an alias bomb expands to billions)
 MAX_DEPTH = 50  # nesting of mappings and lists (studies nest about 6 deep)
-MAX_INT = 2**63  # integers must fit in 64 bits (torch, numpy and SQLite all need it)
 MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
