@@ -191,9 +191,7 @@ def test_the_example_study_of_a_users_own_model_runs_as_documented(tmp_path, dat
     """examples/own_model: the README's and docs/api.md's complete example, run from its folder."""
     folder = Path(__file__).resolve().parents[1] / "examples" / "own_model"
     out = tmp_path / "own_model"
-    r = cli(
-        folder, "run", "study.yaml", "--budget", "smoke", "--out", str(out), "--set", f"data.kwargs.folder={data_dir}"
-    )
+    r = cli(folder, "run", "study.yaml", "--budget", "smoke", "--out", str(out), "--data-dir", str(data_dir))
     assert r.returncode == 0, r.stderr
     rows = stored_results(out)
     assert rows[("dense", "acc_clean")] > 0.5

@@ -204,7 +204,15 @@ def source_loader(kind: str, value: str, image_size: int | None = None, kwargs: 
         if not callable(fn):
             raise UserError(f"data.import '{value}' is a {type(fn).__name__}, not a function; name a function")
         try:
-            obj = fn(**(kwargs or {}))
+            import inspect
+
+            args = dict(kwargs or {})
+            try:  # the data folder setting (--data-dir, $ROBUSTPRUNE_DATA) goes to a function that asks for it
+                if "data_dir" in inspect.signature(fn).parameters and "data_dir" not in args:
+                    args["data_dir"] = data_dir
+            except (TypeError, ValueError):  # a builtin without a signature
+                pass
+            obj = fn(**args)
         except UserError:
             raise
         except Exception as e:  # the user's loader failed: one sentence that says whose code

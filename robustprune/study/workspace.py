@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from robustprune import checkpoint
+from robustprune.api import CRITERION_IMAGES
 from robustprune.attacks.cifar10c import load_cifar10c
 from robustprune.attacks.corruptions import corrupt
 from robustprune.data import REGIMES, ImageDataset, load_dataset
@@ -47,7 +48,6 @@ FINETUNE_SEED_OFFSET = 1
 REGIME_SEED_OFFSET = 7
 ADJUST_SEED_OFFSET = 101  # scratch initialisation and retraining after Scratch-E/B or winning ticket
 ROUND_SEED_STRIDE = 1000  # fine-tuning after iteration k of iterative pruning: + (k - 1) * this
-CRITERION_IMAGES = 512  # training images a data-driven pruning criterion sees
 
 
 def dense_training(key: dict) -> TrainConfig:
